@@ -1,0 +1,14 @@
+"""Veilface: privacy-preserving face template matching.
+
+The data path, top to bottom:
+image -> embedding (engine.face, device) -> protected template (engine.schemes, device)
+-> store + gallery (engine.gallery, engine.service; matcher) -> scores -> decision.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .errors import (  # noqa: F401
+    VeilfaceError, InvalidEmbedding, TemplateFormatError, SchemeMismatch, UnknownScheme,
+    InvalidParameter, NotEnrolled,
+)
