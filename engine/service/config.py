@@ -1,0 +1,228 @@
+"""Service configuration: defaults < config file (TOML or JSON) < environment < flags.
+
+Role tokens are configured as SHA-256 hashes only (``tokens = [{role, sha256, name,
+device_id}]``); the plaintext is shown once when generated and never logged.
+
+Environment variables (all optional)::
+
+    VEILFACE_CONFIG           path of a TOML/JSON config file
+    VEILFACE_HOST             listen address (default 127.0.0.1; anything else needs TLS
+                              and VEILFACE_ALLOW_REMOTE=1)
+    VEILFACE_PORT             listen port (default 50051; 0 = ephemeral)
+    VEILFACE_DATA_DIR         store directory (default ./veilface-data)
+    VEILFACE_TLS_CERT / VEILFACE_TLS_KEY / VEILFACE_TLS_CLIENT_CA   PEM files (CA => mTLS)
+    VEILFACE_ALLOW_REMOTE     1 to allow a non-loopback listen address (with TLS)
+    VEILFACE_TOKENS           "role:sha256hex[:name[:device_id]],..." extra hashed tokens
+    VEILFACE_FILING_THRESHOLD, VEILFACE_RETENTION_DAYS, VEILFACE_MAX_RETENTION_DAYS,
+    VEILFACE_WORKERS, VEILFACE_GALLERY_BACKEND
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import ipaddress
+import json
+import os
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .status import BadRequest
+
+ROLES = ("device", "operator", "auditor", "admin")
+LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]", "ip6-localhost"}
+
+DEFAULT_THRESHOLDS = {"biohash": 0.70, "iom": 0.20, "rotation": 0.50}
+DEFAULT_FALLBACK = ["staff_assisted_check", "identity_document", "pin_or_card"]
+
+
+def hash_token(token: str) -> str:
+    """SHA-256 hex digest of a role token (what the config stores)."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token(role: str) -> str:
+    """A fresh random token; the role prefix only helps humans tell them apart."""
+    return f"vf_{role}_{secrets.token_urlsafe(24)}"
+
+
+@dataclass
+class TokenEntry:
+    role: str
+    sha256: str
+    name: str = ""
+    device_id: str = ""   # if set, a device token may only act as this device
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise BadRequest(f"unknown role {self.role!r}; roles: {', '.join(ROLES)}")
+        self.sha256 = self.sha256.lower()
+        if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
+            raise BadRequest("token sha256 must be 64 hex digits")
+        self.name = self.name or self.role
+
+
+@dataclass
+class ServiceConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051
+    data_dir: str = "veilface-data"
+    allow_remote: bool = False
+    tls_cert: str = ""
+    tls_key: str = ""
+    tls_client_ca: str = ""           # set => clients must present a cert (mTLS)
+    tokens: list = field(default_factory=list)
+    health_requires_token: bool = False  # health checks are open by default (probes)
+    workers: int = 16
+    max_message_bytes: int = 2 * 1024 * 1024
+    gallery_backend: str = "native"
+    allowed_schemes: list = field(default_factory=list)   # [] = any cancellable scheme
+    thresholds: dict = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
+    fallback_methods: list = field(default_factory=lambda: list(DEFAULT_FALLBACK))
+    # retention
+    retention_days: int = 365
+    max_retention_days: int = 3 * 365
+    purge_interval_s: float = 60.0
+    # minors
+    guardian_age: int = 14
+    # filing (100,000 persons -> file within 30 working days)
+    filing_threshold: int = 100_000
+    filing_working_days: int = 30
+    holidays: list = field(default_factory=list)          # ISO dates skipped as non-working
+    # intrusion detection
+    verify_fail_limit: int = 5          # failed verifies of one subject ...
+    verify_fail_window_s: float = 60.0  # ... within this window
+    verify_lockout_s: float = 300.0     # -> that subject is throttled this long
+    identify_limit: int = 120           # identifies by one caller/device within the window
+    identify_nomatch_limit: int = 30    # no-match identifies by one caller within the window
+    identify_window_s: float = 60.0
+    identify_lockout_s: float = 300.0
+    request_id_ttl_s: float = 7 * 86400.0
+
+    # ------------------------------------------------------------------------------
+    def token_entries(self) -> list[TokenEntry]:
+        return [t if isinstance(t, TokenEntry) else TokenEntry(**t) for t in self.tokens]
+
+    def add_token(self, role: str, token: str, name: str = "", device_id: str = "") -> None:
+        self.tokens.append(TokenEntry(role, hash_token(token), name, device_id))
+
+    def is_loopback(self) -> bool:
+        host = self.host.strip()
+        if host in LOOPBACK_NAMES:
+            return True
+        try:
+            return ipaddress.ip_address(host.strip("[]")).is_loopback
+        except ValueError:
+            return False
+
+    def validate(self) -> "ServiceConfig":
+        if not self.is_loopback():
+            if not self.allow_remote:
+                raise BadRequest(f"refusing to listen on {self.host}: remote listening needs "
+                                 "allow_remote = true (VEILFACE_ALLOW_REMOTE=1) and TLS",
+                                 reason="REMOTE_NOT_ALLOWED")
+            if not (self.tls_cert and self.tls_key):
+                raise BadRequest(f"refusing to listen on {self.host} without TLS (tls_cert, tls_key)",
+                                 reason="TLS_REQUIRED")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise BadRequest("tls_cert and tls_key go together")
+        if self.tls_client_ca and not self.tls_cert:
+            raise BadRequest("mTLS (tls_client_ca) needs tls_cert and tls_key")
+        if not 0 <= int(self.port) <= 65535:
+            raise BadRequest(f"bad port {self.port}")
+        if self.retention_days < 1 or self.max_retention_days < self.retention_days:
+            raise BadRequest("need 1 <= retention_days <= max_retention_days")
+        if self.filing_threshold < 1:
+            raise BadRequest("filing_threshold must be >= 1")
+        self.token_entries()
+        return self
+
+    def public_dict(self) -> dict:
+        """The config without token hashes (for printing)."""
+        d = dataclasses.asdict(self)
+        d["tokens"] = [f"{t.role}:{t.name}" for t in self.token_entries()]
+        return d
+
+
+_ENV = {
+    "VEILFACE_HOST": ("host", str), "VEILFACE_PORT": ("port", int),
+    "VEILFACE_DATA_DIR": ("data_dir", str), "VEILFACE_TLS_CERT": ("tls_cert", str),
+    "VEILFACE_TLS_KEY": ("tls_key", str), "VEILFACE_TLS_CLIENT_CA": ("tls_client_ca", str),
+    "VEILFACE_ALLOW_REMOTE": ("allow_remote", lambda v: v.lower() in ("1", "true", "yes", "on")),
+    "VEILFACE_FILING_THRESHOLD": ("filing_threshold", int),
+    "VEILFACE_RETENTION_DAYS": ("retention_days", int),
+    "VEILFACE_MAX_RETENTION_DAYS": ("max_retention_days", int),
+    "VEILFACE_WORKERS": ("workers", int), "VEILFACE_GALLERY_BACKEND": ("gallery_backend", str),
+}
+
+
+def read_config_file(path: str | Path) -> dict:
+    path = Path(path)
+    text = path.read_bytes()
+    if path.suffix.lower() == ".json":
+        return json.loads(text)
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        try:
+            import tomli as tomllib  # type: ignore
+        except ImportError:
+            raise BadRequest(f"{path}: TOML needs Python 3.11+ (or use a .json config)") from None
+    data = tomllib.loads(text.decode())
+    return data.get("veilface", data) if isinstance(data.get("veilface"), dict) else data
+
+
+def load_config(path: str | None = None, env: dict | None = None, **overrides: Any) -> ServiceConfig:
+    """Build the config: defaults, then ``path`` (or $VEILFACE_CONFIG), env vars, overrides.
+
+    Overrides whose value is None are ignored (so argparse defaults can be passed as-is).
+    """
+    env = os.environ if env is None else env
+    values: dict[str, Any] = {}
+    path = path or env.get("VEILFACE_CONFIG")
+    if path:
+        values.update(read_config_file(path))
+    known = {f.name for f in dataclasses.fields(ServiceConfig)}
+    unknown = set(values) - known
+    if unknown:
+        raise BadRequest(f"unknown config keys: {', '.join(sorted(unknown))}")
+    for var, (name, conv) in _ENV.items():
+        if env.get(var):
+            values[name] = conv(env[var])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    tokens = list(values.pop("tokens", []))
+    for item in filter(None, (env.get("VEILFACE_TOKENS") or "").split(",")):
+        parts = item.strip().split(":")
+        if len(parts) < 2:
+            raise BadRequest("VEILFACE_TOKENS entries are role:sha256[:name[:device_id]]")
+        tokens.append({"role": parts[0], "sha256": parts[1],
+                       "name": parts[2] if len(parts) > 2 else "",
+                       "device_id": parts[3] if len(parts) > 3 else ""})
+    cfg = ServiceConfig(**values)
+    cfg.tokens = [TokenEntry(**t) if isinstance(t, dict) else t for t in tokens]
+    return cfg.validate()
+
+
+def ensure_tokens(cfg: ServiceConfig) -> dict[str, str]:
+    """If no tokens are configured, create one per role: hashes go in ``<data_dir>/tokens.json``
+    and the plaintext in ``<data_dir>/initial-tokens.json`` (mode 0600, shown once).
+
+    Returns ``{role: token}`` for freshly created tokens (empty if tokens already existed).
+    """
+    data = Path(cfg.data_dir)
+    hashes = data / "tokens.json"
+    if not cfg.tokens and hashes.exists():
+        cfg.tokens = [TokenEntry(**t) for t in json.loads(hashes.read_text())]
+    if cfg.tokens:
+        return {}
+    data.mkdir(parents=True, exist_ok=True)
+    fresh = {role: new_token(role) for role in ROLES}
+    for role, tok in fresh.items():
+        cfg.add_token(role, tok)
+    hashes.write_text(json.dumps([dataclasses.asdict(t) for t in cfg.tokens], indent=1))
+    plain = data / "initial-tokens.json"
+    fd = os.open(plain, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(fresh, fh, indent=1)
+    return fresh

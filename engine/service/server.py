@@ -1,0 +1,797 @@
+"""The matcher's gRPC servicer and server construction.
+
+Request path: auth interceptor (role token -> principal, role check) -> servicer method
+(validation, policy, intrusion detection) -> store transaction (durable, audited) ->
+in-memory gallery -> response. Every call, refused or not, leaves one audit entry.
+"""
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import functools
+import hashlib
+import json
+import logging
+import os
+import secrets
+import signal
+import threading
+import time
+from concurrent import futures
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+import numpy as np
+
+from .._proto.veilface.v1 import matcher_pb2 as pb
+from .._proto.veilface.v1 import matcher_pb2_grpc as pb_grpc
+from ..errors import NotEnrolled, SchemeMismatch, UnknownScheme
+from ..schemes import make_scheme
+from ..template import MAX_TEMPLATE_BYTES, Template
+from . import policy
+from .audit import AuditEvent
+from .auth import AuthInterceptor, Principal, TokenTable, current_principal
+from .clock import Clock, SystemClock
+from .config import ServiceConfig
+from .galleries import new_gallery
+from .ratelimit import Alert, IntrusionDetector
+from .status import (REASON_KEY, AlreadyExists, BadRequest, DeadlineExceeded, Decommissioned,
+                     KeyVersionRevoked, NotFound, PermissionDenied, PreconditionFailed,
+                     PurposeNotConsented, Throttled, classify)
+from .store import Store
+
+log = logging.getLogger("veilface.service")
+SERVICE_NAME = "veilface.v1.Matcher"
+
+
+@dataclass
+class _Meta:
+    key_version: int
+    expires_at: float
+
+
+def _rpc(fn):
+    """Audit + error mapping around a servicer method ``fn(self, request, context, ev)``."""
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    def wrapper(self, request, context):
+        p = current_principal()
+        ev = AuditEvent(name, p.role, p.name)
+        ev.written = False
+        try:
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExceeded("deadline expired before the call started")
+            resp = fn(self, request, context, ev)
+            if not ev.written:
+                self._audit(ev, "OK")
+            return resp
+        except Exception as exc:  # noqa: BLE001 - mapped to a status code below
+            code, reason, msg = classify(exc)
+            if code == "INTERNAL":
+                log.exception("internal error in %s", name)
+            ev.details = {k: v for k, v in ev.details.items() if k in ("scheme", "key_version")}
+            self._audit(ev, code, reason)
+            context.set_trailing_metadata(((REASON_KEY, reason),))
+            context.abort(getattr(grpc.StatusCode, code), f"{reason}: {msg}")
+    return wrapper
+
+
+class MatcherServicer(pb_grpc.MatcherServicer):
+    """Implements ``veilface.v1.Matcher`` over a :class:`Store` and in-memory galleries."""
+
+    def __init__(self, cfg: ServiceConfig, store: Store, clock: Clock | None = None) -> None:
+        self.cfg, self.store = cfg, store
+        self.clock = clock or store.clock
+        self.ids = IntrusionDetector.from_config(self.clock, cfg)
+        self._schemes: dict[str, object] = {}
+        self._galleries: dict[tuple, object] = {}        # (tenant, purpose, spec, kv) -> gallery
+        self._enrolled: dict[tuple, dict] = {}           # (tenant, subject) -> {(purpose, spec): _Meta}
+        self._versions: dict[tuple, tuple[int, int]] = {}  # (tenant, subject) -> (kv, revoked_upto)
+        self._devices: dict[tuple, int] = {}             # (tenant, device) -> location class
+        self._glock = threading.RLock()
+        self._locks = [threading.Lock() for _ in range(256)]
+        self._purge_lock = threading.Lock()
+        self._next_expiry: float | None = None
+        self._filing_raised = store.filing_alert() is not None
+        self._stop = threading.Event()
+        self._purger: threading.Thread | None = None
+        self.load()
+
+    # -- startup -----------------------------------------------------------------------
+    def load(self) -> dict:
+        """Rebuild galleries from the store (after a restart, including after SIGKILL)."""
+        t0 = time.perf_counter()
+        groups: dict[tuple, tuple[list, list]] = {}
+        n = 0
+        with self._glock:
+            for row in self.store.iter_templates():
+                t = Template.from_bytes(row.template)
+                gkey = (row.tenant, row.purpose, row.scheme, row.key_version)
+                ids, codes = groups.setdefault(gkey, ([], []))
+                ids.append(row.subject)
+                codes.append(t.data)
+                self._enrolled.setdefault((row.tenant, row.subject), {})[(row.purpose, row.scheme)] = \
+                    _Meta(row.key_version, row.expires_at)
+                self._note_expiry(row.expires_at)
+                if row.scheme not in self._schemes:
+                    self._schemes[row.scheme] = make_scheme(t.spec)
+                n += 1
+            for gkey, (ids, codes) in groups.items():
+                g = self._gallery(gkey, create=True)
+                g.add_codes(ids, np.stack(codes))
+            self._versions = self.store.subject_versions()
+            self._devices = {(t, d): int(c) for t, d, c in self.store.read().execute(
+                "SELECT tenant, device_id, location_class FROM devices")}
+        self.loaded = {"templates": n, "galleries": len(groups), "seconds": time.perf_counter() - t0}
+        self._maybe_purge(force=True)
+        return self.loaded
+
+    def start_background(self) -> None:
+        def loop():
+            while not self._stop.wait(self.cfg.purge_interval_s):
+                try:
+                    self._maybe_purge()
+                    self.store.purge_requests(self.clock.now() - self.cfg.request_id_ttl_s)
+                except Exception:  # noqa: BLE001
+                    log.exception("background purge failed")
+        self._purger = threading.Thread(target=loop, name="veilface-purge", daemon=True)
+        self._purger.start()
+
+    def stop_background(self) -> None:
+        self._stop.set()
+
+    # -- helpers -----------------------------------------------------------------------
+    def _audit(self, ev: AuditEvent, result: str, reason: str = "") -> None:
+        try:
+            self.store.audit(ev, result, reason)
+        except Exception:  # noqa: BLE001
+            log.exception("could not write audit entry for %s", ev.action)
+
+    @staticmethod
+    def _tx_audit(tx, ev: AuditEvent, result: str = "OK", reason: str = "") -> None:
+        tx.audit(ev, result, reason)
+        ev.written = True
+
+    def audit_denied(self, principal: Principal, method: str, code: str, reason: str) -> None:
+        self._audit(AuditEvent(method, principal.role, principal.name), code, reason)
+
+    def _lock(self, tenant: str, subject: str) -> threading.Lock:
+        h = hashlib.blake2b(f"{tenant}\0{subject}".encode(), digest_size=2).digest()
+        return self._locks[int.from_bytes(h, "little") % len(self._locks)]
+
+    def _note_expiry(self, t: float) -> None:
+        if self._next_expiry is None or t < self._next_expiry:
+            self._next_expiry = t
+
+    def _gallery(self, gkey: tuple, create: bool = False):
+        g = self._galleries.get(gkey)
+        if g is None and create:
+            g = self._galleries[gkey] = new_gallery(self._schemes[gkey[2]], self.cfg.gallery_backend)
+        return g
+
+    def _parse(self, blob: bytes, what: str = "template") -> tuple[Template, object, str]:
+        if not blob:
+            raise BadRequest(f"{what} is required", reason="MISSING_TEMPLATE")
+        if len(blob) > MAX_TEMPLATE_BYTES:
+            raise Throttled(f"{what} of {len(blob)} bytes is too large", reason="TEMPLATE_TOO_LARGE")
+        t = Template.from_bytes(blob)
+        spec_key = t.spec.key()
+        scheme = self._schemes.get(spec_key)
+        if scheme is None:
+            scheme = make_scheme(t.spec)          # UnknownScheme -> FAILED_PRECONDITION
+            if getattr(scheme, "encrypted", False) and not hasattr(scheme, "make_gallery"):
+                from .galleries import _FACTORIES
+                if scheme.name not in _FACTORIES:
+                    raise UnknownScheme(f"scheme {scheme.name!r} has no gallery type in this service")
+            self._schemes[spec_key] = scheme
+        allowed = self.cfg.allowed_schemes
+        if allowed and t.spec.name not in allowed and spec_key not in allowed and \
+                not any(make_scheme(a).spec == t.spec for a in allowed if ":" in a):
+            raise PreconditionFailed(f"scheme {spec_key} is not enabled on this server",
+                                     reason="SCHEME_NOT_ALLOWED")
+        if t.key_version < 1:
+            raise BadRequest("template key_version must be >= 1", reason="BAD_KEY_VERSION")
+        scheme.codes_of(t)                         # shape / dtype / range -> INVALID_ARGUMENT
+        return t, scheme, spec_key
+
+    def _threshold(self, scheme, requested: float) -> float:
+        if requested:
+            if not (-1e9 < requested < 1e9):
+                raise BadRequest("threshold out of range", reason="BAD_THRESHOLD")
+            return float(requested)
+        try:
+            return float(self.cfg.thresholds[scheme.name])
+        except KeyError:
+            raise BadRequest(f"no default threshold for scheme {scheme.name!r}; send one",
+                             reason="THRESHOLD_REQUIRED") from None
+
+    def _device(self, tenant: str, requested: str, ev: AuditEvent, op: str | None) -> str:
+        """Resolve and check the device a call acts for (device tokens may be bound to one)."""
+        p = current_principal()
+        device = requested or p.device_id
+        if p.device_id and device != p.device_id:
+            raise PermissionDenied("this device token is bound to another device", reason="DEVICE_MISMATCH")
+        if p.role == "device" or device:
+            policy.check_id("device id", device)
+            ev.device = device
+            cls = self._devices.get((tenant, device))
+            policy.require_device(None if cls is None else (cls,), device, op or "use")
+        return device
+
+    def _not_decommissioned(self) -> None:
+        if self.store.decommissioned():
+            raise Decommissioned("this matcher has been decommissioned")
+
+    def _fallback(self, matched: bool) -> pb.Fallback:
+        return pb.Fallback(**policy.fallback(matched, self.cfg.fallback_methods))
+
+    def _alert(self, alert: Alert, tenant: str, subject: str = "", device: str = "") -> None:
+        self._audit(AuditEvent("INTRUSION_ALERT", "system", "intrusion-detection", tenant, subject,
+                               device=device, details={"kind": alert.kind, "count": alert.count,
+                                                       "window_s": alert.window_s,
+                                                       "locked_until": alert.locked_until}),
+                    "ALERT", alert.kind)
+        log.warning("intrusion alert %s (%d events in %.0f s)", alert.kind, alert.count, alert.window_s)
+
+    def _check_time(self, context) -> None:
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise DeadlineExceeded("deadline exceeded")
+
+    # -- retention ---------------------------------------------------------------------
+    def _maybe_purge(self, force: bool = False) -> int:
+        now = self.clock.now()
+        nxt = self._next_expiry
+        if not force and (nxt is None or now < nxt):
+            return 0
+        with self._purge_lock:
+            purged = self.store.purge_expired(now)
+            for tenant, subject, purpose, spec in purged:
+                with self._lock(tenant, subject), self._glock:
+                    self._forget(tenant, subject, lambda p, s, m: (p, s) == (purpose, spec) and m.expires_at <= now)
+            self._next_expiry = self.store.next_expiry()
+            return len(purged)
+
+    def _forget(self, tenant: str, subject: str, match) -> int:
+        """Drop the subject's in-memory templates for which ``match(purpose, spec, meta)``."""
+        with self._glock:
+            entries = self._enrolled.get((tenant, subject), {})
+            gone = [(p, s, m) for (p, s), m in entries.items() if match(p, s, m)]
+            for p, s, m in gone:
+                g = self._galleries.get((tenant, p, s, m.key_version))
+                if g is not None:
+                    g.remove(subject)
+                del entries[(p, s)]
+            if not entries:
+                self._enrolled.pop((tenant, subject), None)
+            return len(gone)
+
+    # -- RPCs --------------------------------------------------------------------------
+    @_rpc
+    def RegisterDevice(self, req, context, ev):
+        self._not_decommissioned()
+        tenant = ev.tenant = policy.tenant_of(req.tenant)
+        device = ev.device = policy.check_id("device id", req.device_id)
+        cls = policy.device_class(int(req.location_class), req.location_kind, req.signage_declared)
+        now = self.clock.now()
+        ev.details = {"location_class": policy.LOCATION_NAMES[cls], "location_kind": req.location_kind[:64],
+                      "signage": bool(req.signage_declared)}
+        with self.store.write() as tx:
+            if tx.execute("SELECT 1 FROM devices WHERE tenant = ? AND device_id = ?",
+                          (tenant, device)).fetchone():
+                raise AlreadyExists(f"device {device!r} is already registered", reason="DEVICE_EXISTS")
+            tx.execute("INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?)",
+                       (tenant, device, cls, req.location_kind[:64], int(req.signage_declared), now))
+            self._tx_audit(tx, ev)
+        self._devices[(tenant, device)] = cls
+        return pb.Device(device_id=device, location_class=cls, location_kind=req.location_kind[:64],
+                         signage_declared=req.signage_declared, can_enroll=policy.can_enroll(cls),
+                         can_identify=policy.can_identify(cls), registered_at=now, tenant=tenant)
+
+    @_rpc
+    def RecordConsent(self, req, context, ev):
+        self._not_decommissioned()
+        tenant = ev.tenant = policy.tenant_of(req.tenant)
+        subject = ev.subject = policy.check_id("subject id", req.subject_id)
+        purpose = ev.purpose = policy.check_purpose(req.purpose)
+        device = self._device(tenant, req.device_id, ev, None)
+        g = req.guardian if req.HasField("guardian") else None
+        minor = policy.check_consent_request(req.separate_consent, req.notice_version, req.subject_age,
+                                             g.guardian_ref if g else "", self.cfg.guardian_age)
+        now = self.clock.now()
+        at = req.consented_at or now
+        if at > now + 300:
+            raise BadRequest("consent time is in the future", reason="BAD_CONSENT_TIME")
+        cid = "c_" + secrets.token_hex(12)
+        ev.details = {"consent_id": cid, "notice_version": req.notice_version[:64], "minor": minor,
+                      "guardian": bool(g and g.guardian_ref)}
+        with self.store.write() as tx:
+            tx.execute("INSERT INTO consents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                       (cid, tenant, subject, purpose, req.notice_version[:64], at, int(req.subject_age),
+                        int(minor), g.guardian_ref if g else "", (g.relationship[:32] if g else ""),
+                        (g.consented_at or now) if g else 0.0, device))
+            self._tx_audit(tx, ev)
+        return pb.ConsentRecord(consent_id=cid, subject_id=subject, purpose=purpose,
+                                notice_version=req.notice_version[:64], consented_at=at, minor=minor,
+                                guardian_consent=bool(g and g.guardian_ref), withdrawn=False, tenant=tenant)
+
+    @_rpc
+    def Enroll(self, req, context, ev):
+        self._not_decommissioned()
+        tenant = ev.tenant = policy.tenant_of(req.tenant)
+        subject = ev.subject = policy.check_id("subject id", req.subject_id)
+        purpose = ev.purpose = policy.check_purpose(req.purpose)
+        device = self._device(tenant, req.device_id, ev, "enroll")
+        if req.request_id:
+            policy.check_id("request id", req.request_id)
+        t, scheme, spec_key = self._parse(req.template)
+        kv = t.key_version
+        ev.details = {"scheme": t.spec.name, "key_version": kv, "consent_id": req.consent_id[:64],
+                      "request_id": req.request_id[:64]}
+        req_hash = hashlib.sha256(req.SerializeToString(deterministic=True)).hexdigest()
+        p = current_principal()
+        with self._lock(tenant, subject):
+            self._check_time(context)
+            with self.store.write() as tx:
+                if self.store.get_meta_tx(tx, "decommissioned") == "1":
+                    raise Decommissioned("this matcher has been decommissioned")
+                if req.request_id:
+                    row = tx.execute("SELECT request_hash, response FROM requests WHERE tenant = ? AND "
+                                     "method = 'Enroll' AND request_id = ?", (tenant, req.request_id)).fetchone()
+                    if row is not None:
+                        if row[0] != req_hash:
+                            raise AlreadyExists("request_id was already used for a different request",
+                                                reason="REQUEST_ID_CONFLICT")
+                        resp = pb.EnrollResponse.FromString(row[1])
+                        resp.replayed = True
+                        ev.details["replayed"] = True
+                        self._tx_audit(tx, ev)
+                        return resp
+                crow = tx.execute("SELECT tenant, subject, purpose, withdrawn_at, minor, guardian_ref "
+                                  "FROM consents WHERE consent_id = ?", (req.consent_id,)).fetchone()
+                consent = None if crow is None else dict(zip(
+                    ("tenant", "subject", "purpose", "withdrawn_at", "minor", "guardian_ref"), crow))
+                policy.check_enrol_consent(consent, req.consent_id, subject, tenant, purpose)
+                srow = tx.execute("SELECT key_version, revoked_upto FROM subjects WHERE tenant = ? AND subject = ?",
+                                  (tenant, subject)).fetchone()
+                cur_kv, revoked = (int(srow[0]), int(srow[1])) if srow else (0, 0)
+                if kv <= revoked:
+                    raise KeyVersionRevoked(f"key version {kv} of this subject was revoked; "
+                                            f"re-enrol under version {revoked + 1} or later")
+                if tx.execute("SELECT 1 FROM templates WHERE tenant = ? AND subject = ? AND purpose = ? "
+                              "AND scheme = ?", (tenant, subject, purpose, spec_key)).fetchone():
+                    raise AlreadyExists("the subject is already enrolled for this purpose and scheme "
+                                        "(revoke the key version to re-enrol)", reason="ALREADY_ENROLLED")
+                now = self.clock.now()
+                expires = policy.expiry(now, req.retention_days, self.cfg.retention_days,
+                                        self.cfg.max_retention_days)
+                tx.execute("INSERT INTO templates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           (tenant, subject, purpose, spec_key, kv, bytes(req.template), now, expires,
+                            req.consent_id, device))
+                tx.execute("INSERT INTO subjects VALUES (?, ?, ?, ?, ?) ON CONFLICT(tenant, subject) DO "
+                           "UPDATE SET key_version = excluded.key_version, updated_at = excluded.updated_at",
+                           (tenant, subject, max(kv, cur_kv), revoked, now))
+                resp = pb.EnrollResponse(subject_id=subject, scheme=spec_key, key_version=kv,
+                                         enrolled_at=now, expires_at=expires)
+                if req.request_id:
+                    tx.execute("INSERT INTO requests VALUES (?, ?, 'Enroll', ?, ?, ?, ?)",
+                               (tenant, req.request_id, p.name, req_hash, resp.SerializeToString(), now))
+                self._tx_audit(tx, ev)
+                with self._glock:
+                    persons = len(self._enrolled) + (0 if (tenant, subject) in self._enrolled else 1)
+                if persons >= self.cfg.filing_threshold and not self._filing_raised:
+                    deadline = policy.filing_deadline(now, self.cfg.filing_working_days, self.cfg.holidays)
+                    tx.execute("INSERT INTO alerts (kind, raised_at, data) VALUES ('filing', ?, ?)",
+                               (now, json.dumps({"deadline": deadline, "persons": persons,
+                                                 "threshold": self.cfg.filing_threshold})))
+                    tx.audit(AuditEvent("FILING_ALERT", "system", "filing-monitor", tenant,
+                                        details={"persons": persons, "threshold": self.cfg.filing_threshold,
+                                                 "deadline": deadline}), "ALERT", "FILING_THRESHOLD_REACHED")
+                    filing = True
+                else:
+                    filing = False
+            # committed (durable): now make it searchable
+            with self._glock:
+                g = self._gallery((tenant, purpose, spec_key, kv), create=True)
+                g.add_codes([subject], scheme.codes_of(t))
+                self._enrolled.setdefault((tenant, subject), {})[(purpose, spec_key)] = _Meta(kv, expires)
+                self._versions[(tenant, subject)] = (max(kv, cur_kv), revoked)
+                self._note_expiry(expires)
+                if filing:
+                    self._filing_raised = True
+                    log.warning("FILING ALERT: %d persons stored (threshold %d); file by %s",
+                                persons, self.cfg.filing_threshold, deadline)
+        return resp
+
+    @_rpc
+    def Verify(self, req, context, ev):
+        tenant = ev.tenant = policy.tenant_of(req.tenant)
+        subject = ev.subject = policy.check_id("subject id", req.subject_id)
+        purpose = ev.purpose = policy.check_purpose(req.purpose)
+        self._device(tenant, req.device_id, ev, "verify")
+        t, scheme, spec_key = self._parse(req.probe, "probe")
+        ev.details = {"scheme": t.spec.name, "key_version": t.key_version}
+        key = f"{tenant}/{subject}"
+        self.ids.check_verify(key)
+        self._maybe_purge()
+        with self._glock:
+            entries = dict(self._enrolled.get((tenant, subject), {}))
+            _, revoked = self._versions.get((tenant, subject), (0, 0))
+        if not entries:
+            raise NotEnrolled(f"subject {subject!r} is not enrolled")
+        meta = entries.get((purpose, spec_key))
+        if meta is None:
+            if purpose not in {p for p, _ in entries}:
+                raise PurposeNotConsented(f"subject {subject!r} is not enrolled for purpose {purpose!r}")
+            raise SchemeMismatch(f"subject {subject!r} is enrolled with another scheme or parameters")
+        if t.key_version <= revoked:
+            raise KeyVersionRevoked(f"key version {t.key_version} was revoked")
+        if t.key_version != meta.key_version:
+            raise PreconditionFailed(f"probe key version {t.key_version} != enrolled {meta.key_version}",
+                                     reason="KEY_VERSION_MISMATCH")
+        g = self._gallery((tenant, purpose, spec_key, meta.key_version))
+        if g is None:
+            raise NotEnrolled(f"subject {subject!r} is not enrolled")
+        score = g.verify(subject, t)
+        thr = self._threshold(scheme, req.threshold)
+        matched = bool(score >= thr)
+        ev.details["matched"] = matched
+        alert = self.ids.record_verify(key, matched)
+        if alert:
+            self._alert(alert, tenant, subject, ev.device)
+        return pb.VerifyResponse(matched=matched, score=score, threshold=thr, fallback=self._fallback(matched))
+
+    @_rpc
+    def Identify(self, req, context, ev):
+        tenant = ev.tenant = policy.tenant_of(req.tenant)
+        purpose = ev.purpose = policy.check_purpose(req.purpose)
+        device = self._device(tenant, req.device_id, ev, "identify")
+        t, scheme, spec_key = self._parse(req.probe, "probe")
+        k = req.top_k or 5
+        if not 1 <= k <= 100:
+            raise BadRequest("top_k must be in [1, 100]", reason="BAD_TOP_K")
+        thr = self._threshold(scheme, req.threshold)
+        ev.details = {"scheme": t.spec.name, "key_version": t.key_version, "top_k": k}
+        caller = f"{tenant}/{device or current_principal().name}"
+        alert = self.ids.check_identify(caller)
+        if alert:
+            self._alert(alert, tenant, device=device)
+            raise Throttled("1:N search rate limit exceeded", reason="IDENTIFY_THROTTLED")
+        self._maybe_purge()
+        self._check_time(context)
+        with self._glock:
+            g = self._gallery((tenant, purpose, spec_key, t.key_version))
+        hits = [] if g is None else g.search(t, k, thr)
+        size = 0 if g is None else len(g)
+        ev.details["candidates"] = len(hits)
+        alert = self.ids.record_identify(caller, bool(hits))
+        if alert:
+            self._alert(alert, tenant, device=device)
+        return pb.IdentifyResponse(candidates=[pb.Candidate(subject_id=h.subject_id, score=h.score) for h in hits],
+                                   threshold=thr, gallery_size=size, fallback=self._fallback(bool(hits)))
+
+    @_rpc
+    def Withdraw(self, req, context, ev):
+        tenant = ev.tenant = policy.tenant_of(req.tenant)
+        subject = ev.subject = policy.check_id("subject id", req.subject_id)
+        self._device(tenant, req.device_id, ev, None)
+        now = self.clock.now()
+        with self._lock(tenant, subject):
+            with self.store.write() as tx:
+                n_t = tx.execute("DELETE FROM templates WHERE tenant = ? AND subject = ?", (tenant, subject)).rowcount
+                n_c = tx.execute("UPDATE consents SET withdrawn_at = ? WHERE tenant = ? AND subject = ? "
+                                 "AND withdrawn_at IS NULL", (now, tenant, subject)).rowcount
+                srow = tx.execute("SELECT key_version, revoked_upto FROM subjects WHERE tenant = ? AND subject = ?",
+                                  (tenant, subject)).fetchone()
+                if not (n_t or n_c or srow):
+                    raise NotFound(f"no subject {subject!r}", reason="SUBJECT_NOT_FOUND")
+                kv, revoked = (int(srow[0]), int(srow[1])) if srow else (0, 0)
+                revoked = max(kv, revoked)
+                tx.execute("INSERT INTO subjects VALUES (?, ?, ?, ?, ?) ON CONFLICT(tenant, subject) DO UPDATE "
+                           "SET revoked_upto = excluded.revoked_upto, updated_at = excluded.updated_at",
+                           (tenant, subject, kv, revoked, now))
+                ev.details = {"templates_deleted": n_t, "consents_withdrawn": n_c, "destroyed_key_version": kv}
+                self._tx_audit(tx, ev)
+            self._forget(tenant, subject, lambda p, s, m: True)
+            with self._glock:
+                self._versions[(tenant, subject)] = (kv, revoked)
+        self.store.checkpoint()   # deleted pages leave the WAL too (secure_delete zeroes them)
+        return pb.WithdrawResponse(templates_deleted=n_t, consents_withdrawn=n_c,
+                                   destroyed_key_version=kv, withdrawn_at=now)
+
+    @_rpc
+    def Revoke(self, req, context, ev):
+        tenant = ev.tenant = policy.tenant_of(req.tenant)
+        subject = ev.subject = policy.check_id("subject id", req.subject_id)
+        self._device(tenant, req.device_id, ev, None)
+        if req.key_version < 0:
+            raise BadRequest("key_version must be >= 0", reason="BAD_KEY_VERSION")
+        now = self.clock.now()
+        with self._lock(tenant, subject):
+            with self.store.write() as tx:
+                srow = tx.execute("SELECT key_version, revoked_upto FROM subjects WHERE tenant = ? AND subject = ?",
+                                  (tenant, subject)).fetchone()
+                if srow is None:
+                    raise NotFound(f"no subject {subject!r}", reason="SUBJECT_NOT_FOUND")
+                kv, revoked = int(srow[0]), int(srow[1])
+                v = req.key_version or kv
+                if v > kv:
+                    raise BadRequest(f"key version {v} was never used (current {kv})", reason="BAD_KEY_VERSION")
+                revoked = max(revoked, v)
+                n = tx.execute("DELETE FROM templates WHERE tenant = ? AND subject = ? AND key_version <= ?",
+                               (tenant, subject, v)).rowcount
+                tx.execute("UPDATE subjects SET revoked_upto = ?, updated_at = ? WHERE tenant = ? AND subject = ?",
+                           (revoked, now, tenant, subject))
+                ev.details = {"revoked_key_version": v, "templates_deleted": n}
+                self._tx_audit(tx, ev)
+            self._forget(tenant, subject, lambda p, s, m: m.key_version <= v)
+            with self._glock:
+                self._versions[(tenant, subject)] = (kv, revoked)
+        self.store.checkpoint()
+        return pb.RevokeResponse(revoked_key_version=v, next_key_version=revoked + 1, templates_deleted=n)
+
+    @_rpc
+    def ListSubjects(self, req, context, ev):
+        tenant = ev.tenant = policy.tenant_of(req.tenant)
+        size = req.page_size or 100
+        if not 1 <= size <= 1000:
+            raise BadRequest("page_size must be in [1, 1000]", reason="BAD_PAGE_SIZE")
+        after = ""
+        if req.page_token:
+            try:
+                after = base64.urlsafe_b64decode(req.page_token.encode()).decode()
+            except (ValueError, UnicodeDecodeError):
+                raise BadRequest("bad page_token", reason="BAD_PAGE_TOKEN") from None
+        where, args = "tenant = ? AND subject > ?", [tenant, after]
+        if req.purpose:
+            where += " AND purpose = ?"
+            args.append(policy.check_purpose(req.purpose))
+        c = self.store.read()
+        rows = c.execute(f"SELECT subject, MAX(key_version), json_group_array(DISTINCT scheme), "
+                         f"json_group_array(DISTINCT purpose), MIN(enrolled_at), MIN(expires_at) FROM templates "
+                         f"WHERE {where} GROUP BY subject ORDER BY subject LIMIT ?", args + [size + 1]).fetchall()
+        total = c.execute(f"SELECT COUNT(DISTINCT subject) FROM templates WHERE tenant = ?"
+                          + (" AND purpose = ?" if req.purpose else ""),
+                          [tenant] + ([req.purpose] if req.purpose else [])).fetchone()[0]
+        more = len(rows) > size
+        rows = rows[:size]
+        out = [pb.SubjectInfo(subject_id=r[0], key_version=r[1], schemes=sorted(json.loads(r[2])),
+                              purposes=sorted(json.loads(r[3])), enrolled_at=r[4], expires_at=r[5])
+               for r in rows]
+        token = base64.urlsafe_b64encode(rows[-1][0].encode()).decode() if more and rows else ""
+        ev.details = {"returned": len(out)}
+        return pb.ListSubjectsResponse(subjects=out, next_page_token=token, total=total)
+
+    @_rpc
+    def GetAuditLog(self, req, context, ev):
+        size = req.page_size or 100
+        if not 1 <= size <= 1000:
+            raise BadRequest("page_size must be in [1, 1000]", reason="BAD_PAGE_SIZE")
+        try:
+            after = int(req.page_token or 0)
+        except ValueError:
+            raise BadRequest("bad page_token", reason="BAD_PAGE_TOKEN") from None
+        rows = self.store.audit_entries(after, size + 1, req.action, req.subject_id)
+        more = len(rows) > size
+        rows = rows[:size]
+        entries = [pb.AuditEntry(seq=r["seq"], ts=r["ts"], actor_role=r["actor_role"], actor=r["actor"],
+                                 action=r["action"], tenant=r["tenant"], subject_id=r["subject"],
+                                 purpose=r["purpose"], device_id=r["device"], result=r["result"],
+                                 reason=r["reason"], details_json=r["details"], prev_hash=r["prev_hash"],
+                                 hash=r["hash"]) for r in rows]
+        ev.details = {"returned": len(entries)}
+        return pb.GetAuditLogResponse(entries=entries, next_page_token=str(rows[-1]["seq"]) if more else "")
+
+    @_rpc
+    def VerifyAuditChain(self, req, context, ev):
+        r = self.store.verify_audit()
+        ev.details = {"ok": r.ok, "entries": r.entries}
+        return pb.VerifyAuditChainResponse(ok=r.ok, entries=r.entries, head_hash=r.head_hash,
+                                           first_bad_seq=r.first_bad_seq, problem=r.problem)
+
+    @_rpc
+    def ComplianceReport(self, req, context, ev):
+        self._maybe_purge()
+        rep = compliance_report(self.store, self.cfg, self.clock.now())
+        return report_to_proto(rep)
+
+    @_rpc
+    def PurgeExpired(self, req, context, ev):
+        before = len(self._enrolled)
+        n = self._maybe_purge(force=True)
+        ev.details = {"templates_purged": n}
+        return pb.PurgeExpiredResponse(templates_purged=n, subjects_purged=max(0, before - len(self._enrolled)))
+
+    @_rpc
+    def Decommission(self, req, context, ev):
+        if req.confirm != "DECOMMISSION":
+            raise BadRequest('confirm must be "DECOMMISSION"', reason="CONFIRMATION_REQUIRED")
+        cert = decommission(self.store, self.cfg, self.clock.now(), ev, req.reason)
+        with self._glock:
+            self._galleries.clear()
+            self._enrolled.clear()
+            self._versions.clear()
+        ev.written = True
+        body = json.dumps(cert, indent=1, sort_keys=True)
+        return pb.DecommissionResponse(certificate_json=body, certificate_sha256=cert["certificate_sha256"],
+                                       templates_deleted=cert["templates_deleted"],
+                                       subjects_deleted=cert["subjects_deleted"])
+
+
+# -- store-level operations shared with the offline CLI -----------------------------------
+def compliance_report(store: Store, cfg: ServiceConfig, now: float) -> dict:
+    counts = store.counts()
+    head_seq, head_hash = store.audit_head()
+    alert = store.filing_alert()
+    return {
+        "generated_at": now,
+        "generated_at_iso": _dt.datetime.fromtimestamp(now, _dt.timezone.utc).isoformat(timespec="seconds"),
+        "persons_stored": counts["persons_stored"],
+        "templates_stored": counts["templates_stored"],
+        "filing": {"threshold": cfg.filing_threshold, "raised": alert is not None,
+                   "raised_at": alert["raised_at"] if alert else 0.0,
+                   "deadline": alert["deadline"] if alert else "",
+                   "persons_at_alert": alert["persons"] if alert else 0,
+                   "working_days": cfg.filing_working_days},
+        "retention": {"default_days": cfg.retention_days, "max_days": cfg.max_retention_days,
+                      "expired_pending_purge": store.expired_pending(now),
+                      "next_expiry": store.next_expiry() or 0.0, "purged_total": counts["purged_total"]},
+        "processing": store.processing_records(),
+        "devices": counts["devices"], "private_space_devices": counts["private_space_devices"],
+        "consents_active": counts["consents_active"],
+        "intrusion_alerts": counts["alerts"],
+        "audit": {"entries": head_seq, "head_hash": head_hash},
+        "decommissioned": store.decommissioned(),
+    }
+
+
+def report_to_proto(rep: dict) -> pb.ComplianceReportResponse:
+    f, r = rep["filing"], rep["retention"]
+    return pb.ComplianceReportResponse(
+        persons_stored=rep["persons_stored"], templates_stored=rep["templates_stored"],
+        filing_alert=pb.FilingAlert(raised=f["raised"], raised_at=f["raised_at"], deadline=f["deadline"],
+                                    persons_at_alert=f["persons_at_alert"], threshold=f["threshold"]),
+        expired_pending_purge=r["expired_pending_purge"], next_expiry=r["next_expiry"],
+        purged_total=r["purged_total"], default_retention_days=r["default_days"],
+        max_retention_days=r["max_days"],
+        processing=[pb.ProcessingRecord(**p) for p in rep["processing"]],
+        devices=rep["devices"], private_space_devices=rep["private_space_devices"],
+        alerts=rep["intrusion_alerts"], audit_head_hash=rep["audit"]["head_hash"],
+        audit_entries=rep["audit"]["entries"], decommissioned=rep["decommissioned"],
+        generated_at=rep["generated_at"], report_json=json.dumps(rep, sort_keys=True))
+
+
+def decommission(store: Store, cfg: ServiceConfig, now: float, ev: AuditEvent | None = None,
+                 reason: str = "") -> dict:
+    """Purge every template, key-version record, consent and idempotency record; keep the
+    audit log (the proof); write a deletion certificate to the data dir; VACUUM the file."""
+    ev = ev or AuditEvent("Decommission", "admin", "cli")
+    with store.write() as tx:
+        head_before = store.audit_head()
+        counts = {
+            "templates_deleted": tx.execute("DELETE FROM templates").rowcount,
+            "subjects_deleted": tx.execute("DELETE FROM subjects").rowcount,
+            "consents_deleted": tx.execute("DELETE FROM consents").rowcount,
+            "requests_deleted": tx.execute("DELETE FROM requests").rowcount,
+        }
+        store.set_meta(tx, "decommissioned", "1")
+        cert = {
+            "type": "veilface-deletion-certificate", "version": 1,
+            "issued_at": _dt.datetime.fromtimestamp(now, _dt.timezone.utc).isoformat(timespec="seconds"),
+            "issued_at_unix": now, "reason": reason[:200], "store": str(store.path.name),
+            **counts,
+            "audit_head_before": {"seq": head_before[0], "hash": head_before[1]},
+            "measures": ["all protected templates deleted (SQLite secure_delete: pages overwritten)",
+                         "subject key-version registry deleted", "consent and request records deleted",
+                         "database VACUUMed and WAL truncated after commit",
+                         "in-memory galleries cleared"],
+            "key_material": "the matcher never held transform keys or HE secret keys; destroy the "
+                            "tenant master secrets on devices / key holders to crypto-shred any copies",
+        }
+        cert["certificate_sha256"] = hashlib.sha256(json.dumps(cert, sort_keys=True).encode()).hexdigest()
+        ev.details = {k: v for k, v in counts.items()}
+        ev.details["certificate_sha256"] = cert["certificate_sha256"]
+        tx.audit(ev, "OK")
+    store.vacuum()
+    out = Path(store.path).parent / f"deletion-certificate-{int(now)}.json"
+    out.write_text(json.dumps(cert, indent=1, sort_keys=True))
+    cert_path = str(out)
+    log.warning("decommissioned: certificate %s", cert_path)
+    return cert
+
+
+# -- server --------------------------------------------------------------------------------
+class VeilfaceServer:
+    """A configured gRPC server around :class:`MatcherServicer` (start/stop/wait)."""
+
+    def __init__(self, cfg: ServiceConfig, clock: Clock | None = None, store: Store | None = None) -> None:
+        cfg.validate()
+        self.cfg = cfg
+        self.clock = clock or SystemClock()
+        self.store = store or Store(cfg.data_dir, self.clock)
+        self.servicer = MatcherServicer(cfg, self.store, self.clock)
+        interceptor = AuthInterceptor(TokenTable(cfg.token_entries()), cfg.health_requires_token,
+                                      on_denied=self.servicer.audit_denied)
+        opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
+                ("grpc.max_send_message_length", max(cfg.max_message_bytes, 4 << 20)),
+                ("grpc.so_reuseport", 0)]
+        self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers,
+                                                             thread_name_prefix="veilface-rpc"),
+                                  interceptors=[interceptor], options=opts)
+        pb_grpc.add_MatcherServicer_to_server(self.servicer, self.server)
+        from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+        self.health = health.HealthServicer()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        from grpc_reflection.v1alpha import reflection
+        reflection.enable_server_reflection(
+            (pb.DESCRIPTOR.services_by_name["Matcher"].full_name, health.SERVICE_NAME,
+             reflection.SERVICE_NAME), self.server)
+        self._health_pb2 = health_pb2
+        address = f"{cfg.host}:{cfg.port}"
+        if cfg.tls_cert:
+            key = Path(cfg.tls_key).read_bytes()
+            cert = Path(cfg.tls_cert).read_bytes()
+            ca = Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None
+            creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
+                                                require_client_auth=ca is not None)
+            self.port = self.server.add_secure_port(address, creds)
+        else:
+            self.port = self.server.add_insecure_port(address)
+        if not self.port:
+            raise BadRequest(f"could not listen on {address}", reason="BIND_FAILED")
+
+    @property
+    def target(self) -> str:
+        host = self.cfg.host
+        return f"{'[' + host + ']' if ':' in host and not host.startswith('[') else host}:{self.port}"
+
+    def start(self) -> "VeilfaceServer":
+        self.server.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, self._health_pb2.HealthCheckResponse.SERVING)
+        self.servicer.start_background()
+        return self
+
+    def stop(self, grace: float | None = 1.0) -> None:
+        self.health.enter_graceful_shutdown()
+        self.servicer.stop_background()
+        self.server.stop(grace).wait()
+        self.store.close()
+
+    def wait(self) -> None:
+        self.server.wait_for_termination()
+
+    def __enter__(self) -> "VeilfaceServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop(0)
+
+
+def serve(cfg: ServiceConfig, ready_file: str | None = None, quiet: bool = False) -> int:
+    """Run the server in the foreground until SIGTERM/SIGINT."""
+    srv = VeilfaceServer(cfg)
+    srv.start()
+    info = {"target": srv.target, "port": srv.port, "pid": os.getpid(), "tls": bool(cfg.tls_cert),
+            "mtls": bool(cfg.tls_client_ca), "loaded": srv.servicer.loaded}
+    if ready_file:
+        tmp = Path(ready_file).with_suffix(".tmp")
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, ready_file)
+    if not quiet:
+        print(f"veilface: serving {SERVICE_NAME} on {srv.target} "
+              f"({'mTLS' if cfg.tls_client_ca else 'TLS' if cfg.tls_cert else 'plaintext, loopback only'}); "
+              f"store {srv.store.path}; loaded {srv.servicer.loaded['templates']} templates "
+              f"in {srv.servicer.loaded['seconds']:.2f} s", flush=True)
+    done = threading.Event()
+
+    def _stop(signum, frame):
+        done.set()
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    done.wait()
+    srv.stop(2.0)
+    return 0

@@ -1,0 +1,118 @@
+"""One place that maps every error the service raises to a gRPC status code + reason.
+
+Service-level errors are :class:`ServiceError` subclasses (each a ``VeilfaceError`` with a
+``reason``); engine errors (``engine.errors``) are mapped by class. The servicer puts the
+reason in the trailing metadata ``veilface-reason`` and prefixes the status message with it.
+Codes are kept as names here so that this module does not import grpc.
+"""
+from __future__ import annotations
+
+from ..errors import (InvalidEmbedding, InvalidParameter, NotEnrolled, SchemeMismatch,
+                      TemplateFormatError, UnknownScheme, VeilfaceError)
+
+REASON_KEY = "veilface-reason"
+
+
+class ServiceError(VeilfaceError):
+    """An error with an explicit gRPC status code name and machine-readable reason."""
+
+    code = "INTERNAL"
+    reason = "INTERNAL"
+
+    def __init__(self, message: str = "", reason: str | None = None) -> None:
+        super().__init__(message or self.__doc__ or self.reason)
+        if reason:
+            self.reason = reason
+
+
+class BadRequest(ServiceError):
+    """The request is malformed."""
+    code, reason = "INVALID_ARGUMENT", "BAD_REQUEST"
+
+
+class PreconditionFailed(ServiceError):
+    """The request is well-formed but a policy precondition does not hold."""
+    code, reason = "FAILED_PRECONDITION", "PRECONDITION_FAILED"
+
+
+class ConsentRequired(PreconditionFailed):
+    """No valid separate consent covers this subject and purpose."""
+    reason = "CONSENT_REQUIRED"
+
+
+class GuardianConsentRequired(PreconditionFailed):
+    """The subject is under 14: a guardian consent record is required."""
+    reason = "GUARDIAN_CONSENT_REQUIRED"
+
+
+class PurposeNotConsented(PreconditionFailed):
+    """The subject did not consent to this purpose."""
+    reason = "PURPOSE_NOT_CONSENTED"
+
+
+class KeyVersionRevoked(PreconditionFailed):
+    """The template's key version was revoked (re-key and re-enrol)."""
+    reason = "KEY_VERSION_REVOKED"
+
+
+class DeviceNotAllowed(PreconditionFailed):
+    """The device may not perform this operation."""
+    reason = "DEVICE_NOT_ALLOWED"
+
+
+class Decommissioned(PreconditionFailed):
+    """The service has been decommissioned; its templates are destroyed."""
+    reason = "DECOMMISSIONED"
+
+
+class NotFound(ServiceError):
+    """The object does not exist."""
+    code, reason = "NOT_FOUND", "NOT_FOUND"
+
+
+class AlreadyExists(ServiceError):
+    """The object already exists."""
+    code, reason = "ALREADY_EXISTS", "ALREADY_EXISTS"
+
+
+class Unauthenticated(ServiceError):
+    """A valid role token is required."""
+    code, reason = "UNAUTHENTICATED", "UNAUTHENTICATED"
+
+
+class PermissionDenied(ServiceError):
+    """The caller's role may not call this method."""
+    code, reason = "PERMISSION_DENIED", "ROLE_NOT_ALLOWED"
+
+
+class Throttled(ServiceError):
+    """Rate limit hit (intrusion detection)."""
+    code, reason = "RESOURCE_EXHAUSTED", "RATE_LIMITED"
+
+
+class DeadlineExceeded(ServiceError):
+    """The client's deadline expired before the work could be done."""
+    code, reason = "DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED"
+
+
+# engine.errors -> status code name (most specific first)
+_ENGINE_CODES: tuple[tuple[type, str], ...] = (
+    (TemplateFormatError, "INVALID_ARGUMENT"),
+    (InvalidEmbedding, "INVALID_ARGUMENT"),
+    (InvalidParameter, "INVALID_ARGUMENT"),
+    (SchemeMismatch, "FAILED_PRECONDITION"),
+    (UnknownScheme, "FAILED_PRECONDITION"),
+    (NotEnrolled, "NOT_FOUND"),
+)
+
+
+def classify(exc: BaseException) -> tuple[str, str, str]:
+    """``(status code name, reason, message)`` for any exception (unknown ones -> INTERNAL)."""
+    if isinstance(exc, ServiceError):
+        return exc.code, exc.reason, str(exc)
+    for cls, code in _ENGINE_CODES:
+        if isinstance(exc, cls):
+            return code, exc.reason, str(exc)
+    if isinstance(exc, VeilfaceError):
+        return "INTERNAL", exc.reason, str(exc)
+    return "INTERNAL", "INTERNAL", "internal error"
