@@ -1,0 +1,376 @@
+"""Evaluation report: ``report.json`` (one record per scheme and parameter set), ``report.md``
+(tables) and PNG plots (DET curves, score histograms, unlinkability)."""
+from __future__ import annotations
+
+import json
+import math
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+PROTOCOL_MD = """\
+**Protocol.** Genuine pairs: every pair of two samples of one subject. Impostor pairs: pairs of
+samples of two different subjects; pair *(i, j)* reads "probe *i* claims the identity enrolled
+with sample *j*". Every scheme and scenario scores the same sample pairs.
+
+* **normal (secret key)**: each subject's samples are protected with that subject's own key.
+  A genuine user holds the claimed identity's token; an impostor does **not**, so his probe is
+  protected with *his own* key and compared with the victim's template under *the victim's*
+  key (two different keys). This is the favourable case that makes cancellable schemes look
+  better than the unprotected embedding.
+* **stolen-token**: the impostor holds the victim's token: every probe is protected with the
+  *claimed* subject's key. This is the worst case and the one to set thresholds on.
+* **unlinkability** (Gomez-Barrero et al., IEEE TIFS 2018): templates of application A vs
+  application B (independent keys per subject); mated = same subject, different samples;
+  non-mated = different subjects. D_sys from normalised histograms (omega = 1).
+  D_null = D_sys of two samples of the non-mated scores with the sizes of the real test,
+  drawn with the mated set's structure (each subject paired with one random other subject,
+  as many pairs per subject as it has mated pairs), mean over repeats: the small-sample
+  bias. All scores of one subject share one key pair, so with few subjects D_sys is biased
+  up far more than an i.i.d. resample shows (D_null i.i.d. is reported too). A D_sys within
+  D_null (up to its p95) means "no measurable linkability at this sample size".
+* **irreversibility**: full disclosure (template + key); success = the reconstruction matches
+  the original sample (type I) or the subject's other samples (type II) at the *unprotected*
+  system's cosine threshold for FMR 0.1% / 0.01%; 95% bootstrap CIs.
+* **renewability**: old template (key version 1) vs the re-keyed enrolment (version 2) of the
+  same subject, other samples; match rate at the stolen-token threshold for FMR 0.1%
+  (impostor level = that FMR).
+"""
+
+
+def _pct(v: Any, digits: int = 2) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{100 * v:.{digits}f}%"
+
+
+def _num(v: Any, digits: int = 3) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return "–"
+    return f"{v:.{digits}f}"
+
+
+def _jsonable(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        f = float(obj)
+        return f if math.isfinite(f) else None
+    if isinstance(obj, np.integer):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.ndarray):
+        return _jsonable(obj.tolist())
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+@dataclass
+class Report:
+    """Result of :func:`engine.evaluation.evaluate`."""
+
+    dataset: dict
+    results: list
+    config: dict
+    seconds: float = 0.0
+    files: list[str] = field(default_factory=list)
+
+    @property
+    def records(self) -> list[dict]:
+        """One JSON-serialisable dict per scheme and parameter set (first: ``unprotected``)."""
+        return [r.record for r in self.results]
+
+    def record(self, label: str) -> dict:
+        """The record whose ``label`` or ``factory`` is ``label``."""
+        for r in self.records:
+            if label in (r["label"], r["factory"]):
+                return r
+        raise KeyError(label)
+
+    def to_dict(self) -> dict:
+        return _jsonable({"tool": "veilface eval", "dataset": self.dataset,
+                          "synthetic": bool(self.dataset.get("synthetic")), "config": self.config,
+                          "machine": {"python": platform.python_version(), "machine": platform.machine(),
+                                      "processor": platform.processor() or None},
+                          "seconds": self.seconds, "records": self.records})
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=False)
+
+    # -- markdown -----------------------------------------------------------------------
+    def summary_table(self) -> str:
+        """The headline table (Markdown)."""
+        head = ("| scheme | bytes | EER normal | EER stolen-token | FNMR@FMR 1e-3 stolen-token | "
+                "D_sys (D_null) | inversion type I / II @FMR 0.1% | renewed match | protect µs | "
+                "1:N ms |")
+        rows = [head, "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|"]
+        for r in self.records:
+            if r["status"] != "ok":
+                rows.append(f"| {r['label']} | {r.get('bytes_per_template') or '–'} | "
+                            f"skipped: {r.get('reason', '')} ||||||||")
+                continue
+            st = r["stolen_token"]
+            unl = r["unlinkability"]
+            inv = r.get("inversion_success")
+            inv_s = (f"{_pct(inv['0.001']['type1'], 1)} / {_pct(inv['0.001']['type2'], 1)}" if inv
+                     else ("IND-CPA" if r["scheme"] == "he" else "n/a"))
+            unl_s = (f"{_num(unl['d_sys'])} ({_num(unl['d_null'])})" if "d_sys" in unl
+                     else ("IND-CPA" if r["scheme"] == "he" else "n/a"))
+            ren = r.get("renewability") or {}
+            sp = r.get("speed") or {}
+            gallery = ((f" ({sp['n_gallery'] // 1000}k)" if sp["n_gallery"] >= 1000 else f" ({sp['n_gallery']})")
+                       if sp else "")
+            rows.append(
+                f"| {r['label']} | {r['bytes_per_template']} | {_pct(r['eer'])} | {_pct(r['eer_stolen_token'])} | "
+                f"{_pct(st['fnmr_at_fmr']['0.001'])}{'' if st['fmr_resolvable']['0.001'] else '†'} | "
+                f"{unl_s} | {inv_s} | "
+                f"{_pct(ren.get('match_rate'), 2) if ren.get('status') == 'ok' else 'n/a'} | "
+                f"{_num(sp.get('protect_us_single', (sp.get('protect_probe_ms') or 0) * 1e3), 1) if sp else '–'} | "
+                f"{_num(sp.get('search_1n_ms'), 2) + gallery if sp else '–'} |")
+        return "\n".join(rows)
+
+    def to_markdown(self, plots: list[str] | None = None) -> str:
+        ds = self.dataset
+        lines = ["# Veilface evaluation report", ""]
+        if ds.get("synthetic"):
+            m = ds.get("measured", {})
+            lines += ["> **SYNTHETIC DATA.** These embeddings were generated (identities as clusters on the "
+                      "unit hypersphere), not measured on faces. Use them to compare schemes with each other, "
+                      "not as the accuracy of any real face model. "
+                      f"Genuine cosine {m.get('genuine_cosine_mean')} ± {m.get('genuine_cosine_sd')}, "
+                      f"impostor {m.get('impostor_cosine_mean')} ± {m.get('impostor_cosine_sd')}.", ""]
+        lines += [f"Data: `{ds['source']}` — {ds['n_embeddings']} embeddings of {ds['n_subjects']} subjects "
+                  f"(d = {ds['dim']}, {ds['samples_per_subject']['min']}–{ds['samples_per_subject']['max']} "
+                  f"samples each). Comparisons: {self.config['pairs']['genuine']} genuine, "
+                  f"{self.config['pairs']['impostor']} impostor"
+                  f"{' (random subset)' if self.config['pairs']['impostor_sampled'] else ''}, "
+                  f"{self.config['pairs']['mated_linkage']} mated linkage pairs. Seed {self.config['seed']}; "
+                  f"run time {self.seconds:.1f} s.", ""]
+        if ds.get("failed"):
+            lines += [f"{len(ds['failed'])} photos could not be embedded and were skipped.", ""]
+        lines += ["## Summary", "", self.summary_table(), "",
+                  "EER/FNMR: lower is better. D_sys ∈ [0, 1]: 0 = unlinkable, 1 = fully linkable; compare with "
+                  "D_null (small-sample bias). Inversion: fraction of reconstructions accepted by the unprotected "
+                  "system (lower is better). Renewed match: old template vs re-keyed enrolment at the stolen-token "
+                  "threshold for FMR 0.1% (impostor level ≈ 0.1%). † FMR target below the resolution of the "
+                  "number of impostor comparisons (< 3/FMR).", "", PROTOCOL_MD, ""]
+        lines += self._accuracy_md() + self._privacy_md() + self._speed_md()
+        skipped = [r for r in self.records if r["status"] != "ok"]
+        if skipped:
+            lines += ["## Skipped", ""] + [f"* `{r['factory']}`: {r.get('reason')}" for r in skipped]
+            for r in skipped:
+                for part in ("unlinkability", "inversion"):
+                    note = (r.get(part) or {}).get("note")
+                    if note:
+                        lines.append(f"  * {part}: {note}")
+            lines.append("")
+        if plots:
+            lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
+        return "\n".join(lines)
+
+    def _ok(self):
+        return [r for r in self.records if r["status"] == "ok"]
+
+    def _accuracy_md(self) -> list[str]:
+        out = ["## Accuracy (ISO/IEC 19795-1)", "",
+               "| scheme | scenario | EER | FNMR@FMR 1e-2 | FNMR@FMR 1e-3 | FNMR@FMR 1e-4 | thr@FMR 1e-3 | genuine / impostor pairs |",
+               "|---|---|--:|--:|--:|--:|--:|--:|"]
+        for r in self._ok():
+            for scen in ("normal", "stolen_token"):
+                a = r[scen]
+                f = a["fnmr_at_fmr"]
+                mark = {k: "" if a["fmr_resolvable"][k] else "†" for k in f}
+                out.append(f"| {r['label']} | {scen.replace('_', '-')} | {_pct(a['eer'])} | "
+                           + " | ".join(f"{_pct(f[k])}{mark[k]}" for k in ("0.01", "0.001", "0.0001"))
+                           + f" | {_num(a['threshold_at_fmr']['0.001'], 4)} | {a['n_genuine']} / {a['n_impostor']} |")
+                if r["scheme"] == "unprotected":
+                    break
+        return out + [""]
+
+    def _privacy_md(self) -> list[str]:
+        out = ["## Privacy (ISO/IEC 24745, ISO/IEC 30136)", "", "### Unlinkability", "",
+               "| scheme | D_sys | D_null mean (p95) | D_null i.i.d. | mated / non-mated scores | subjects | bins |",
+               "|---|--:|--:|--:|--:|--:|--:|"]
+        for r in self._ok():
+            u = r["unlinkability"]
+            if "d_sys" not in u:
+                out.append(f"| {r['label']} | {u.get('note', 'n/a')} ||||||")
+                continue
+            out.append(f"| {r['label']} | {_num(u['d_sys'])} | {_num(u['d_null'])} ({_num(u['d_null_p95'])}) | "
+                       f"{_num(u['d_null_iid'])} | {u['n_mated']} / {u['n_nonmated']} | {u['n_subjects']} | "
+                       f"{u['bins']} |")
+        thr = self.config.get("unprotected_thresholds", {})
+        out += ["", "### Irreversibility (full disclosure: template + key)", "",
+                "Unprotected cosine thresholds: " + ", ".join(
+                    f"FMR {k}: {v:.4f}{'' if self.config['pairs']['impostor'] >= 3 / float(k) else '†'}"
+                    for k, v in thr.items()), "",
+                "| scheme | attack | templates | mean cos | type I @0.1% [95% CI] | type II @0.1% [95% CI] | "
+                "type I @0.01% | type II @0.01% |", "|---|---|--:|--:|--:|--:|--:|--:|"]
+        for r in self._ok():
+            inv = r.get("inversion") or {}
+            if inv.get("status") != "ok":
+                continue
+            a, b = inv["0.001"], inv["0.0001"]
+            ci = lambda d: f"{_pct(d['rate'], 1)} [{_pct(d['ci95'][0], 1)}, {_pct(d['ci95'][1], 1)}]"  # noqa: E731
+            out.append(f"| {r['label']} | {inv['method']}{' (±x̂: 2 attempts)' if inv['candidates'] == 2 else ''} | "
+                       f"{inv['n_attacked']} | {_num(inv['mean_cosine_type1'])} | {ci(a['type1'])} | "
+                       f"{ci(a['type2'])} | {_pct(b['type1']['rate'], 1)} | {_pct(b['type2']['rate'], 1)} |")
+        out += ["", "### Renewability (old template vs re-keyed enrolment)", "",
+                "| scheme | match rate [95% CI] | same capture | impostor rate normal / stolen-token | genuine rate | D_sys old↔new |",
+                "|---|--:|--:|--:|--:|--:|"]
+        for r in self._ok():
+            n = r.get("renewability") or {}
+            if n.get("status") != "ok":
+                continue
+            out.append(f"| {r['label']} | {_pct(n['match_rate'])} [{_pct(n['match_rate_ci95'][0])}, "
+                       f"{_pct(n['match_rate_ci95'][1])}] | {_pct(n['match_rate_same_capture'])} | "
+                       f"{_pct(n['impostor_rate_normal'], 3)} / {_pct(n['impostor_rate_stolen_token'], 3)} | "
+                       f"{_pct(n['genuine_rate'])} | {_num(n['d_sys_old_vs_new'])} |")
+        return out + [""]
+
+    def _speed_md(self) -> list[str]:
+        out = ["## Speed and size (this machine, medians)", "",
+               "| scheme | bytes | protect µs (single) | protect µs (batched) | key expansion ms | compare µs | "
+               "1:N ms (1 query) | 1:N ms/query (16) | templates/s |", "|---|--:|--:|--:|--:|--:|--:|--:|--:|"]
+        for r in self._ok():
+            s = r.get("speed")
+            if not s or "protect_us_single" not in s:
+                continue
+            out.append(f"| {r['label']} | {r['bytes_per_template']} | {_num(s['protect_us_single'], 1)} | "
+                       f"{_num(s['protect_us_batched'], 2)} | {_num(s['key_expansion_ms'], 2)} | "
+                       f"{_num(s['compare_us'], 1)} | {_num(s['search_1n_ms'], 2)} | "
+                       f"{_num(s['search_1n_ms_per_query_batch16'], 2)} | "
+                       f"{s['search_1n_templates_per_s']:.3g} |")
+        if any((r.get("speed") or {}).get("protect_us_single") for r in self._ok()):
+            n = next(r["speed"]["n_gallery"] for r in self._ok() if (r.get("speed") or {}).get("protect_us_single"))
+            out += ["", f"1:N: native gallery (engine.gallery) of {n} templates, top-10."]
+        for r in self._ok():
+            s = r.get("speed") or {}
+            if "enrol_ms_per_template_block" in s:
+                e = r.get("decryption_error", {})
+                out += ["", f"**{r['label']}** (encrypted): enrol {s['enrol_ms_per_template_block']:.2f} ms/template "
+                        f"(block encryption), probe encryption {s['protect_probe_ms']:.1f} ms, encrypted 1:N over "
+                        f"{s['n_gallery']} templates {s['search_1n_ms']:.1f} ms ({s['search_1n_templates_per_s']:.3g} "
+                        f"templates/s, search only, decryption excluded); decrypted vs plaintext scores: max |error| "
+                        f"{e.get('max_abs', float('nan')):.2e}, mean {e.get('mean_abs', float('nan')):.2e}; "
+                        f"plaintext EER on the same pairs {_pct(r['plaintext_same_pairs']['eer'])}."]
+        return out + [""]
+
+    # -- files --------------------------------------------------------------------------
+    def save(self, out: str | Path, plots: bool = True) -> list[str]:
+        """Write ``report.json``, ``report.md``, ``scores.npz`` (every score array, keyed
+        ``"<label>|genuine"``, ``"|impostor_normal"``, ``"|impostor_stolen"``, ``"|mated"``,
+        ``"|nonmated"``, ``"|renewed"``; float32) and (with ``plots``) the PNGs into ``out``."""
+        out = Path(out)
+        out.mkdir(parents=True, exist_ok=True)
+        pngs = self.plot(out) if plots else []
+        (out / "report.json").write_text(self.to_json() + "\n")
+        (out / "report.md").write_text(self.to_markdown(pngs) + "\n")
+        arrays = {f"{r.record['label']}|{k}": np.asarray(v, dtype=np.float32)
+                  for r in self.results for k, v in r.arrays.items()}
+        np.savez_compressed(out / "scores.npz", **arrays)
+        self.files = [str(out / "report.json"), str(out / "report.md"), str(out / "scores.npz"), *pngs]
+        return self.files
+
+    def plot(self, out: str | Path) -> list[str]:
+        """DET curves, genuine/impostor histograms, unlinkability plots -> PNG paths."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        from scipy.stats import norm
+
+        from .metrics import det_points
+
+        out = Path(out)
+        ok = [r for r in self.results if r.record["status"] == "ok" and r.arrays]
+        linked = [r for r in ok if r.linkage is not None]
+        files = []
+        tag = " [SYNTHETIC DATA]" if self.dataset.get("synthetic") else ""
+        # DET
+        fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
+        ticks = np.array([1e-4, 1e-3, 1e-2, 5e-2, 0.2, 0.5])
+        clip = lambda v: norm.ppf(np.clip(v, 1e-6, 1 - 1e-6))  # noqa: E731
+        for ax, scen, title in ((axes[0], "impostor_normal", "normal (secret key)"),
+                                (axes[1], "impostor_stolen", "stolen token")):
+            for r in ok:
+                fmr, fnmr = det_points(r.arrays["genuine"], r.arrays[scen])
+                style = dict(color="k", lw=2.2, ls="--") if r.record["scheme"] == "unprotected" else dict(lw=1.6)
+                ax.plot(clip(fmr), clip(fnmr), label=r.record["label"], **style)
+            ax.set_xticks(clip(ticks))
+            ax.set_xticklabels([f"{t:g}" for t in ticks])
+            ax.set_yticks(clip(ticks))
+            ax.set_yticklabels([f"{t:g}" for t in ticks])
+            ax.set_xlim(clip(5e-5), clip(0.6))
+            ax.set_ylim(clip(5e-5), clip(0.6))
+            ax.grid(True, alpha=0.3)
+            ax.set_xlabel("FMR")
+            ax.set_ylabel("FNMR")
+            ax.set_title(f"DET, {title}{tag}")
+            ax.legend(fontsize=8, loc="upper right")
+        fig.tight_layout()
+        files.append(self._savefig(fig, out / "det.png"))
+        # score histograms
+        fig, axes = self._grid(plt, len(ok))
+        for ax, r in zip(axes, ok):
+            a = r.arrays
+            lo = min(a["genuine"].min(), a["impostor_normal"].min(), a["impostor_stolen"].min())
+            hi = max(a["genuine"].max(), a["impostor_normal"].max(), a["impostor_stolen"].max())
+            bins = np.linspace(lo, hi, 80)
+            ax.hist(a["impostor_normal"], bins, density=True, alpha=0.45, color="tab:red",
+                    label="impostor, normal")
+            if r.record["scheme"] != "unprotected":
+                ax.hist(a["impostor_stolen"], bins, density=True, histtype="step", lw=1.6,
+                        color="tab:orange", label="impostor, stolen token")
+            ax.hist(a["genuine"], bins, density=True, alpha=0.45, color="tab:green", label="genuine")
+            ax.set_title(f"{r.record['label']}  EER {_pct(r.record['eer'])} / {_pct(r.record['eer_stolen_token'])}",
+                         fontsize=9)
+            ax.set_xlabel("similarity")
+            ax.legend(fontsize=7)
+        fig.suptitle(f"Genuine and impostor scores{tag}")
+        fig.tight_layout()
+        files.append(self._savefig(fig, out / "scores.png"))
+        # unlinkability
+        fig, axes = self._grid(plt, len(linked))
+        for ax, r in zip(axes, linked):
+            lk, a = r.linkage, r.arrays
+            edges = lk.bin_edges
+            ax.hist(a["nonmated"], edges, density=True, alpha=0.45, color="tab:red", label="non-mated")
+            ax.hist(a["mated"], edges, density=True, alpha=0.45, color="tab:green", label="mated")
+            ax2 = ax.twinx()
+            ax2.plot(lk.bin_centers, lk.d_local, color="tab:blue", lw=1.8, label="D↔(s)")
+            ax2.set_ylim(0, 1.05)
+            ax2.set_ylabel("D↔(s)", fontsize=8)
+            u = r.record["unlinkability"]
+            ax.set_title(f"{r.record['label']}  D_sys {u['d_sys']:.3f} (null {u['d_null']:.3f})", fontsize=9)
+            ax.set_xlabel("linkage score")
+            h1, l1 = ax.get_legend_handles_labels()
+            h2, l2 = ax2.get_legend_handles_labels()
+            ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left")
+        fig.suptitle(f"Unlinkability: application A vs B templates{tag}")
+        fig.tight_layout()
+        files.append(self._savefig(fig, out / "unlinkability.png"))
+        return files
+
+    @staticmethod
+    def _grid(plt, n: int):
+        cols = min(3, max(1, n))
+        rows = max(1, math.ceil(n / cols))
+        fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
+        axes = axes.ravel()
+        for ax in axes[n:]:
+            ax.axis("off")
+        return fig, list(axes[:n])
+
+    @staticmethod
+    def _savefig(fig, path: Path) -> str:
+        import matplotlib.pyplot as plt
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return str(path)
