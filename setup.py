@@ -91,6 +91,7 @@ def _native_extensions() -> list:
             "engine._kernels",
             ["csrc/bindings.cpp"],
             include_dirs=["csrc"],
+            depends=sorted(str(p.relative_to(ROOT)) for p in (ROOT / "csrc").glob("*.hpp")),
             cxx_std=17,
             # No -march=native: the wheel must run on any x86-64. AVX2/AVX-512 paths are
             # compiled with target attributes and chosen at run time.
