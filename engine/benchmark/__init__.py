@@ -206,16 +206,17 @@ def _json_default(o):
     return str(o)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """CLI entry point: run suites, print a markdown table, optionally write JSON records."""
-    ap = argparse.ArgumentParser(prog="python -m bench",
-                                 description="Veilface benchmarks: ours vs baselines (faiss, numpy, TenSEAL) "
-                                             "on the same data in one process.")
+def add_arguments(ap: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The harness options (shared by ``python -m bench`` and ``veilface bench``)."""
     ap.add_argument("--quick", action="store_true", help="small sizes (whole run well under a minute per suite)")
     ap.add_argument("--json", metavar="PATH", help="write the records as a JSON list")
     ap.add_argument("--only", metavar="NAME[,NAME]", help=f"suites to run (default all: {', '.join(SUITES)})")
     ap.add_argument("--list", action="store_true", help="list the registered suites and exit")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def run_from_args(args: argparse.Namespace) -> int:
+    """Run suites as the parsed options say: markdown table on stdout, optional JSON records."""
     if args.list:
         for name, spec in SUITES.items():
             print(f"{name}\t{spec if isinstance(spec, str) else getattr(spec, '__qualname__', spec)}")
@@ -231,5 +232,13 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed else 0
 
 
+def main(argv: list[str] | None = None) -> int:
+    """CLI entry point of ``python -m bench``."""
+    ap = add_arguments(argparse.ArgumentParser(
+        prog="python -m bench",
+        description="Veilface benchmarks: ours vs baselines (faiss, numpy, TenSEAL) on the same data in one process."))
+    return run_from_args(ap.parse_args(argv))
+
+
 __all__ = ["SUITES", "RECORD_KEYS", "register_suite", "median_time", "compare_times", "record",
-           "run_suites", "format_table", "machine_line", "main"]
+           "run_suites", "format_table", "machine_line", "add_arguments", "run_from_args", "main"]
