@@ -9,6 +9,13 @@
 Errors come back as :class:`ServiceError` with the gRPC ``code`` and the server's
 machine-readable ``reason``.
 
+Encrypted (``he``) templates: pass ``scheme="he:dim=128,mode=verify"`` and the device's
+:class:`engine.he.KeyHolder` (``key_holder=``; 1:1, the device decrypts and decides), or
+``scheme="he:dim=128,mode=identify"`` with the public device context (``he_context=``) and a
+decider (``key_holder=``/``decider=``: anything with ``decide(blob, k, threshold)``). The
+matcher only ever returns encrypted scores; the SDK hands them to the key holder, then reports
+the decision (a boolean, never a score) with ``ReportDecision`` for the audit log.
+
 Key scopes: with ``key_scope="purpose"`` (default) a subject's template is protected with the
 purpose's group key of the subject's key version, so a probe of an unknown person can be
 searched 1:N (one probe per key version in use). With ``key_scope="subject"`` every subject
@@ -60,10 +67,14 @@ class ServiceError(VeilfaceError):
 
 def channel(target: str, tls_ca: str | bytes | None = None, client_cert: str | bytes | None = None,
             client_key: str | bytes | None = None, server_name: str | None = None,
-            max_message_bytes: int = 4 << 20) -> grpc.Channel:
-    """A channel to ``target``; TLS when ``tls_ca`` is given (mTLS with cert + key)."""
+            max_message_bytes: int = 4 << 20, max_receive_bytes: int = 64 << 20) -> grpc.Channel:
+    """A channel to ``target``; TLS when ``tls_ca`` is given (mTLS with cert + key).
+
+    ``max_message_bytes`` caps what this client sends (the server enforces its own
+    ``max_message_bytes``); ``max_receive_bytes`` admits large encrypted 1:N results
+    (~16-30 bytes per stored template)."""
     opts = [("grpc.max_send_message_length", max_message_bytes),
-            ("grpc.max_receive_message_length", max_message_bytes)]
+            ("grpc.max_receive_message_length", max(max_message_bytes, max_receive_bytes))]
     if tls_ca is None:
         return grpc.insecure_channel(target, options=opts)
 
@@ -104,6 +115,11 @@ class _Base:
     def compliance_report(self, tenant: str = "") -> dict:
         """The compliance report as a dict (operator, auditor, admin)."""
         return json.loads(self._call("ComplianceReport", pb.ComplianceReportRequest(tenant=tenant)).report_json)
+
+    def list_he_contexts(self, purpose: str = "", tenant: str = "") -> list:
+        """Current public HE contexts (epoch, fingerprint, mode, template count); no key material."""
+        return list(self._call("ListHEContexts", pb.ListHEContextsRequest(
+            tenant=tenant or getattr(self, "tenant", ""), purpose=purpose)).contexts)
 
 
 class OperatorClient(_Base):
@@ -154,6 +170,34 @@ class OperatorClient(_Base):
         return self._call("Decommission", pb.DecommissionRequest(confirm=confirm, reason=reason),
                           timeout=max(self.timeout, 120))
 
+    def register_he_context(self, context, purpose: str, tenant: str = "",
+                            chunk_bytes: int = 256 << 10) -> pb.HEContextInfo:
+        """Register the *public* HE context of a tenant epoch for ``purpose`` (operator, admin).
+
+        ``context``: an :class:`engine.he.PublicContext`, its bytes, or a :class:`engine.he.KeyHolder`
+        (only ``key_holder.public_context(eval_keys=True)`` is sent -- never the secret key). Sent as
+        a stream of ``chunk_bytes`` pieces (an identify context is several MB). Registering epoch
+        ``e + 1`` rotates: the matcher deletes the epoch-``e`` templates and refuses its ciphertexts.
+        """
+        blob = _public_context_bytes(context, eval_keys=True)
+        if chunk_bytes < 1:
+            raise ValueError("chunk_bytes must be >= 1")
+
+        def stream():
+            for off in range(0, len(blob), chunk_bytes):
+                yield pb.RegisterHEContextRequest(tenant=tenant if off == 0 else "",
+                                                  purpose=purpose if off == 0 else "",
+                                                  chunk=blob[off:off + chunk_bytes])
+        return self._call("RegisterHEContext", stream(), timeout=max(self.timeout, 120))
+
+
+def _public_context_bytes(context, eval_keys: bool) -> bytes:
+    if isinstance(context, (bytes, bytearray, memoryview)):
+        return bytes(context)
+    if getattr(context, "is_private", lambda: False)():   # a KeyHolder: send its public half only
+        return context.public_context(eval_keys=eval_keys).to_bytes()
+    return context.to_bytes()
+
 
 def _consent_request(subject_id: str, purpose: str, notice_version: str, subject_age: int,
                      separate_consent: bool = True, guardian_ref: str = "", guardian_relationship: str = "",
@@ -174,6 +218,8 @@ class VerifyResult:
     fallback_required: bool
     fallback_methods: list
     fallback_message: str
+    encrypted: bool = False      # he: decided on the device by the key holder
+    decision_audited: bool = True  # he: the decision report reached the matcher's audit log
 
 
 class KeyVersions:
@@ -232,12 +278,20 @@ class DeviceClient(_Base):
     scheme : factory string, e.g. ``"biohash:bits=256,dim=128"``
     purpose : default purpose of this device's calls
     key_scope : ``"purpose"`` (1:N-capable group keys per key version) or ``"subject"``
+    key_holder : ``he`` only -- :class:`engine.he.KeyHolder`. Verify mode: the device's own key
+        holder (encrypts with its public half, decrypts the score and decides). Identify mode:
+        the decider (or pass ``decider=``); ``he_context`` then defaults to its public half.
+    he_context : ``he`` only -- the public (device) context to encrypt with, when the key holder
+        is elsewhere (identify mode). Get it from the key holder, not from the matcher.
+    decider : ``he`` identify mode -- any object with ``decide(blob, k, threshold) -> [Match]``
+        (e.g. a client of a remote decider service); defaults to ``key_holder``.
     """
 
-    def __init__(self, target, token: str, device_id: str, deriver: KeyDeriver,
+    def __init__(self, target, token: str, device_id: str, deriver: KeyDeriver | None = None,
                  scheme: str = "biohash:bits=256,dim=128", purpose: str = "access_control",
                  key_scope: str = "purpose", tenant: str = "", versions: KeyVersions | None = None,
-                 timeout: float = DEFAULT_TIMEOUT, **tls) -> None:
+                 timeout: float = DEFAULT_TIMEOUT, key_holder=None, he_context=None, decider=None,
+                 **tls) -> None:
         super().__init__(target, token, timeout, **tls)
         if key_scope not in ("purpose", "subject"):
             raise ValueError("key_scope must be 'purpose' or 'subject'")
@@ -245,6 +299,43 @@ class DeviceClient(_Base):
         self.scheme = make_scheme(scheme)
         self.key_scope, self.tenant = key_scope, tenant
         self.versions = versions or KeyVersions()
+        self.encrypted = bool(getattr(self.scheme, "encrypted", False))
+        self.key_holder = self.decider = self._he_ctx = None
+        if self.encrypted:
+            self.set_he_keys(key_holder=key_holder, he_context=he_context, decider=decider)
+        elif deriver is None:
+            raise ValueError(f"scheme {self.scheme.name!r} needs a KeyDeriver (deriver=)")
+
+    # -- HE key material (device side) ----------------------------------------------------
+    def set_he_keys(self, key_holder=None, he_context=None, decider=None) -> None:
+        """(Re)configure HE material, e.g. after a rotation: ``key_holder`` (secret, stays on this
+        device / decider), ``he_context`` (public device context or its bytes), ``decider``."""
+        if not self.encrypted:
+            raise ValueError("set_he_keys is for the he scheme")
+        self.key_holder = key_holder
+        self.decider = decider or key_holder
+        if he_context is None and key_holder is not None:
+            he_context = key_holder.public_context(eval_keys=False)
+        if isinstance(he_context, (bytes, bytearray, memoryview)):
+            from .he import PublicContext
+            he_context = PublicContext.from_bytes(bytes(he_context))
+        if he_context is not None and he_context.is_private():
+            raise ValueError("he_context must be a public context")
+        self._he_ctx = he_context
+
+    def _require_he_ctx(self):
+        if self._he_ctx is None:
+            raise ValueError("the he scheme needs key_holder= or he_context= (the public context)")
+        return self._he_ctx
+
+    def _report(self, ticket: str, matched: bool, threshold: float, candidates: int = 0):
+        """Tell the matcher the key holder's decision (boolean only) for its audit log."""
+        try:
+            return self._call("ReportDecision", pb.ReportDecisionRequest(
+                decision_ticket=ticket, matched=matched, candidates=candidates, threshold=threshold,
+                device_id=self.device_id, tenant=self.tenant))
+        except ServiceError:
+            return None
 
     # -- protection (local) ------------------------------------------------------------
     def _key(self, subject: str | None, version: int, purpose: str) -> bytes:
@@ -257,8 +348,17 @@ class DeviceClient(_Base):
                 purpose: str | None = None) -> Template:
         """Protect one embedding ``(dim,)`` float for ``subject_id`` at its current key version."""
         purpose = purpose or self.purpose
+        if self.encrypted:   # public-key encryption under the current epoch: no per-subject key
+            return self.scheme.protect(self._require_he_ctx(), embedding)
         v = version if version is not None else (self.versions.get(subject_id) if subject_id else 1)
         return self.scheme.protect(self._key(subject_id, v, purpose), embedding, key_version=v)
+
+    def protect_probe(self, subject_id: str | None, embedding, version: int | None = None,
+                      purpose: str | None = None) -> Template:
+        """A probe: :meth:`protect` for cancellable schemes; the probe layout for ``he``."""
+        if self.encrypted:
+            return self.scheme.protect_probe(self._require_he_ctx(), embedding)
+        return self.protect(subject_id, embedding, version, purpose)
 
     def protect_image(self, path: str, subject_id: str | None = None, version: int | None = None,
                       purpose: str | None = None) -> Template:
@@ -284,31 +384,56 @@ class DeviceClient(_Base):
             request_id=request_id or uuid.uuid4().hex, subject_id=subject_id, template=t.to_bytes(),
             consent_id=consent_id, purpose=purpose, device_id=self.device_id,
             retention_days=retention_days, tenant=self.tenant))
-        self.versions.enrolled(subject_id, r.key_version)
+        if not self.encrypted:   # an HE key version is the tenant epoch, not the subject's version
+            self.versions.enrolled(subject_id, r.key_version)
         return r
 
     def verify(self, subject_id: str, embedding=None, purpose: str | None = None,
                template: Template | None = None, threshold: float = 0.0) -> VerifyResult:
+        """1:1. For ``he`` the matcher returns an encrypted score; the key holder decides here
+        (against ``threshold`` or the server's) and the decision is reported for the audit log."""
         purpose = purpose or self.purpose
-        t = template if template is not None else self.protect(subject_id, embedding, purpose=purpose)
+        t = template if template is not None else self.protect_probe(subject_id, embedding, purpose=purpose)
         r = self._call("Verify", pb.VerifyRequest(subject_id=subject_id, probe=t.to_bytes(), purpose=purpose,
                                                   device_id=self.device_id, threshold=threshold,
                                                   tenant=self.tenant))
-        return VerifyResult(r.matched, r.score, r.threshold, r.fallback.required, list(r.fallback.methods),
-                            r.fallback.message)
+        if not r.encrypted:
+            return VerifyResult(r.matched, r.score, r.threshold, r.fallback.required, list(r.fallback.methods),
+                                r.fallback.message)
+        if self.key_holder is None:
+            raise ValueError("an encrypted verify is decided by the device's KeyHolder (key_holder=)")
+        thr = threshold or r.threshold
+        matched, score = self.key_holder.verify_decision(r.encrypted_score, thr)
+        rep = self._report(r.decision_ticket, matched, thr)
+        fb = rep.fallback if rep is not None else r.fallback   # the report's answer is definitive
+        required = fb.required if rep is not None else not matched
+        return VerifyResult(matched, score, thr, required, list(fb.methods), fb.message,
+                            encrypted=True, decision_audited=rep is not None)
 
     def identify(self, embedding=None, top_k: int = 5, purpose: str | None = None, threshold: float = 0.0,
                  templates: list[Template] | None = None) -> list[tuple[str, float]]:
         """1:N: probes under every key version in use, merged best first. [] = no match."""
         purpose = purpose or self.purpose
         if templates is None:
-            templates = [self.protect(None, embedding, version=v, purpose=purpose) for v in self.versions.in_use()]
+            if self.encrypted:   # one probe under the current epoch
+                templates = [self.protect_probe(None, embedding, purpose=purpose)]
+            else:
+                templates = [self.protect(None, embedding, version=v, purpose=purpose)
+                             for v in self.versions.in_use()]
         hits: dict[str, float] = {}
         for t in templates:
             r = self._call("Identify", pb.IdentifyRequest(probe=t.to_bytes(), purpose=purpose, device_id=self.device_id,
                                                           top_k=top_k, threshold=threshold, tenant=self.tenant))
             for c in r.candidates:
                 hits[c.subject_id] = max(c.score, hits.get(c.subject_id, float("-inf")))
+            if r.encrypted:
+                if self.decider is None:
+                    raise ValueError("an encrypted 1:N result is decided by the key holder (key_holder= or decider=)")
+                thr = threshold or r.threshold
+                matches = self.decider.decide(r.encrypted_scores, k=top_k, threshold=thr)
+                self._report(r.decision_ticket, bool(matches), thr, candidates=len(matches))
+                for m in matches:
+                    hits[m.subject_id] = max(float(m.score), hits.get(m.subject_id, float("-inf")))
         return sorted(hits.items(), key=lambda kv: -kv[1])[:top_k]
 
     def withdraw(self, subject_id: str) -> pb.WithdrawResponse:

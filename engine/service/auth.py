@@ -35,6 +35,9 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     "ComplianceReport": frozenset({"operator", "auditor", "admin"}),
     "PurgeExpired": frozenset({"operator", "admin"}),
     "Decommission": frozenset({"admin"}),
+    "RegisterHEContext": frozenset({"admin", "operator"}),
+    "ListHEContexts": frozenset({"device", "operator", "auditor", "admin"}),
+    "ReportDecision": frozenset({"device"}),
 }
 ANY_ROLE = frozenset({"device", "operator", "auditor", "admin"})
 HEALTH_PREFIX = "/grpc.health.v1.Health/"

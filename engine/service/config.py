@@ -33,7 +33,7 @@ from .status import BadRequest
 ROLES = ("device", "operator", "auditor", "admin")
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]", "ip6-localhost"}
 
-DEFAULT_THRESHOLDS = {"biohash": 0.70, "iom": 0.20, "rotation": 0.50}
+DEFAULT_THRESHOLDS = {"biohash": 0.70, "iom": 0.20, "rotation": 0.50, "he": 0.50}
 DEFAULT_FALLBACK = ["staff_assisted_check", "identity_document", "pin_or_card"]
 
 
@@ -75,7 +75,11 @@ class ServiceConfig:
     tokens: list = field(default_factory=list)
     health_requires_token: bool = False  # health checks are open by default (probes)
     workers: int = 16
-    max_message_bytes: int = 2 * 1024 * 1024
+    max_message_bytes: int = 2 * 1024 * 1024      # largest request (an HE 1:N probe is ~262 KB)
+    max_response_bytes: int = 64 * 1024 * 1024    # largest response (HE 1:N scores: ~16-30 B per template)
+    max_he_context_bytes: int = 64 * 1024 * 1024  # streamed public HE context (identify, dim 128: ~6.7 MB)
+    he_shards: int = 1                  # >1: identify-mode HE galleries in that many processes
+    he_decision_ttl_s: float = 300.0    # how long a decision ticket can be reported
     gallery_backend: str = "native"
     allowed_schemes: list = field(default_factory=list)   # [] = any cancellable scheme
     thresholds: dict = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
@@ -135,6 +139,8 @@ class ServiceConfig:
             raise BadRequest("need 1 <= retention_days <= max_retention_days")
         if self.filing_threshold < 1:
             raise BadRequest("filing_threshold must be >= 1")
+        if not 1 <= int(self.he_shards) <= 64:
+            raise BadRequest("he_shards must be in [1, 64]")
         self.token_entries()
         return self
 

@@ -160,3 +160,10 @@ def fallback(matched: bool, methods: list[str]) -> dict:
                 "message": "matched; alternative methods remain available on request"}
     return {"required": True, "methods": list(methods),
             "message": "face not verified: offer an alternative method (" + ", ".join(methods) + ")"}
+
+
+def fallback_pending(methods: list[str]) -> dict:
+    """Encrypted matching: the key holder decides, so the fallback is stated conditionally."""
+    return {"required": False, "methods": list(methods),
+            "message": "encrypted score returned: the key holder decides; if the face is not verified, "
+                       "offer an alternative method (" + ", ".join(methods) + ")"}

@@ -114,6 +114,21 @@ class IntrusionDetector:
                 return Alert("IDENTIFY_RATE", caller, n, self.id_window, b.locked_until)
         return None
 
+    def identify_hit(self, caller: str) -> None:
+        """An encrypted 1:N search recorded as a no-match turned out to match (the decider said so):
+        turn the latest pending miss of ``caller`` into a hit."""
+        now = self.clock.now()
+        with self._lock:
+            b = self._identify.get(caller)
+            if b is None:
+                return
+            self._prune(b, now, self.id_window)
+            for i in range(len(b.events) - 1, -1, -1):
+                if not b.events[i][1]:
+                    b.events[i] = (b.events[i][0], True)
+                    b.misses -= 1
+                    return
+
     def record_identify(self, caller: str, matched: bool) -> Alert | None:
         now = self.clock.now()
         with self._lock:

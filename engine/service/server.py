@@ -34,6 +34,8 @@ from .audit import AuditEvent
 from .auth import AuthInterceptor, Principal, TokenTable, current_principal
 from .clock import Clock, SystemClock
 from .config import ServiceConfig
+from .encrypted import (HE_SQL, HEEntry, HERegistry, TicketBook, blob_kind_header, check_blob,
+                        check_registration, is_he_spec, parse_public_context)
 from .galleries import new_gallery
 from .ratelimit import Alert, IntrusionDetector
 from .status import (REASON_KEY, AlreadyExists, BadRequest, DeadlineExceeded, Decommissioned,
@@ -79,6 +81,15 @@ def _rpc(fn):
     return wrapper
 
 
+def _close(g) -> None:
+    close = getattr(g, "close", None)
+    if close is not None:
+        try:
+            close()
+        except Exception:  # noqa: BLE001
+            log.exception("could not close a gallery")
+
+
 class MatcherServicer(pb_grpc.MatcherServicer):
     """Implements ``veilface.v1.Matcher`` over a :class:`Store` and in-memory galleries."""
 
@@ -98,6 +109,8 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         self._filing_raised = store.filing_alert() is not None
         self._stop = threading.Event()
         self._purger: threading.Thread | None = None
+        self.he = HERegistry()                           # current public HE contexts
+        self.tickets = TicketBook(self.clock, cfg.he_decision_ttl_s)
         self.load()
 
     # -- startup -----------------------------------------------------------------------
@@ -107,12 +120,19 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         groups: dict[tuple, tuple[list, list]] = {}
         n = 0
         with self._glock:
+            if self.store.read().execute("SELECT 1 FROM he_contexts LIMIT 1").fetchone():
+                self.he.load(self.store)
             for row in self.store.iter_templates():
                 t = Template.from_bytes(row.template)
                 gkey = (row.tenant, row.purpose, row.scheme, row.key_version)
+                if is_he_spec(row.scheme):
+                    entry = self.he.get(row.tenant, row.purpose, row.scheme)
+                    if entry is None or entry.epoch != row.key_version:
+                        log.warning("skipping an HE template of a retired or unregistered epoch")
+                        continue
                 ids, codes = groups.setdefault(gkey, ([], []))
                 ids.append(row.subject)
-                codes.append(t.data)
+                codes.append(t if is_he_spec(row.scheme) else t.data)
                 self._enrolled.setdefault((row.tenant, row.subject), {})[(row.purpose, row.scheme)] = \
                     _Meta(row.key_version, row.expires_at)
                 self._note_expiry(row.expires_at)
@@ -121,7 +141,10 @@ class MatcherServicer(pb_grpc.MatcherServicer):
                 n += 1
             for gkey, (ids, codes) in groups.items():
                 g = self._gallery(gkey, create=True)
-                g.add_codes(ids, np.stack(codes))
+                if is_he_spec(gkey[2]):
+                    g.add_many(ids, codes)       # ciphertext blobs (identify mode: expanded here)
+                else:
+                    g.add_codes(ids, np.stack(codes))
             self._versions = self.store.subject_versions()
             self._devices = {(t, d): int(c) for t, d, c in self.store.read().execute(
                 "SELECT tenant, device_id, location_class FROM devices")}
@@ -142,6 +165,14 @@ class MatcherServicer(pb_grpc.MatcherServicer):
 
     def stop_background(self) -> None:
         self._stop.set()
+
+    def close(self) -> None:
+        """Stop background work and gallery processes (sharded HE galleries)."""
+        self.stop_background()
+        with self._glock:
+            galleries = list(self._galleries.values())
+        for g in galleries:
+            _close(g)
 
     # -- helpers -----------------------------------------------------------------------
     def _audit(self, ev: AuditEvent, result: str, reason: str = "") -> None:
@@ -169,10 +200,30 @@ class MatcherServicer(pb_grpc.MatcherServicer):
     def _gallery(self, gkey: tuple, create: bool = False):
         g = self._galleries.get(gkey)
         if g is None and create:
-            g = self._galleries[gkey] = new_gallery(self._schemes[gkey[2]], self.cfg.gallery_backend)
+            if is_he_spec(gkey[2]):
+                entry = self.he.get(*gkey[:3])
+                if entry is None or entry.epoch != gkey[3]:
+                    return None          # epoch rotated away meanwhile
+                g = new_gallery(self._schemes[gkey[2]], self.cfg.gallery_backend, context=entry.context,
+                                shards=self.cfg.he_shards)
+            else:
+                g = new_gallery(self._schemes[gkey[2]], self.cfg.gallery_backend)
+            self._galleries[gkey] = g
         return g
 
-    def _parse(self, blob: bytes, what: str = "template") -> tuple[Template, object, str]:
+    def _he_entry(self, tenant: str, purpose: str, spec_key: str, t: Template, h: dict,
+                  mode: str | None = None) -> HEEntry:
+        return check_blob(self.he.get(tenant, purpose, spec_key), tenant, h, mode)
+
+    def _check_allowed(self, spec, spec_key: str) -> None:
+        allowed = self.cfg.allowed_schemes
+        if allowed and spec.name not in allowed and spec_key not in allowed and \
+                not any(make_scheme(a).spec == spec for a in allowed if ":" in a):
+            raise PreconditionFailed(f"scheme {spec_key} is not enabled on this server",
+                                     reason="SCHEME_NOT_ALLOWED")
+
+    def _parse(self, blob: bytes, what: str = "template") -> tuple[Template, object, str, dict | None]:
+        """Template + scheme + spec key (+ the HE blob header for ``he``, else None)."""
         if not blob:
             raise BadRequest(f"{what} is required", reason="MISSING_TEMPLATE")
         if len(blob) > MAX_TEMPLATE_BYTES:
@@ -187,15 +238,13 @@ class MatcherServicer(pb_grpc.MatcherServicer):
                 if scheme.name not in _FACTORIES:
                     raise UnknownScheme(f"scheme {scheme.name!r} has no gallery type in this service")
             self._schemes[spec_key] = scheme
-        allowed = self.cfg.allowed_schemes
-        if allowed and t.spec.name not in allowed and spec_key not in allowed and \
-                not any(make_scheme(a).spec == t.spec for a in allowed if ":" in a):
-            raise PreconditionFailed(f"scheme {spec_key} is not enabled on this server",
-                                     reason="SCHEME_NOT_ALLOWED")
+        self._check_allowed(t.spec, spec_key)
         if t.key_version < 1:
             raise BadRequest("template key_version must be >= 1", reason="BAD_KEY_VERSION")
+        if is_he_spec(spec_key):
+            return t, scheme, spec_key, blob_kind_header(t, what)   # ciphertext: header checks only
         scheme.codes_of(t)                         # shape / dtype / range -> INVALID_ARGUMENT
-        return t, scheme, spec_key
+        return t, scheme, spec_key, None
 
     def _threshold(self, scheme, requested: float) -> float:
         if requested:
@@ -250,24 +299,33 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         with self._purge_lock:
             purged = self.store.purge_expired(now)
             for tenant, subject, purpose, spec in purged:
-                with self._lock(tenant, subject), self._glock:
+                with self._lock(tenant, subject):
                     self._forget(tenant, subject, lambda p, s, m: (p, s) == (purpose, spec) and m.expires_at <= now)
             self._next_expiry = self.store.next_expiry()
             return len(purged)
 
     def _forget(self, tenant: str, subject: str, match) -> int:
-        """Drop the subject's in-memory templates for which ``match(purpose, spec, meta)``."""
+        """Drop the subject's in-memory templates for which ``match(purpose, spec, meta)``.
+
+        Encrypted galleries are updated outside the gallery-map lock (an identify-mode removal
+        subtracts the template's expanded ciphertexts: ~0.3 s); callers hold the subject lock."""
+        slow = []
         with self._glock:
             entries = self._enrolled.get((tenant, subject), {})
             gone = [(p, s, m) for (p, s), m in entries.items() if match(p, s, m)]
             for p, s, m in gone:
                 g = self._galleries.get((tenant, p, s, m.key_version))
                 if g is not None:
-                    g.remove(subject)
+                    if is_he_spec(s):
+                        slow.append(g)
+                    else:
+                        g.remove(subject)
                 del entries[(p, s)]
             if not entries:
                 self._enrolled.pop((tenant, subject), None)
-            return len(gone)
+        for g in slow:
+            g.remove(subject)
+        return len(gone)
 
     # -- RPCs --------------------------------------------------------------------------
     @_rpc
@@ -327,10 +385,15 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         device = self._device(tenant, req.device_id, ev, "enroll")
         if req.request_id:
             policy.check_id("request id", req.request_id)
-        t, scheme, spec_key = self._parse(req.template)
+        t, scheme, spec_key, he_header = self._parse(req.template)
         kv = t.key_version
         ev.details = {"scheme": t.spec.name, "key_version": kv, "consent_id": req.consent_id[:64],
                       "request_id": req.request_id[:64]}
+        he = he_header is not None
+        if he:
+            # ciphertext of the current epoch's public context, fully parsed before anything is stored
+            entry = self._he_entry(tenant, purpose, spec_key, t, he_header)
+            entry.context.load_ciphertexts(t.data.tobytes(), "template")
         req_hash = hashlib.sha256(req.SerializeToString(deterministic=True)).hexdigest()
         p = current_principal()
         with self._lock(tenant, subject):
@@ -358,7 +421,15 @@ class MatcherServicer(pb_grpc.MatcherServicer):
                 srow = tx.execute("SELECT key_version, revoked_upto FROM subjects WHERE tenant = ? AND subject = ?",
                                   (tenant, subject)).fetchone()
                 cur_kv, revoked = (int(srow[0]), int(srow[1])) if srow else (0, 0)
-                if kv <= revoked:
+                if he:
+                    # an HE key version is the tenant epoch, not a per-subject key: check it is current
+                    erow = tx.execute("SELECT epoch FROM he_contexts WHERE tenant = ? AND purpose = ? AND "
+                                      "scheme = ? AND retired_at IS NULL", (tenant, purpose, spec_key)).fetchone()
+                    if erow is None or int(erow[0]) != kv:
+                        check_blob(self.he.get(tenant, purpose, spec_key), tenant, he_header)
+                        raise PreconditionFailed("the HE context changed meanwhile; encrypt again",
+                                                 reason="HE_EPOCH_REVOKED")
+                elif kv <= revoked:
                     raise KeyVersionRevoked(f"key version {kv} of this subject was revoked; "
                                             f"re-enrol under version {revoked + 1} or later")
                 if tx.execute("SELECT 1 FROM templates WHERE tenant = ? AND subject = ? AND purpose = ? "
@@ -371,9 +442,10 @@ class MatcherServicer(pb_grpc.MatcherServicer):
                 tx.execute("INSERT INTO templates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                            (tenant, subject, purpose, spec_key, kv, bytes(req.template), now, expires,
                             req.consent_id, device))
-                tx.execute("INSERT INTO subjects VALUES (?, ?, ?, ?, ?) ON CONFLICT(tenant, subject) DO "
-                           "UPDATE SET key_version = excluded.key_version, updated_at = excluded.updated_at",
-                           (tenant, subject, max(kv, cur_kv), revoked, now))
+                if not he:   # HE epochs are tenant-wide: the subject's key-version state is untouched
+                    tx.execute("INSERT INTO subjects VALUES (?, ?, ?, ?, ?) ON CONFLICT(tenant, subject) DO "
+                               "UPDATE SET key_version = excluded.key_version, updated_at = excluded.updated_at",
+                               (tenant, subject, max(kv, cur_kv), revoked, now))
                 resp = pb.EnrollResponse(subject_id=subject, scheme=spec_key, key_version=kv,
                                          enrolled_at=now, expires_at=expires)
                 if req.request_id:
@@ -394,11 +466,18 @@ class MatcherServicer(pb_grpc.MatcherServicer):
                 else:
                     filing = False
             # committed (durable): now make it searchable
+            if he:
+                with self._glock:
+                    g = self._gallery((tenant, purpose, spec_key, kv), create=True)
+                if g is not None:
+                    g.add(subject, t)    # identify mode: ~0.3 s of expansion, outside the map lock
             with self._glock:
-                g = self._gallery((tenant, purpose, spec_key, kv), create=True)
-                g.add_codes([subject], scheme.codes_of(t))
-                self._enrolled.setdefault((tenant, subject), {})[(purpose, spec_key)] = _Meta(kv, expires)
-                self._versions[(tenant, subject)] = (max(kv, cur_kv), revoked)
+                if not he:
+                    g = self._gallery((tenant, purpose, spec_key, kv), create=True)
+                    g.add_codes([subject], scheme.codes_of(t))
+                    self._versions[(tenant, subject)] = (max(kv, cur_kv), revoked)
+                if not he or (g is not None and getattr(self.he.get(tenant, purpose, spec_key), "epoch", 0) == kv):
+                    self._enrolled.setdefault((tenant, subject), {})[(purpose, spec_key)] = _Meta(kv, expires)
                 self._note_expiry(expires)
                 if filing:
                     self._filing_raised = True
@@ -412,8 +491,11 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         subject = ev.subject = policy.check_id("subject id", req.subject_id)
         purpose = ev.purpose = policy.check_purpose(req.purpose)
         self._device(tenant, req.device_id, ev, "verify")
-        t, scheme, spec_key = self._parse(req.probe, "probe")
+        t, scheme, spec_key, he_header = self._parse(req.probe, "probe")
         ev.details = {"scheme": t.spec.name, "key_version": t.key_version}
+        he = he_header is not None
+        if he:   # old-epoch probes are refused before any enrolment lookup (tenant-wide, no leak)
+            self._he_entry(tenant, purpose, spec_key, t, he_header, mode="verify")
         key = f"{tenant}/{subject}"
         self.ids.check_verify(key)
         self._maybe_purge()
@@ -427,7 +509,7 @@ class MatcherServicer(pb_grpc.MatcherServicer):
             if purpose not in {p for p, _ in entries}:
                 raise PurposeNotConsented(f"subject {subject!r} is not enrolled for purpose {purpose!r}")
             raise SchemeMismatch(f"subject {subject!r} is enrolled with another scheme or parameters")
-        if t.key_version <= revoked:
+        if t.key_version <= revoked and not he:
             raise KeyVersionRevoked(f"key version {t.key_version} was revoked")
         if t.key_version != meta.key_version:
             raise PreconditionFailed(f"probe key version {t.key_version} != enrolled {meta.key_version}",
@@ -435,6 +517,8 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         g = self._gallery((tenant, purpose, spec_key, meta.key_version))
         if g is None:
             raise NotEnrolled(f"subject {subject!r} is not enrolled")
+        if he:
+            return self._verify_encrypted(g, t, scheme, req, context, ev, tenant, subject, purpose, key)
         score = g.verify(subject, t)
         thr = self._threshold(scheme, req.threshold)
         matched = bool(score >= thr)
@@ -449,7 +533,9 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         tenant = ev.tenant = policy.tenant_of(req.tenant)
         purpose = ev.purpose = policy.check_purpose(req.purpose)
         device = self._device(tenant, req.device_id, ev, "identify")
-        t, scheme, spec_key = self._parse(req.probe, "probe")
+        t, scheme, spec_key, he_header = self._parse(req.probe, "probe")
+        if he_header is not None:
+            self._he_entry(tenant, purpose, spec_key, t, he_header, mode="identify")
         k = req.top_k or 5
         if not 1 <= k <= 100:
             raise BadRequest("top_k must be in [1, 100]", reason="BAD_TOP_K")
@@ -462,6 +548,8 @@ class MatcherServicer(pb_grpc.MatcherServicer):
             raise Throttled("1:N search rate limit exceeded", reason="IDENTIFY_THROTTLED")
         self._maybe_purge()
         self._check_time(context)
+        if he_header is not None:
+            return self._identify_encrypted(t, req, context, ev, tenant, purpose, spec_key, thr, caller)
         with self._glock:
             g = self._gallery((tenant, purpose, spec_key, t.key_version))
         hits = [] if g is None else g.search(t, k, thr)
@@ -472,6 +560,161 @@ class MatcherServicer(pb_grpc.MatcherServicer):
             self._alert(alert, tenant, device=device)
         return pb.IdentifyResponse(candidates=[pb.Candidate(subject_id=h.subject_id, score=h.score) for h in hits],
                                    threshold=thr, gallery_size=size, fallback=self._fallback(bool(hits)))
+
+    # -- encrypted (HE) matching: the matcher computes, the key holder decides ------------------
+    def _verify_encrypted(self, g, t, scheme, req, context, ev, tenant, subject, purpose, key):
+        self._check_time(context)
+        blob = g.verify(subject, t)                 # encrypted score blob (masked product)
+        thr = self._threshold(scheme, req.threshold)
+        token, tk = self.tickets.issue("verify", tenant, subject, purpose, ev.device,
+                                       current_principal().name, key)
+        # pending until the key holder reports a match: an unreported attempt counts as a failure
+        alert = self.ids.record_verify(key, False)
+        if alert:
+            self._alert(alert, tenant, subject, ev.device)
+        ev.details.update({"encrypted": True, "outcome": "encrypted_score_returned", "decision_ref": tk.ref})
+        return pb.VerifyResponse(matched=False, score=0.0, threshold=thr, encrypted=True,
+                                 encrypted_score=blob, decision_ticket=token,
+                                 fallback=pb.Fallback(**policy.fallback_pending(self.cfg.fallback_methods)))
+
+    def _identify_encrypted(self, t, req, context, ev, tenant, purpose, spec_key, thr, caller):
+        with self._glock:
+            g = self._gallery((tenant, purpose, spec_key, t.key_version), create=True)
+        if g is None:
+            raise PreconditionFailed("the HE context changed meanwhile; encrypt again", reason="HE_EPOCH_REVOKED")
+        blob = g.search(t)                          # one encrypted score per stored template
+        size = len(g)
+        limit = max(self.cfg.max_message_bytes, self.cfg.max_response_bytes) - 4096
+        if len(blob) > limit:
+            raise Throttled(f"the encrypted result ({len(blob)} bytes) exceeds max_response_bytes; split "
+                            f"the gallery by purpose or raise the limit", reason="HE_RESULT_TOO_LARGE")
+        token, tk = self.tickets.issue("identify", tenant, "", purpose, ev.device,
+                                       current_principal().name, caller)
+        alert = self.ids.record_identify(caller, False)   # a no-match until the decider reports one
+        if alert:
+            self._alert(alert, tenant, device=ev.device)
+        ev.details.update({"encrypted": True, "outcome": "encrypted_scores_returned", "gallery_size": size,
+                           "decision_ref": tk.ref})
+        return pb.IdentifyResponse(threshold=thr, gallery_size=size, encrypted=True, encrypted_scores=blob,
+                                   decision_ticket=token,
+                                   fallback=pb.Fallback(**policy.fallback_pending(self.cfg.fallback_methods)))
+
+    @_rpc
+    def ReportDecision(self, req, context, ev):
+        tenant = ev.tenant = policy.tenant_of(req.tenant)
+        device = self._device(tenant, req.device_id, ev, None)
+        if req.candidates < 0 or not (-1e9 < req.threshold < 1e9):
+            raise BadRequest("bad candidates / threshold", reason="BAD_DECISION")
+        tk = self.tickets.redeem(req.decision_ticket, tenant, current_principal().name, device)
+        ev.subject, ev.purpose = tk.subject, tk.purpose
+        matched = bool(req.matched)
+        ev.details = {"kind": tk.kind, "matched": matched, "decision_ref": tk.ref,
+                      "threshold": float(req.threshold)}
+        if tk.kind == "identify":
+            ev.details["candidates"] = int(req.candidates)
+            if matched:
+                self.ids.identify_hit(tk.ids_key)
+        elif matched:
+            self.ids.record_verify(tk.ids_key, True)
+        return pb.ReportDecisionResponse(recorded=True, fallback=self._fallback(matched))
+
+    @_rpc
+    def RegisterHEContext(self, request_iterator, context, ev):
+        self._not_decommissioned()
+        first, buf = None, bytearray()
+        for msg in request_iterator:
+            if first is None:
+                first = msg
+                ev.tenant = policy.tenant_of(msg.tenant)
+                ev.purpose = policy.check_purpose(msg.purpose)
+            buf += msg.chunk
+            if len(buf) > self.cfg.max_he_context_bytes:
+                raise Throttled(f"HE context larger than max_he_context_bytes ({self.cfg.max_he_context_bytes})",
+                                reason="HE_CONTEXT_TOO_LARGE")
+            self._check_time(context)
+        if first is None or not buf:
+            raise BadRequest("no HE context was sent", reason="MISSING_HE_CONTEXT")
+        tenant, purpose = ev.tenant, ev.purpose
+        ctx = parse_public_context(bytes(buf), tenant)
+        scheme = make_scheme(f"he:dim={ctx.dim},mode={ctx.mode}")
+        spec_key = scheme.spec.key()
+        self._check_allowed(scheme.spec, spec_key)
+        self._schemes.setdefault(spec_key, scheme)
+        ev.details = {"scheme": "he", "mode": ctx.mode, "dim": ctx.dim, "epoch": ctx.epoch,
+                      "fingerprint": ctx.fingerprint[:16], "eval_keys": ctx.has_eval_keys,
+                      "context_bytes": len(buf)}
+        now = self.clock.now()
+        body = ctx.to_bytes()        # re-serialised: public key (+ relinearisation, Galois keys) only
+        gone: list[str] = []
+        with self.store.write() as tx:
+            cur = tx.execute("SELECT epoch, fingerprint FROM he_contexts WHERE tenant = ? AND purpose = ? AND "
+                             "scheme = ? AND retired_at IS NULL", (tenant, purpose, spec_key)).fetchone()
+            retired_max = tx.execute("SELECT COALESCE(MAX(epoch), 0) FROM he_contexts WHERE tenant = ? AND "
+                                     "purpose = ? AND scheme = ? AND retired_at IS NOT NULL",
+                                     (tenant, purpose, spec_key)).fetchone()[0]
+            unchanged = check_registration(cur, int(retired_max), ctx.epoch, ctx.fingerprint)
+            retired, n_del = 0, 0
+            if not unchanged:
+                tx.execute("INSERT INTO he_contexts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
+                           (tenant, purpose, spec_key, ctx.epoch, ctx.mode, ctx.dim, ctx.fingerprint,
+                            int(ctx.has_eval_keys), body, now))
+                if cur is not None:   # rotation: the old epoch's templates are useless -> delete them
+                    retired = int(cur[0])
+                    tx.execute("UPDATE he_contexts SET context = x'', retired_at = ? WHERE tenant = ? AND "
+                               "purpose = ? AND scheme = ? AND epoch < ? AND retired_at IS NULL",
+                               (now, tenant, purpose, spec_key, ctx.epoch))
+                    gone = [r[0] for r in tx.execute(
+                        "SELECT subject FROM templates WHERE tenant = ? AND purpose = ? AND scheme = ? AND "
+                        "key_version < ?", (tenant, purpose, spec_key, ctx.epoch))]
+                    n_del = tx.execute("DELETE FROM templates WHERE tenant = ? AND purpose = ? AND scheme = ? "
+                                       "AND key_version < ?", (tenant, purpose, spec_key, ctx.epoch)).rowcount
+            ev.details.update({"unchanged": unchanged, "retired_epoch": retired, "templates_deleted": n_del})
+            self._tx_audit(tx, ev)
+        if not unchanged:
+            entry = HEEntry(tenant, purpose, spec_key, ctx.epoch, ctx.mode, ctx.dim, ctx.fingerprint,
+                            ctx.has_eval_keys, now, ctx)
+            with self._glock:
+                self.he.set(entry)
+                old = [k for k in self._galleries if k[:3] == (tenant, purpose, spec_key) and k[3] < ctx.epoch]
+                dropped = [self._galleries.pop(k) for k in old]
+                for subject in gone:
+                    entries = self._enrolled.get((tenant, subject), {})
+                    m = entries.get((purpose, spec_key))
+                    if m is not None and m.key_version < ctx.epoch:
+                        del entries[(purpose, spec_key)]
+                    if not entries:
+                        self._enrolled.pop((tenant, subject), None)
+            for g in dropped:
+                _close(g)
+            if n_del:
+                self.store.checkpoint()
+        else:
+            row = self.store.read().execute(
+                "SELECT registered_at FROM he_contexts WHERE tenant = ? AND purpose = ? AND scheme = ? AND "
+                "epoch = ?", (tenant, purpose, spec_key, ctx.epoch)).fetchone()
+            now = float(row[0]) if row else now
+        return pb.HEContextInfo(tenant=tenant, purpose=purpose, scheme=spec_key, mode=ctx.mode, dim=ctx.dim,
+                                epoch=ctx.epoch, fingerprint=ctx.fingerprint, eval_keys=ctx.has_eval_keys,
+                                registered_at=now, retired_epoch=retired, templates_deleted=n_del,
+                                unchanged=unchanged)
+
+    @_rpc
+    def ListHEContexts(self, req, context, ev):
+        tenant = ev.tenant = policy.tenant_of(req.tenant)
+        where, args = "c.tenant = ? AND c.retired_at IS NULL", [tenant]
+        if req.purpose:
+            where += " AND c.purpose = ?"
+            args.append(policy.check_purpose(req.purpose))
+        rows = self.store.read().execute(
+            "SELECT c.purpose, c.scheme, c.mode, c.dim, c.epoch, c.fingerprint, c.eval_keys, c.registered_at, "
+            "(SELECT COUNT(*) FROM templates t WHERE t.tenant = c.tenant AND t.purpose = c.purpose AND "
+            "t.scheme = c.scheme AND t.key_version = c.epoch) FROM he_contexts c WHERE " + where +
+            " ORDER BY c.purpose, c.scheme", args).fetchall()
+        ev.details = {"returned": len(rows)}
+        return pb.ListHEContextsResponse(contexts=[
+            pb.HEContextInfo(tenant=tenant, purpose=r[0], scheme=r[1], mode=r[2], dim=r[3], epoch=r[4],
+                             fingerprint=r[5], eval_keys=bool(r[6]), registered_at=r[7], templates=r[8])
+            for r in rows])
 
     @_rpc
     def Withdraw(self, req, context, ev):
@@ -514,22 +757,28 @@ class MatcherServicer(pb_grpc.MatcherServicer):
             with self.store.write() as tx:
                 srow = tx.execute("SELECT key_version, revoked_upto FROM subjects WHERE tenant = ? AND subject = ?",
                                   (tenant, subject)).fetchone()
-                if srow is None:
+                # HE templates: their key version is the tenant epoch (re-key = new epoch via
+                # RegisterHEContext); revoking a subject deletes its HE templates whatever the version
+                n_he = tx.execute(f"DELETE FROM templates WHERE tenant = ? AND subject = ? AND {HE_SQL}",
+                                  (tenant, subject)).rowcount
+                if srow is None and not n_he:
                     raise NotFound(f"no subject {subject!r}", reason="SUBJECT_NOT_FOUND")
-                kv, revoked = int(srow[0]), int(srow[1])
+                kv, revoked = (int(srow[0]), int(srow[1])) if srow else (0, 0)
                 v = req.key_version or kv
-                if v > kv:
+                if srow is not None and v > kv:
                     raise BadRequest(f"key version {v} was never used (current {kv})", reason="BAD_KEY_VERSION")
                 revoked = max(revoked, v)
-                n = tx.execute("DELETE FROM templates WHERE tenant = ? AND subject = ? AND key_version <= ?",
-                               (tenant, subject, v)).rowcount
-                tx.execute("UPDATE subjects SET revoked_upto = ?, updated_at = ? WHERE tenant = ? AND subject = ?",
-                           (revoked, now, tenant, subject))
-                ev.details = {"revoked_key_version": v, "templates_deleted": n}
+                n = tx.execute(f"DELETE FROM templates WHERE tenant = ? AND subject = ? AND key_version <= ? "
+                               f"AND NOT {HE_SQL}", (tenant, subject, v)).rowcount + n_he
+                if srow is not None:
+                    tx.execute("UPDATE subjects SET revoked_upto = ?, updated_at = ? WHERE tenant = ? AND subject = ?",
+                               (revoked, now, tenant, subject))
+                ev.details = {"revoked_key_version": v, "templates_deleted": n, "he_templates_deleted": n_he}
                 self._tx_audit(tx, ev)
-            self._forget(tenant, subject, lambda p, s, m: m.key_version <= v)
-            with self._glock:
-                self._versions[(tenant, subject)] = (kv, revoked)
+            self._forget(tenant, subject, lambda p, s, m: is_he_spec(s) or m.key_version <= v)
+            if srow is not None:
+                with self._glock:
+                    self._versions[(tenant, subject)] = (kv, revoked)
         self.store.checkpoint()
         return pb.RevokeResponse(revoked_key_version=v, next_key_version=revoked + 1, templates_deleted=n)
 
@@ -611,9 +860,14 @@ class MatcherServicer(pb_grpc.MatcherServicer):
             raise BadRequest('confirm must be "DECOMMISSION"', reason="CONFIRMATION_REQUIRED")
         cert = decommission(self.store, self.cfg, self.clock.now(), ev, req.reason)
         with self._glock:
+            galleries = list(self._galleries.values())
             self._galleries.clear()
             self._enrolled.clear()
             self._versions.clear()
+            self.he.clear()
+        self.tickets.clear()
+        for g in galleries:
+            _close(g)
         ev.written = True
         body = json.dumps(cert, indent=1, sort_keys=True)
         return pb.DecommissionResponse(certificate_json=body, certificate_sha256=cert["certificate_sha256"],
@@ -676,6 +930,7 @@ def decommission(store: Store, cfg: ServiceConfig, now: float, ev: AuditEvent | 
             "subjects_deleted": tx.execute("DELETE FROM subjects").rowcount,
             "consents_deleted": tx.execute("DELETE FROM consents").rowcount,
             "requests_deleted": tx.execute("DELETE FROM requests").rowcount,
+            "he_contexts_deleted": tx.execute("DELETE FROM he_contexts").rowcount,
         }
         store.set_meta(tx, "decommissioned", "1")
         cert = {
@@ -686,6 +941,7 @@ def decommission(store: Store, cfg: ServiceConfig, now: float, ev: AuditEvent | 
             "audit_head_before": {"seq": head_before[0], "hash": head_before[1]},
             "measures": ["all protected templates deleted (SQLite secure_delete: pages overwritten)",
                          "subject key-version registry deleted", "consent and request records deleted",
+                         "public HE contexts (all epochs) deleted",
                          "database VACUUMed and WAL truncated after commit",
                          "in-memory galleries cleared"],
             "key_material": "the matcher never held transform keys or HE secret keys; destroy the "
@@ -716,7 +972,7 @@ class VeilfaceServer:
         interceptor = AuthInterceptor(TokenTable(cfg.token_entries()), cfg.health_requires_token,
                                       on_denied=self.servicer.audit_denied)
         opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
-                ("grpc.max_send_message_length", max(cfg.max_message_bytes, 4 << 20)),
+                ("grpc.max_send_message_length", max(cfg.max_message_bytes, cfg.max_response_bytes, 4 << 20)),
                 ("grpc.so_reuseport", 0)]
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers,
                                                              thread_name_prefix="veilface-rpc"),
@@ -759,6 +1015,7 @@ class VeilfaceServer:
         self.health.enter_graceful_shutdown()
         self.servicer.stop_background()
         self.server.stop(grace).wait()
+        self.servicer.close()
         self.store.close()
 
     def wait(self) -> None:

@@ -106,10 +106,20 @@ _ENGINE_CODES: tuple[tuple[type, str], ...] = (
 )
 
 
+# engine errors mapped by reason (e.g. engine.he errors, without importing engine.he here)
+_REASON_CODES: dict[str, str] = {
+    "HE_EPOCH_REVOKED": "FAILED_PRECONDITION",
+    "HE_CONTEXT_MISMATCH": "FAILED_PRECONDITION",
+    "HE_PRIVATE_CONTEXT": "FAILED_PRECONDITION",
+}
+
+
 def classify(exc: BaseException) -> tuple[str, str, str]:
     """``(status code name, reason, message)`` for any exception (unknown ones -> INTERNAL)."""
     if isinstance(exc, ServiceError):
         return exc.code, exc.reason, str(exc)
+    if isinstance(exc, VeilfaceError) and getattr(exc, "reason", "") in _REASON_CODES:
+        return _REASON_CODES[exc.reason], exc.reason, str(exc)
     for cls, code in _ENGINE_CODES:
         if isinstance(exc, cls):
             return code, exc.reason, str(exc)

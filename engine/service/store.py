@@ -1,7 +1,9 @@
 """Embedded SQLite store of the matcher (WAL, ``synchronous=FULL``, ``secure_delete``).
 
 Holds protected templates (``Template.to_bytes()``, one row per tenant/subject/purpose/scheme
-with its key version and expiry), consent records, the device registry, subject key-version
+with its key version and expiry; for ``he`` the ciphertext blob, key version = HE epoch), the
+*public* HE contexts per tenant/purpose/epoch (retired epochs keep only their fingerprint),
+consent records, the device registry, subject key-version
 state, idempotency records, alerts and the hash-chained audit log. No names, images, raw
 embeddings or keys: subjects are pseudonymous ids.
 
@@ -54,6 +56,11 @@ CREATE TABLE IF NOT EXISTS requests (
     tenant TEXT NOT NULL, request_id TEXT NOT NULL, method TEXT NOT NULL,
     principal TEXT NOT NULL, request_hash TEXT NOT NULL, response BLOB NOT NULL,
     created_at REAL NOT NULL, PRIMARY KEY (tenant, method, request_id));
+CREATE TABLE IF NOT EXISTS he_contexts (
+    tenant TEXT NOT NULL, purpose TEXT NOT NULL, scheme TEXT NOT NULL, epoch INTEGER NOT NULL,
+    mode TEXT NOT NULL, dim INTEGER NOT NULL, fingerprint TEXT NOT NULL, eval_keys INTEGER NOT NULL,
+    context BLOB NOT NULL, registered_at REAL NOT NULL, retired_at REAL,
+    PRIMARY KEY (tenant, purpose, scheme, epoch));
 CREATE TABLE IF NOT EXISTS alerts (
     id INTEGER PRIMARY KEY, kind TEXT NOT NULL, raised_at REAL NOT NULL, data TEXT NOT NULL);
 """

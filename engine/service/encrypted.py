@@ -1,0 +1,245 @@
+"""Encrypted (``he``) templates in the matcher: public-context registry, blob checks, decision tickets.
+
+The matcher is *not* a key holder. Per (tenant, purpose, HE scheme spec) it keeps the public CKKS
+context of the current epoch (public key + evaluation keys, registered with ``RegisterHEContext``)
+and ciphertext templates; it computes encrypted scores and hands them to the key holder (the
+device in 1:1 ``verify`` mode, the decider in 1:N ``identify`` mode). It never decides, so:
+
+* Verify / Identify return an encrypted ``score`` / ``scores`` blob plus a single-use *decision
+  ticket*; the audit entry of the call records ``outcome = encrypted_score(s)_returned``;
+* the key holder reports its decision (a boolean, never a score) with ``ReportDecision(ticket)``,
+  which writes a second audit entry linked by ``decision_ref`` and feeds intrusion detection
+  (an unreported 1:1 attempt counts as a failure, so a device that withholds its decisions gets
+  at most ``verify_fail_limit`` tries per subject and window).
+
+``engine.he`` (TenSEAL) is imported lazily: a matcher without HE contexts never loads it.
+"""
+from __future__ import annotations
+
+import hashlib
+import secrets
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from .clock import Clock
+from .status import AlreadyExists, BadRequest, NotFound, PermissionDenied, PreconditionFailed
+
+HE_NAME = "he"
+
+
+def is_he_spec(spec_key: str) -> bool:
+    """True for the canonical spec key of an ``he`` template (``he/v1:{...}``)."""
+    return spec_key.startswith(HE_NAME + "/")
+
+
+#: SQL predicate on ``templates.scheme`` selecting HE templates
+HE_SQL = "substr(scheme, 1, 3) = 'he/'"
+
+
+class HEEpochRevoked(PreconditionFailed):
+    """The ciphertext belongs to an HE key epoch that was rotated away."""
+    reason = "HE_EPOCH_REVOKED"
+
+
+@dataclass
+class HEEntry:
+    """The current public context of one (tenant, purpose, scheme spec)."""
+
+    tenant: str
+    purpose: str
+    scheme: str            # canonical spec key
+    epoch: int
+    mode: str
+    dim: int
+    fingerprint: str
+    eval_keys: bool
+    registered_at: float
+    context: object        # engine.he.PublicContext (never private)
+
+
+class HERegistry:
+    """In-memory view of the current (unretired) public contexts (thread-safe)."""
+
+    def __init__(self) -> None:
+        self._cur: dict[tuple[str, str, str], HEEntry] = {}
+        self._lock = threading.Lock()
+
+    def load(self, store) -> int:
+        rows = store.read().execute(
+            "SELECT tenant, purpose, scheme, epoch, mode, dim, fingerprint, eval_keys, registered_at, context "
+            "FROM he_contexts WHERE retired_at IS NULL").fetchall()
+        entries = {}
+        for t, p, s, e, m, d, fp, ek, at, blob in rows:
+            from ..he import PublicContext
+            ctx = PublicContext.from_bytes(bytes(blob))
+            entries[(t, p, s)] = HEEntry(t, p, s, int(e), m, int(d), fp, bool(ek), float(at), ctx)
+        with self._lock:
+            self._cur = entries
+        return len(entries)
+
+    def get(self, tenant: str, purpose: str, scheme: str) -> HEEntry | None:
+        with self._lock:
+            return self._cur.get((tenant, purpose, scheme))
+
+    def set(self, entry: HEEntry) -> None:
+        with self._lock:
+            self._cur[(entry.tenant, entry.purpose, entry.scheme)] = entry
+
+    def clear(self) -> None:
+        with self._lock:
+            self._cur.clear()
+
+    def entries(self) -> list[HEEntry]:
+        with self._lock:
+            return list(self._cur.values())
+
+
+# -- validation ----------------------------------------------------------------------------------
+def parse_public_context(buf: bytes, tenant: str):
+    """Uploaded context bytes -> ``PublicContext``; a private (secret-key) context is refused.
+
+    Only the public key and (identify mode) the relinearisation + Galois keys are accepted: any
+    other number of parts is refused, so nothing else can be smuggled into the store.
+    """
+    from ..he import PublicContext
+    from ..he.context import unpack_blob
+
+    h, parts = unpack_blob(buf)                       # HEFormatError -> INVALID_ARGUMENT
+    kind = h.get("kind")
+    if kind == "secret_context" or h.get("secret") or "secret_key" in h:
+        raise PreconditionFailed("refusing a private HE context: the matcher must never receive the "
+                                 "secret key; send KeyHolder.public_context(eval_keys=True).to_bytes()",
+                                 reason="HE_PRIVATE_CONTEXT")
+    if kind != "public_context":
+        raise BadRequest(f"expected an HE public context, got a blob of kind {kind!r}",
+                         reason="HE_NOT_A_CONTEXT")
+    if len(parts) not in (1, 3):
+        raise BadRequest("an HE public context holds the public key (+ relinearisation and Galois keys) only",
+                         reason="HE_MALFORMED")
+    ctx = PublicContext.from_bytes(buf)
+    if ctx.is_private():  # pragma: no cover - PublicContext cannot be private
+        raise PreconditionFailed("refusing a private HE context", reason="HE_PRIVATE_CONTEXT")
+    if ctx.tenant != tenant:
+        raise PreconditionFailed(f"the context is for tenant {ctx.tenant!r}, the request for {tenant!r}",
+                                 reason="HE_TENANT_MISMATCH")
+    if ctx.mode == "identify" and not ctx.has_eval_keys:
+        raise BadRequest("an identify-mode context needs its evaluation keys "
+                         "(KeyHolder.public_context(eval_keys=True))", reason="HE_EVAL_KEYS_REQUIRED")
+    return ctx
+
+
+def blob_kind_header(t, what: str) -> dict:
+    """Header of an he Template's blob, checked to be a ``template`` (enrol) or ``probe``."""
+    from ..he import blob_header
+
+    h = blob_header(t.data.tobytes())                 # HEFormatError -> INVALID_ARGUMENT
+    want = "template" if what == "template" else "probe"
+    if h.get("kind") != want:
+        raise BadRequest(f"expected an HE {want} blob, got {h.get('kind')!r} (probes use protect_probe)",
+                         reason="HE_WRONG_KIND")
+    if h.get("epoch") != t.key_version:
+        raise BadRequest("template key_version does not match the ciphertext's epoch", reason="HE_MALFORMED")
+    return h
+
+
+def check_blob(entry: HEEntry | None, tenant: str, header: dict, mode: str | None = None) -> HEEntry:
+    """The blob must be from the current epoch's context of this tenant/purpose/scheme."""
+    if entry is None:
+        raise PreconditionFailed("no HE public context is registered for this tenant, purpose and "
+                                 "scheme (RegisterHEContext)", reason="HE_CONTEXT_NOT_REGISTERED")
+    if header.get("tenant") != tenant:
+        raise PreconditionFailed("the ciphertext was made under another tenant's HE context",
+                                 reason="HE_CONTEXT_MISMATCH")
+    epoch = header.get("epoch")
+    if not isinstance(epoch, int):
+        raise BadRequest("HE blob without an epoch", reason="HE_MALFORMED")
+    if epoch < entry.epoch:
+        raise HEEpochRevoked(f"the ciphertext is from HE key epoch {epoch}, which was revoked (current "
+                             f"epoch {entry.epoch}); encrypt again under the current public context")
+    if epoch > entry.epoch:
+        raise PreconditionFailed(f"HE key epoch {epoch} is not registered (current {entry.epoch})",
+                                 reason="HE_EPOCH_NOT_REGISTERED")
+    if header.get("fp") != entry.fingerprint:
+        raise PreconditionFailed("the ciphertext was made under another HE context (fingerprint mismatch)",
+                                 reason="HE_CONTEXT_MISMATCH")
+    if mode is not None and entry.mode != mode:
+        other = "Identify" if mode == "verify" else "Verify"
+        raise BadRequest(f"this purpose's HE context is in {entry.mode} mode; use {other}",
+                         reason="HE_MODE_MISMATCH")
+    return entry
+
+
+def check_registration(current: tuple | None, retired_max: int, epoch: int, fingerprint: str) -> bool:
+    """Epoch rules of RegisterHEContext. ``current`` = (epoch, fingerprint) or None.
+
+    Returns True when the very same context is already current (idempotent re-registration).
+    """
+    if current is not None and (int(current[0]), current[1]) == (epoch, fingerprint):
+        return True
+    if epoch <= retired_max or (current is not None and epoch < int(current[0])):
+        raise HEEpochRevoked(f"HE key epoch {epoch} was already retired; register epoch "
+                             f"{max(retired_max, int(current[0]) if current else 0) + 1} or later")
+    if current is not None and epoch == int(current[0]):
+        raise AlreadyExists(f"another context is registered for epoch {epoch}; rotate to epoch {epoch + 1}",
+                            reason="HE_CONTEXT_EXISTS")
+    return False
+
+
+# -- decision tickets ------------------------------------------------------------------------------
+@dataclass
+class Ticket:
+    kind: str          # "verify" | "identify"
+    tenant: str
+    subject: str
+    purpose: str
+    device: str
+    principal: str
+    ids_key: str       # intrusion-detection key (verify: tenant/subject, identify: caller)
+    ref: str           # non-secret reference written to the audit log
+    issued_at: float
+
+
+def ticket_ref(ticket: str) -> str:
+    return hashlib.sha256(ticket.encode()).hexdigest()[:16]
+
+
+class TicketBook:
+    """Single-use decision tickets (in memory, ``ttl_s``; at most ``max_open`` outstanding)."""
+
+    def __init__(self, clock: Clock, ttl_s: float = 300.0, max_open: int = 100_000) -> None:
+        self.clock, self.ttl, self.max_open = clock, float(ttl_s), int(max_open)
+        self._open: OrderedDict[str, Ticket] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def issue(self, kind: str, tenant: str, subject: str, purpose: str, device: str, principal: str,
+              ids_key: str) -> tuple[str, Ticket]:
+        tok = "dt_" + secrets.token_urlsafe(18)
+        t = Ticket(kind, tenant, subject, purpose, device, principal, ids_key, ticket_ref(tok), self.clock.now())
+        with self._lock:
+            self._open[tok] = t
+            while len(self._open) > self.max_open:
+                self._open.popitem(last=False)
+        return tok, t
+
+    def redeem(self, token: str, tenant: str, principal: str, device: str) -> Ticket:
+        now = self.clock.now()
+        with self._lock:
+            t = self._open.get(token or "")
+            if t is None or t.issued_at + self.ttl < now:
+                self._open.pop(token or "", None)
+                raise NotFound("unknown, used or expired decision ticket", reason="DECISION_TICKET_UNKNOWN")
+            if (t.tenant, t.principal, t.device) != (tenant, principal, device):
+                raise PermissionDenied("this decision ticket was issued to another device",
+                                       reason="DECISION_TICKET_MISMATCH")
+            del self._open[token]
+            return t
+
+    def clear(self) -> None:
+        with self._lock:
+            self._open.clear()
+
+
+__all__ = ["HE_NAME", "HE_SQL", "is_he_spec", "HEEntry", "HERegistry", "HEEpochRevoked",
+           "parse_public_context", "blob_kind_header", "check_blob", "check_registration",
+           "Ticket", "TicketBook", "ticket_ref"]

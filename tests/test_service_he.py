@@ -1,0 +1,287 @@
+"""Encrypted (he / CKKS) templates through the gRPC service on loopback: public-context
+registration (private contexts refused), enrolment, 1:1 decided by the device's key holder,
+1:N decided by the decider, decision reports in the audit log, withdrawal / revocation /
+retention / decommission, epoch rotation, message sizes, restart reload."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import grpc
+import numpy as np
+import pytest
+
+pytest.importorskip("tenseal")
+
+from engine._proto.veilface.v1 import matcher_pb2 as pb  # noqa: E402
+from engine.client import LocationClass, ServiceError  # noqa: E402
+from engine.he import KeyHolder, PublicContext, blob_header  # noqa: E402
+from engine.service.testing import NOTICE, PURPOSE, TOKENS, capture, faces, running_server  # noqa: E402
+
+VERIFY = "he:dim=128,mode=verify"
+IDENTIFY = "he:dim=128,mode=identify"
+DAY = 86400.0
+
+
+def err(fn) -> ServiceError:
+    with pytest.raises(ServiceError) as ei:
+        fn()
+    return ei.value
+
+
+def enrol(dev, subject, emb, **kw):
+    c = dev.record_consent(subject, NOTICE, 30)
+    return dev.enroll(subject, emb, c.consent_id, **kw)
+
+
+@pytest.fixture
+def rng():
+    return np.random.default_rng(11)
+
+
+@pytest.fixture
+def srv(tmp_path):
+    with running_server(tmp_path / "data") as s:
+        s.client("admin").register_device("gate-1", LocationClass.PUBLIC_PLACE, "lobby", True)
+        yield s
+
+
+@pytest.fixture(scope="module")
+def vkh():
+    return KeyHolder("verify", 128, tenant="default")
+
+
+@pytest.fixture(scope="module")
+def ikh():
+    return KeyHolder("identify", 128, tenant="default")
+
+
+def he_device(s, scheme, **kw):
+    from engine.client import DeviceClient
+    return DeviceClient(s.target, TOKENS["device"], "gate-1", scheme=scheme, **kw)
+
+
+def servicer(s):
+    return s.server.servicer
+
+
+# -- registration ---------------------------------------------------------------------------
+def test_register_public_context_refuses_private_and_bad_ones(srv, vkh, ikh):
+    op = srv.client("operator")
+    dev = he_device(srv, VERIFY, key_holder=vkh)
+    # nothing registered yet: enrolment is refused, nothing stored
+    e = err(lambda: enrol(dev, "s1", faces(1)[0]))
+    assert e.code == grpc.StatusCode.FAILED_PRECONDITION and e.reason == "HE_CONTEXT_NOT_REGISTERED"
+    # the secret context is refused with a reason (raw bytes, so the SDK cannot strip it)
+    e = err(lambda: op.register_he_context(vkh.to_bytes(), PURPOSE))
+    assert e.code == grpc.StatusCode.FAILED_PRECONDITION and e.reason == "HE_PRIVATE_CONTEXT"
+    # an identify context without evaluation keys cannot compute; another tenant's is refused
+    e = err(lambda: op.register_he_context(ikh.public_context(eval_keys=False).to_bytes(), PURPOSE))
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT and e.reason == "HE_EVAL_KEYS_REQUIRED"
+    e = err(lambda: op.register_he_context(KeyHolder("verify", 128, tenant="other").public_context(), PURPOSE))
+    assert e.reason == "HE_TENANT_MISMATCH"
+    e = err(lambda: op.register_he_context(b"VFHE garbage", PURPOSE))
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT
+    # devices and auditors cannot register contexts
+    e = err(lambda: srv.client("device").register_he_context(vkh.public_context(), PURPOSE))
+    assert e.code == grpc.StatusCode.PERMISSION_DENIED
+    # a KeyHolder handed to the SDK: only its public half is sent
+    info = op.register_he_context(vkh, PURPOSE)
+    assert (info.epoch, info.mode, info.dim, info.fingerprint, info.unchanged) == \
+        (1, "verify", 128, vkh.fingerprint, False)
+    again = op.register_he_context(vkh.public_context().to_bytes(), PURPOSE)
+    assert again.unchanged and again.fingerprint == vkh.fingerprint
+    other = KeyHolder("verify", 128, tenant="default")       # same epoch, other keys
+    e = err(lambda: op.register_he_context(other.public_context(), PURPOSE))
+    assert e.code == grpc.StatusCode.ALREADY_EXISTS and e.reason == "HE_CONTEXT_EXISTS"
+    listed = dev.list_he_contexts()
+    assert [(c.purpose, c.epoch, c.fingerprint) for c in listed] == [(PURPOSE, 1, vkh.fingerprint)]
+    refused = [a for a in srv.client("auditor").audit_log(action="RegisterHEContext") if a.result != "OK"]
+    assert any(a.reason == "HE_PRIVATE_CONTEXT" for a in refused)
+
+
+# -- 1:1 ---------------------------------------------------------------------------------------
+def test_verify_decided_by_device_key_holder_and_audited(srv, vkh, rng):
+    srv.client("operator").register_he_context(vkh, PURPOSE)
+    dev = he_device(srv, VERIFY, key_holder=vkh)
+    x = faces(3, seed=1)
+    for i in range(3):
+        r = enrol(dev, f"s{i}", x[i])
+        assert r.key_version == vkh.epoch and r.scheme.startswith("he/")
+    g = dev.verify("s0", capture(x[0], rng))
+    assert g.encrypted and g.matched and g.score > 0.5 and not g.fallback_required and g.decision_audited
+    imp = dev.verify("s1", capture(x[0], rng))
+    assert not imp.matched and imp.fallback_required and imp.fallback_methods
+    assert "alternative" in imp.fallback_message
+    # what the matcher returns: an encrypted score blob and a ticket, no clear score or decision
+    probe = dev.protect_probe("s0", capture(x[0], rng))
+    raw = dev._call("Verify", pb.VerifyRequest(subject_id="s0", probe=probe.to_bytes(), purpose=PURPOSE,
+                                               device_id="gate-1"))
+    assert raw.encrypted and not raw.matched and raw.score == 0.0 and raw.decision_ticket
+    assert blob_header(raw.encrypted_score)["kind"] == "score" and raw.fallback.methods
+    ok, _ = vkh.verify_decision(raw.encrypted_score, raw.threshold)
+    rep = dev._call("ReportDecision", pb.ReportDecisionRequest(decision_ticket=raw.decision_ticket, matched=ok,
+                                                               threshold=raw.threshold, device_id="gate-1"))
+    assert rep.recorded and not rep.fallback.required
+    e = err(lambda: dev._call("ReportDecision", pb.ReportDecisionRequest(
+        decision_ticket=raw.decision_ticket, matched=True, device_id="gate-1")))
+    assert e.code == grpc.StatusCode.NOT_FOUND and e.reason == "DECISION_TICKET_UNKNOWN"
+    # the audit log: "encrypted score returned", then the key holder's decision, linked by ref
+    aud = srv.client("auditor")
+    ver = [json.loads(a.details_json) for a in aud.audit_log(action="Verify") if a.result == "OK"]
+    dec = [json.loads(a.details_json) for a in aud.audit_log(action="ReportDecision") if a.result == "OK"]
+    assert [d["outcome"] for d in ver] == ["encrypted_score_returned"] * 3
+    assert [d["matched"] for d in dec] == [True, False, True]
+    assert [d["decision_ref"] for d in ver] == [d["decision_ref"] for d in dec]
+    assert all("score" not in d for d in ver + dec)
+    assert aud.verify_audit_chain().ok
+    # 1:N is refused on a verify-mode context; an unknown subject is NOT_FOUND
+    e = err(lambda: dev.identify(capture(x[0], rng)))
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT and e.reason == "HE_MODE_MISMATCH"
+    assert err(lambda: dev.verify("nobody", x[0])).code == grpc.StatusCode.NOT_FOUND
+
+
+def test_unreported_encrypted_verifies_count_as_failures(srv, vkh, rng):
+    srv.client("operator").register_he_context(vkh, PURPOSE)
+    dev = he_device(srv, VERIFY, key_holder=vkh)
+    x = faces(1, seed=2)
+    enrol(dev, "s0", x[0])
+    assert dev.verify("s0", capture(x[0], rng)).matched       # reported matches reset the counter
+    probe = dev.protect_probe("s0", capture(x[0], rng)).to_bytes()
+    req = pb.VerifyRequest(subject_id="s0", probe=probe, purpose=PURPOSE, device_id="gate-1")
+    for _ in range(srv.cfg.verify_fail_limit):                 # a device that withholds decisions
+        dev._call("Verify", req)
+    e = err(lambda: dev._call("Verify", req))
+    assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.reason == "VERIFY_BURST"
+
+
+# -- 1:N ---------------------------------------------------------------------------------------
+def test_identify_decider_top1_withdraw_revoke_retention(srv, ikh, rng):
+    srv.client("operator").register_he_context(ikh, PURPOSE)
+    # the capture device holds only the public device context; the decider holds the key
+    dev = he_device(srv, IDENTIFY, he_context=ikh.public_context(eval_keys=False).to_bytes(), decider=ikh)
+    x = faces(4, seed=3)
+    for i in range(4):
+        enrol(dev, f"s{i}", x[i], retention_days=1 if i == 3 else 0)
+    for i in range(4):
+        hits = dev.identify(capture(x[i], rng), top_k=3)
+        assert hits and hits[0][0] == f"s{i}" and hits[0][1] > 0.5
+    assert dev.identify(faces(1, seed=99)[0]) == []                # stranger: no match
+    raw = dev._call("Identify", pb.IdentifyRequest(probe=dev.protect_probe(None, x[0]).to_bytes(),
+                                                   purpose=PURPOSE, device_id="gate-1", top_k=1))
+    assert raw.encrypted and not raw.candidates and raw.gallery_size == 4
+    h = blob_header(raw.encrypted_scores)
+    assert h["kind"] == "scores" and sorted(h["blocks"][0][1]) == ["s0", "s1", "s2", "s3"]  # id order for the key holder
+    gal = next(g for k, g in servicer(srv)._galleries.items() if k[2].startswith("he/"))
+    # withdrawal removes the subject from the encrypted gallery and the store
+    w = dev.withdraw("s1")
+    assert w.templates_deleted == 1
+    assert "s1" not in gal and len(gal) == 3
+    assert all(h != "s1" for h, _ in dev.identify(capture(x[1], rng), top_k=3))
+    assert "s1" not in {s.subject_id for s in srv.client("operator").list_subjects()}
+    # revocation of one subject deletes its HE template
+    r = dev.revoke("s2")
+    assert r.templates_deleted == 1 and "s2" not in gal
+    # retention: s3 expires after one day
+    srv.clock.advance(2 * DAY)
+    assert srv.client("operator").purge_expired().templates_purged == 1
+    assert "s3" not in gal and len(gal) == 1
+    assert [s.subject_id for s in srv.client("operator").list_subjects()] == ["s0"]
+    hits = dev.identify(capture(x[0], rng), top_k=3)
+    assert [h for h, _ in hits] == ["s0"]
+    dec = [json.loads(a.details_json) for a in srv.client("auditor").audit_log(action="ReportDecision")]
+    assert all(d["kind"] == "identify" for d in dec) and any(not d["matched"] for d in dec)
+
+
+# -- revocation = new epoch ------------------------------------------------------------------------
+def test_epoch_rotation_refuses_old_ciphertexts(srv, rng):
+    kh1 = KeyHolder("verify", 128, tenant="default")
+    op = srv.client("operator")
+    op.register_he_context(kh1, PURPOSE)
+    dev = he_device(srv, VERIFY, key_holder=kh1)
+    x = faces(2, seed=4)
+    enrol(dev, "s0", x[0])
+    pub1 = kh1.public_context(eval_keys=False)
+    old_probe = dev.protect_probe("s0", x[0])
+    old_tpl = dev.protect("s1", x[1])
+    kh2 = kh1.rotate()                                             # epoch 2; epoch 1's key is shredded
+    info = op.register_he_context(kh2, PURPOSE)
+    assert (info.epoch, info.retired_epoch, info.templates_deleted) == (2, 1, 1)
+    assert [c.epoch for c in op.list_he_contexts()] == [2]
+    e = err(lambda: dev.verify("s0", template=old_probe))
+    assert e.code == grpc.StatusCode.FAILED_PRECONDITION and e.reason == "HE_EPOCH_REVOKED"
+    c = dev.record_consent("s1", NOTICE, 30)
+    e = err(lambda: dev.enroll("s1", consent_id=c.consent_id, template=old_tpl))
+    assert e.code == grpc.StatusCode.FAILED_PRECONDITION and e.reason == "HE_EPOCH_REVOKED"
+    e = err(lambda: op.register_he_context(pub1.to_bytes(), PURPOSE))   # cannot go back
+    assert e.reason == "HE_EPOCH_REVOKED"
+    # re-enrol from a fresh capture under the new epoch
+    dev.set_he_keys(key_holder=kh2)
+    assert enrol(dev, "s0b", x[0]).key_version == 2
+    assert dev.verify("s0b", capture(x[0], rng)).matched
+    assert err(lambda: dev.verify("s0", x[0])).code == grpc.StatusCode.NOT_FOUND   # old template is gone
+    # the retired epoch keeps no key material in the store
+    rows = servicer(srv).store.read().execute("SELECT epoch, length(context) FROM he_contexts ORDER BY epoch").fetchall()
+    assert rows[0] == (1, 0) and rows[1][1] > 0
+
+
+# -- threat model, restart, sizes ------------------------------------------------------------------
+def test_matcher_has_no_private_context_and_restart_reloads(tmp_path, ikh, rng):
+    x = faces(3, seed=5)
+    data = tmp_path / "data"
+    with running_server(data) as s:
+        s.client("admin").register_device("gate-1", LocationClass.PUBLIC_PLACE, "lobby", True)
+        s.client("operator").register_he_context(ikh, PURPOSE)
+        dev = he_device(s, IDENTIFY, key_holder=ikh)
+        for i in range(3):
+            enrol(dev, f"s{i}", x[i])
+        for e in servicer(s).he.entries():
+            assert isinstance(e.context, PublicContext) and not e.context.is_private()
+        for g in servicer(s)._galleries.values():
+            assert not g.ctx.is_private()
+        clock = s.clock
+    with running_server(data, clock=clock) as s:          # restart: galleries rebuilt from the store
+        assert servicer(s).loaded["templates"] == 3
+        dev = he_device(s, IDENTIFY, key_holder=ikh)
+        for i in range(3):
+            assert dev.identify(capture(x[i], rng), top_k=1)[0][0] == f"s{i}"
+        store = servicer(s).store
+        for (blob,) in store.read().execute("SELECT context FROM he_contexts"):
+            assert blob_header(bytes(blob))["kind"] == "public_context"
+            assert not PublicContext.from_bytes(bytes(blob)).is_private()
+        for (blob,) in store.read().execute("SELECT template FROM templates"):
+            from engine.template import Template
+            assert blob_header(Template.from_bytes(bytes(blob)).data.tobytes())["kind"] == "template"
+        store.checkpoint()
+    raw = b"".join(p.read_bytes() for p in Path(data).iterdir() if p.name.startswith("veilface.db"))
+    secret_part = ikh.to_bytes()[-4096:]                    # from the SEAL-serialised secret key
+    assert secret_part[:256] not in raw and secret_part[-256:] not in raw
+    assert b"secret_context" not in raw
+
+
+def test_message_sizes(tmp_path, ikh):
+    # a 1:N probe (~262 KB) fits the default limit (the other tests); a small server limit still
+    # refuses it with RESOURCE_EXHAUSTED, while the streamed context upload fits in small chunks
+    with running_server(tmp_path / "d", max_message_bytes=128 * 1024, max_he_context_bytes=32 << 20) as s:
+        s.client("admin").register_device("gate-1", LocationClass.PUBLIC_PLACE, "lobby", True)
+        op = s.client("operator")
+        info = op.register_he_context(ikh, PURPOSE, chunk_bytes=64 * 1024)      # several MB in 64 KB chunks
+        assert info.eval_keys and info.epoch == ikh.epoch
+        dev = he_device(s, IDENTIFY, key_holder=ikh)
+        c = dev.record_consent("s0", NOTICE, 30)
+        e = err(lambda: dev.enroll("s0", faces(1)[0], c.consent_id))
+        assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    with running_server(tmp_path / "e", max_he_context_bytes=1 << 20) as s:
+        e = err(lambda: s.client("operator").register_he_context(ikh, PURPOSE))
+        assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.reason == "HE_CONTEXT_TOO_LARGE"
+
+
+def test_decommission_purges_he_contexts_and_templates(srv, vkh):
+    srv.client("operator").register_he_context(vkh, PURPOSE)
+    dev = he_device(srv, VERIFY, key_holder=vkh)
+    enrol(dev, "s0", faces(1)[0])
+    r = srv.client("admin").decommission(reason="end of service")
+    cert = json.loads(r.certificate_json)
+    assert r.templates_deleted == 1 and cert["he_contexts_deleted"] == 1
+    assert not servicer(srv).he.entries() and not servicer(srv)._galleries
+    assert srv.client("operator").list_he_contexts() == []
