@@ -113,13 +113,82 @@ def test_identify_matches_plaintext_add_block_and_remove(ikh):
     ids, s = ikh.decrypt_scores(blob)
     assert "a1" not in ids and len(ids) == 202
     truth = np.array([probe @ ref[i] for i in ids])
-    assert np.abs(s - truth).max() < TOL  # exact subtraction: nothing of a1 is left over
-    with pytest.raises(HEUnsupported):
-        g.remove("b3")  # bulk-loaded: no per-subject ciphertext to subtract
+    assert np.abs(s - truth).max() < TOL  # purged: nothing of a1 is left over
+    before = dict(zip(ids, s))
+    assert g.remove("b5")  # bulk-loaded subjects are removed one by one as well
+    ids, s = ikh.decrypt_scores(g.search(pub.encrypt(probe, "probe")))
+    assert "b5" not in ids and len(ids) == 201
+    assert max(abs(before[i] - v) for i, v in zip(ids, s)) < TOL  # the others' scores are unchanged
+    assert ikh.decide(g.search(pub.encrypt(probe, "probe")), k=1)[0].subject_id != "b5"
     # re-add into the freed slot
     g.add("a1", pub.encrypt(x[1]))
     ids, s = ikh.decrypt_scores(g.search(pub.encrypt(x[1], "probe")))
     assert abs(s[ids.index("a1")] - 1.0) < TOL
+
+
+def test_removal_deletes_the_data_and_keeps_nothing_per_template(ikh):
+    """Withdrawal: the removed template's coefficients are gone from every block ciphertext (not
+    just left out of the result table), and no per-template upload is kept to make that possible."""
+    rng = np.random.default_rng(12)
+    pub = ikh.public_context()
+    g = EncryptedGallery(pub)
+    x = unit(rng, 6, 64)
+    for i, v in enumerate(x):
+        g.add(f"a{i}", pub.encrypt(v))
+    y = unit(rng, 50, 64)
+    g.add_block([f"b{i}" for i in range(50)], encrypt_block_blob(pub, y))
+    ct_bytes = 2 * 8192 * 2 * 8
+    # memory: exactly the block ciphertexts (2 blocks x 64 dims), nothing per subject
+    assert g.memory_bytes() == 2 * 64 * ct_bytes and not g._blobs
+    slots = {sid: g._where[sid] for sid in ("a2", "b7")}
+    assert g.remove("a2") and g.remove("b7") and g.purged == 2
+    assert g.memory_bytes() == 2 * 64 * ct_bytes
+    for sid, (b, j) in slots.items():  # the key holder (test only) sees noise where the data was
+        coeffs = np.array([ikh._decrypt_coeffs(ct) for ct in g._blocks[b].dims])
+        assert np.abs(coeffs[:, j]).max() < 1e-4
+        truth = (x if sid.startswith("a") else y)
+        live = [k for k, s in enumerate(g._blocks[b].ids) if s is not None][:5]
+        for k in live:  # neighbours intact
+            src = truth[int(g._blocks[b].ids[k][1:])]
+            assert np.abs(coeffs[:, k] - src).max() < 1e-4
+    # keep_templates=True still removes by exact subtraction (old behaviour, 256 KB per subject)
+    g2 = EncryptedGallery(pub, keep_templates=True)
+    g2.add("k", pub.encrypt(x[0]))
+    g2.add("l", pub.encrypt(x[1]))
+    assert g2.memory_bytes() > 64 * ct_bytes and g2.remove("k") and g2.purged == 0
+    assert g2.memory_bytes() < 64 * ct_bytes + 300_000 and "l" in g2
+    assert g2.remove("l") and g2.memory_bytes() == 0  # an emptied block is dropped altogether
+    _, s = ikh.decrypt_scores(g.search(pub.encrypt(x[0], "probe")))
+    assert len(s) == 54
+
+
+def test_extract_coefficient_and_dimension_parts(ikh):
+    from engine.he.gallery import add_partial_scores, extract_coefficient, split_block_blob
+
+    rng = np.random.default_rng(13)
+    pub = ikh.public_context()
+    vals = rng.standard_normal((3, 8192))
+    cts = [pub._encrypt_coeffs(v) for v in vals]
+    for j in (0, 4097, 8191):
+        got = [ikh._decrypt_coeffs(c) for c in extract_coefficient(pub, cts, j)]
+        for v, c in zip(vals, got):  # a constant: coefficient j at 0, nothing elsewhere
+            assert abs(c[0] - v[j]) < 1e-4 and np.abs(c[1:]).max() < 1e-4
+    # two dimension halves give partial scores that add up to the whole
+    y = unit(rng, 40, 64)
+    block = encrypt_block_blob(pub, y)
+    halves = [EncryptedGallery(pub, part=(r, 2)) for r in (0, 1)]
+    halves[0].add_block([f"b{i}" for i in range(40)], split_block_blob(block, (0, 2)))
+    halves[1].add_block([f"b{i}" for i in range(40)], block)  # whole blob accepted too
+    assert halves[0].dims == list(range(0, 64, 2))
+    for h in halves:
+        h.remove("b3")
+    probe = unit(rng, 1, 64)[0]
+    pb = pub.encrypt(probe, "probe")
+    ids, s = ikh.decrypt_scores(add_partial_scores(pub, [h.search(pb) for h in halves]))
+    assert "b3" not in ids and len(ids) == 39
+    assert np.abs(s - y[[int(i[1:]) for i in ids]] @ probe).max() < TOL
+    with pytest.raises(VeilfaceError):
+        EncryptedGallery(pub, part=(0, 3))
 
 
 def test_sharded_gallery_same_scores(ikh):
@@ -138,9 +207,22 @@ def test_sharded_gallery_same_scores(ikh):
         ref = {**{f"b{i}": y[i] for i in range(150)}, **{f"c{i}": y[150 + i] for i in range(150)}, "x": y[7]}
         assert sorted(ids) == sorted(ref)
         assert np.abs(s - np.array([probe @ ref[i] for i in ids])).max() < TOL
+        assert g.split == "dims"
+        before = dict(zip(ids, s))
         assert g.remove("x") and "x" not in g
+        assert g.remove("c3") and not g.remove("c3")  # block-loaded: purged in both shards
+        ids, s = ikh.decrypt_scores(g.search(pub.encrypt(probe, "probe")))
+        assert len(ids) == 299 and not {"x", "c3"} & set(ids)
+        assert max(abs(before[i] - v) for i, v in zip(ids, s)) < TOL
         with pytest.raises(HEContextMismatch):
             g.search(KeyHolder("identify", 64, "other").encrypt(probe, "probe"))
+    with ShardedEncryptedGallery(pub, shards=2, split="blocks") as g:
+        g.add_block([f"b{i}" for i in range(150)], encrypt_block_blob(pub, y[:150]))
+        g.add_block([f"c{i}" for i in range(150)], encrypt_block_blob(pub, y[150:]))
+        assert g.remove("b4") and g.remove("c4")
+        ids, s = ikh.decrypt_scores(g.search(pub.encrypt(probe, "probe")))
+        assert len(ids) == 298 and not {"b4", "c4"} & set(ids)
+        assert np.abs(s - np.array([probe @ ref[i] for i in ids])).max() < TOL
 
 
 # ------------------------------------------------------------------------------------------

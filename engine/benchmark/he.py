@@ -11,7 +11,13 @@ Rows:
   processes (``templates_per_s = n / ours_s``; ``ours_s`` includes the oblivious expansion of the
   uploaded probe and serialising the encrypted result). The baseline is TenSEAL ``dot`` per
   template, *extrapolated* from the measured 1:1 time (running it would take minutes).
-  ``--quick`` uses a smaller gallery (see ``n``).
+  ``--quick`` uses a smaller gallery (see ``n``). Dimension-split shards (each expands half of the
+  probe, the parent adds the partial scores). Extra columns: ``mem_bytes_per_template`` (ciphertext
+  bytes the shards hold / n), ``rss_bytes_per_template`` (growth of the shards' resident memory while
+  loading / n), ``kept_bytes_per_added_template`` (memory growth per template added one by one into
+  free slots: 0 -- nothing is kept for removal), ``remove_s`` (one withdrawal: the slot is purged
+  homomorphically in every shard before ``remove`` returns), ``remove_max_score_change`` (largest
+  change of any other subject's score across the removals) and ``removed_absent``.
 """
 from __future__ import annotations
 
@@ -124,11 +130,13 @@ def _identify_rows(quick: bool, rng, per_dim_dot: dict) -> list[dict]:
     enc_s = time.perf_counter() - t0
     gallery = ShardedEncryptedGallery(pub, shards=2)
     try:
+        rss_before = sum(_rss(pid) for pid in gallery.pids)
         t0 = time.perf_counter()
         for bi, (i, b) in enumerate(zip(range(0, n, block), blobs)):
             gallery.add_block([f"s{j}" for j in range(i, min(i + block, n))], b)
         load_s = time.perf_counter() - t0
         del blobs
+        rss_after = sum(_rss(pid) for pid in gallery.pids)
         queries = 2 if quick else 4
         qi = rng.integers(0, n, queries)
         probes = []
@@ -151,20 +159,65 @@ def _identify_rows(quick: bool, rng, per_dim_dot: dict) -> list[dict]:
             top_ok += int(best and best[0].subject_id == f"s{j}")
         ours_s = float(np.median(times))
         base_s = per_dim_dot.get(dim)
+        mem = gallery.memory_bytes()
+
+        # withdrawal: individually added templates keep nothing; block-loaded and added ones purge
+        extra = _unit(rng, 8, dim)
+        for k, v in enumerate(extra):
+            gallery.add(f"x{k}", pub.encrypt(v))
+        from ..he.gallery import EncryptedGallery
+        single = EncryptedGallery(pub)  # memory beyond its one block = what is kept per template
+        for k, v in enumerate(extra):
+            single.add(f"x{k}", pub.encrypt(v))
+        kept = (single.memory_bytes() - single.bytes_per_template * pub.params.poly_degree) / len(extra)
+        del single
+        probe = probes[0]
+        ref = np.concatenate([y @ probe, extra @ probe])
+        pb = blobs_p[0]
+        ids0, s0 = kh.decrypt_scores(gallery.search(pb))
+        victims = ["s0", f"s{n // 2}", "x3"]
+        rm_times = []
+        for vid in victims:
+            t0 = time.perf_counter()
+            assert gallery.remove(vid)
+            rm_times.append(time.perf_counter() - t0)
+        ids1, s1 = kh.decrypt_scores(gallery.search(pb))
+        before = dict(zip(ids0, s0))
+        change = float(max(abs(before[i] - v) for i, v in zip(ids1, s1)))
+        idx = np.array([int(i[1:]) if i[0] == "s" else n + int(i[1:]) for i in ids1])
+        errs.append(float(np.abs(s1 - ref[idx]).max()))
         return [record(
             f"he_identify_{dim}", n, dim, queries, ours_s, "tenseal_dot x n (extrapolated)",
             None if base_s is None else base_s * n,
-            templates_per_s=n / ours_s, shards=gallery.shards,
+            templates_per_s=n / ours_s, shards=gallery.shards, split=gallery.split,
             bytes_per_template=gallery.bytes_per_template, probe_bytes=len(blobs_p[0]),
+            mem_bytes_per_template=mem / n, rss_bytes_per_template=(rss_after - rss_before) / n,
+            kept_bytes_per_added_template=kept, remove_s=float(np.median(rm_times)),
+            remove_max_score_change=change,
+            removed_absent=not (set(victims) & set(ids1)) and len(ids1) == len(ids0) - len(victims),
             result_bytes=len(res), key_holder_decide_s=float(np.median(dec_times)),
             max_abs_err=max(errs), top1_correct=f"{top_ok}/{queries}",
             setup_encrypt_s=enc_s, setup_load_s=load_s,
             params="N=8192, q=[60,60|60], scale 2^45 (128-bit); dimension-wise coefficient packing, "
                    "8192 templates per block",
             note=("quick: 16384-template gallery" if quick else "100k-template gallery")
-                 + "; time per probe incl. oblivious expansion of the uploaded probe")]
+                 + "; time per probe incl. oblivious expansion of the uploaded probe; "
+                 + f"{gallery.split} split; remove {float(np.median(rm_times)):.2f} s (purged), "
+                 + f"kept {kept:.0f} B per added template")]
     finally:
         gallery.close()
+
+
+def _rss(pid: int) -> int:
+    """Resident memory of a process in bytes (0 where /proc is unavailable)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 def run(quick: bool = False) -> list[dict]:

@@ -102,9 +102,18 @@ class HEParams:
         return 1 << self.expand_levels
 
     @property
+    def ring_levels(self) -> int:
+        """log2(N): number of automorphism levels of a full trace (coefficient extraction)."""
+        return int(self.poly_degree).bit_length() - 1
+
+    @property
     def galois_elements(self) -> list[int]:
+        """Galois elements ``N/2^j + 1``: the first :attr:`expand_levels` expand a probe; all
+        :attr:`ring_levels` of them (identify mode) let the matcher *purge* one coefficient of a
+        block (:func:`engine.he.gallery.purge_slot`) without any per-template data."""
         n = self.poly_degree
-        return [n // (1 << j) + 1 for j in range(self.expand_levels)]
+        levels = self.ring_levels if self.mode == "identify" else self.expand_levels
+        return [n // (1 << j) + 1 for j in range(levels)]
 
     def as_dict(self) -> dict:
         return {"mode": self.mode, "dim": self.dim, "poly_degree": self.poly_degree,
@@ -275,6 +284,7 @@ class _Core:
         self.evaluator = seal.Evaluator(self.ctx)
         self.codec = CoeffCodec(self.encoder, params.poly_degree)
         self._mono: dict[int, Any] = {}
+        self._raw: dict[tuple, Any] = {}
 
     def monomial(self, k: int):
         """Plaintext of ``X^k`` (k may be negative: ``X^-k = -X^(N-k)``) at scale 1 (exact)."""
@@ -288,6 +298,40 @@ class _Core:
             if len(self._mono) < 64:
                 self._mono[k] = pt
         return pt
+
+    def raw_constant(self, residues: Sequence[int]):
+        """Plaintext of the *integer* constant whose residue modulo data prime ``k`` is
+        ``residues[k]`` (e.g. ``2^-s mod q``, which no CKKS encoding can express), scale 1, NTT form,
+        at the first data level. Built as an uncompressed SEAL ``Plaintext`` serialisation (a constant
+        polynomial is constant in the NTT domain too); cached."""
+        key = tuple(int(r) for r in residues)
+        pt = self._raw.get(key)
+        if pt is not None:
+            return pt
+        n = self.params.poly_degree
+        ref = self.monomial(0)
+        qs = [m.value() for m in self.ctx.first_context_data().parms().coeff_modulus()]
+        if len(key) != len(qs) or any(not 0 <= r < q for r, q in zip(key, qs)):
+            raise HEUnsupported("raw_constant needs one residue per data prime")
+        hdr = seal_save(ref)[:16]  # SEALHeader: magic, size, version; compr_mode patched to none
+
+        def sealed(members: bytes) -> bytes:
+            return hdr[:5] + b"\0" + hdr[6:8] + struct.pack("<Q", 16 + len(members)) + members
+
+        data = np.concatenate([np.full(n, r, dtype=np.uint64) for r in key])
+        arr = sealed(struct.pack("<Q", data.size) + data.tobytes())
+        members = struct.pack("<4Q", *list(ref.parms_id())) + struct.pack("<Qd", data.size, 1.0) + arr
+        pt = seal_load(seal.Plaintext, self.ctx, sealed(members))
+        if not pt.is_ntt_form() or pt.data(0) != key[0] or pt.data(n) != key[-1]:
+            raise HEUnsupported("this SEAL build does not accept raw constant plaintexts")
+        self._raw[key] = pt
+        return pt
+
+    def inv_pow2(self, s: int):
+        """Plaintext of the exact integer ``2^-s mod Q`` (scale 1): cancels the ``2^s`` factor of a
+        trace/expansion exactly, *before* it is applied, so no level or precision is lost."""
+        qs = [m.value() for m in self.ctx.first_context_data().parms().coeff_modulus()]
+        return self.raw_constant([pow(1 << int(s), -1, q) for q in qs])
 
     def layout(self, x: np.ndarray, role: str) -> np.ndarray:
         """Coefficient vector of one embedding for ``role`` in {"probe", "template"}."""

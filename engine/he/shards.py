@@ -2,9 +2,17 @@
 
 TenSEAL/SEAL calls hold the GIL, so threads cannot use a second core; each shard is a separate
 process (``spawn`` start method: no fork of a process that may hold locks or secrets) that loads
-the *public* context and owns whole blocks of the gallery. A search sends the probe blob to every
-shard, each expands it and scores its blocks in parallel, and the parent concatenates the
-encrypted ``scores`` blobs (no decryption anywhere on the matcher).
+the *public* context. Two ways to split (``split=``):
+
+* ``"dims"`` (default when ``shards`` is a power of two): shard ``r`` of ``m`` holds dimensions
+  ``i % m == r`` of *every* block. A search expands only that share of the probe (the oblivious
+  expansion is the fixed per-query cost: ``dim/m`` automorphisms instead of ``dim - 1`` per shard),
+  each shard returns partial inner products per block, and the parent adds them ciphertext-wise
+  (:func:`~engine.he.gallery.add_partial_scores`). Adds and removals run on all shards in parallel,
+  each doing its share (removal purges in about half the time).
+* ``"blocks"``: each shard owns whole blocks and expands the whole probe; the parent concatenates.
+
+No decryption anywhere on the matcher.
 """
 from __future__ import annotations
 
@@ -16,14 +24,14 @@ from typing import Iterable, Sequence
 from ..errors import InvalidParameter
 from .context import PublicContext, require_public
 from .errors import HEError
-from .gallery import _blob_of, _check_subject, merge_scores
+from .gallery import _blob_of, _check_subject, add_partial_scores, merge_scores, split_block_blob
 
 
-def _worker(conn, ctx_bytes: bytes) -> None:  # runs in the shard process
+def _worker(conn, ctx_bytes: bytes, part: tuple[int, int] = (0, 1)) -> None:  # shard process
     from .gallery import EncryptedGallery
 
     try:
-        gallery = EncryptedGallery(PublicContext.from_bytes(ctx_bytes))
+        gallery = EncryptedGallery(PublicContext.from_bytes(ctx_bytes), part=part)
         conn.send(("ok", None))
     except BaseException as exc:  # noqa: BLE001 -- report start-up failure to the parent
         conn.send(("err", exc))
@@ -48,6 +56,8 @@ def _worker(conn, ctx_bytes: bytes) -> None:  # runs in the shard process
                 res = gallery.search(*args) if len(gallery) else None
             elif cmd == "len":
                 res = len(gallery)
+            elif cmd == "memory":
+                res = gallery.memory_bytes()
             else:
                 raise InvalidParameter(f"unknown shard command {cmd!r}")
             conn.send(("ok", res))
@@ -60,22 +70,32 @@ def _worker(conn, ctx_bytes: bytes) -> None:  # runs in the shard process
 
 class ShardedEncryptedGallery:
     """Same API as :class:`~engine.he.gallery.EncryptedGallery` (identify mode), over ``shards``
-    processes. Call :meth:`close` (or use as a context manager) to stop the processes."""
+    processes. Call :meth:`close` (or use as a context manager) to stop the processes.
 
-    def __init__(self, context, shards: int = 2, start_method: str = "spawn") -> None:
+    ``split="dims"`` (default for 1, 2, 4, ... shards) or ``"blocks"``: see the module docstring."""
+
+    def __init__(self, context, shards: int = 2, start_method: str = "spawn", split: str | None = None) -> None:
         self.ctx = require_public(context)
         if self.ctx.params.mode != "identify":
             raise InvalidParameter("sharding is for identify (1:N) mode")
         self.ctx.require_eval_keys()
         if not 1 <= int(shards) <= 64:
             raise InvalidParameter("shards must be in [1, 64]")
+        shards = int(shards)
+        pow2 = shards & (shards - 1) == 0 and shards <= self.ctx.params.expand_width
+        if split is None:
+            split = "dims" if pow2 else "blocks"
+        if split not in ("dims", "blocks") or (split == "dims" and not pow2):
+            raise InvalidParameter("split must be 'blocks', or 'dims' with a power-of-two number of shards")
+        self.split = split
         mpc = mp.get_context(start_method)
         blob = self.ctx.to_bytes()
         self._conns, self._procs = [], []
         self._lock = threading.RLock()
-        for _ in range(int(shards)):
+        for k in range(shards):
+            part = (k, shards) if split == "dims" else (0, 1)
             parent, child = mpc.Pipe()
-            p = mpc.Process(target=_worker, args=(child, blob), daemon=True)
+            p = mpc.Process(target=_worker, args=(child, blob, part), daemon=True)
             p.start()
             child.close()
             self._conns.append(parent)
@@ -97,6 +117,22 @@ class ShardedEncryptedGallery:
         with self._lock:
             self._conns[shard].send((cmd, args))
             return self._reply(self._conns[shard])
+
+    def _call_all(self, cmd: str, args_per_shard) -> list:
+        """Send to every shard first, then collect every reply (all shards work in parallel)."""
+        with self._lock:
+            for c, args in zip(self._conns, args_per_shard):
+                c.send((cmd, args))
+            results, error = [], None
+            for c in self._conns:
+                try:
+                    results.append(self._reply(c))
+                except BaseException as exc:  # noqa: BLE001 -- drain every shard first
+                    error = error or exc
+                    results.append(None)
+            if error is not None:
+                raise error
+            return results
 
     def close(self) -> None:
         with self._lock:
@@ -132,6 +168,11 @@ class ShardedEncryptedGallery:
     def shards(self) -> int:
         return len(self._conns)
 
+    @property
+    def pids(self) -> list[int]:
+        """Process ids of the shard processes (e.g. to measure their resident memory)."""
+        return [p.pid for p in self._procs]
+
     def __len__(self) -> int:
         return len(self._owner)
 
@@ -146,6 +187,10 @@ class ShardedEncryptedGallery:
         p = self.ctx.params
         return 2 * p.poly_degree * (len(p.moduli) - 1) * 8 * p.dim / p.poly_degree
 
+    def memory_bytes(self) -> int:
+        """Ciphertext bytes held by all shards (see :meth:`EncryptedGallery.memory_bytes`)."""
+        return int(sum(self._call_all("memory", [()] * self.shards)))
+
     def _pick(self) -> int:
         return min(range(len(self._count)), key=self._count.__getitem__)
 
@@ -153,6 +198,10 @@ class ShardedEncryptedGallery:
         _check_subject(subject_id)
         blob = _blob_of(template)
         with self._lock:
+            if self.split == "dims":
+                self._call_all("add", [(subject_id, blob)] * self.shards)
+                self._owner[subject_id] = -1
+                return
             shard = self._owner.get(subject_id)
             if shard is None:
                 shard = self._pick()
@@ -167,7 +216,15 @@ class ShardedEncryptedGallery:
 
     def add_block(self, subject_ids: Sequence[str], block_blob: bytes) -> None:
         ids = [_check_subject(s) for s in subject_ids]
+        block_blob = _blob_of(block_blob)
         with self._lock:
+            if self.split == "dims":
+                m = self.shards
+                cut = [split_block_blob(block_blob, (k, m)) for k in range(m)] if m > 1 else [block_blob]
+                self._call_all("add_block", [(ids, b) for b in cut])
+                for sid in ids:
+                    self._owner[sid] = -1
+                return
             for sid in ids:
                 if sid in self._owner:
                     self.remove(sid)
@@ -178,13 +235,17 @@ class ShardedEncryptedGallery:
             self._count[shard] += len(ids)
 
     def remove(self, subject_id: str) -> bool:
+        """Remove a subject; when this returns its template is purged from every shard."""
         with self._lock:
             shard = self._owner.get(subject_id)
             if shard is None:
                 return False
-            ok = self._call(shard, "remove", subject_id)
+            if self.split == "dims":
+                ok = all(self._call_all("remove", [(subject_id,)] * self.shards))
+            else:
+                ok = self._call(shard, "remove", subject_id)
+                self._count[shard] -= 1
             del self._owner[subject_id]
-            self._count[shard] -= 1
             return bool(ok)
 
     # -- matching ---------------------------------------------------------------------------
@@ -192,21 +253,13 @@ class ShardedEncryptedGallery:
         """1:N over all shards in parallel -> one ``scores`` blob for the key holder."""
         blob = _blob_of(probe)
         self.ctx.load_ciphertexts(blob, "probe")  # reject foreign/old-epoch probes up front
-        with self._lock:
-            for c in self._conns:
-                c.send(("search", (blob,)))
-            results, error = [], None
-            for c in self._conns:
-                try:
-                    results.append(self._reply(c))
-                except BaseException as exc:  # noqa: BLE001 -- drain every shard first
-                    error = error or exc
-            if error is not None:
-                raise error
+        results = self._call_all("search", [(blob,)] * self.shards)
         results = [r for r in results if r is not None]
         if not results:
             from .context import pack_blob
             return pack_blob("scores", dict(self.ctx._header(), blocks=[]), [])
+        if self.split == "dims":
+            return results[0] if len(results) == 1 else add_partial_scores(self.ctx, results)
         return merge_scores(results)
 
 
