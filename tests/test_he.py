@@ -225,6 +225,20 @@ def test_sharded_gallery_same_scores(ikh):
         assert np.abs(s - np.array([probe @ ref[i] for i in ids])).max() < TOL
 
 
+def test_dead_shard_raises_instead_of_hanging(ikh):
+    from engine.he.errors import HEError
+    from engine.he.shards import ShardedEncryptedGallery
+
+    rng = np.random.default_rng(6)
+    pub = ikh.public_context()
+    with ShardedEncryptedGallery(pub, shards=2) as g:
+        g.add_block([f"b{i}" for i in range(10)], encrypt_block_blob(pub, unit(rng, 10, 64)))
+        g._procs[1].kill()
+        g._procs[1].join(10)
+        with pytest.raises(HEError, match="died|closed"):
+            g.search(pub.encrypt(unit(rng, 1, 64)[0], "probe"))
+
+
 # ------------------------------------------------------------------------------------------
 # threat model: the matcher's side is public only
 def test_matcher_context_is_public_and_refuses_secrets(vkh, ikh):

@@ -27,6 +27,10 @@ from .errors import HEError
 from .gallery import _blob_of, _check_subject, add_partial_scores, merge_scores, split_block_blob
 
 
+START_TIMEOUT_S = 120.0  # loading the public context (Galois keys) takes a few seconds
+_POLL_S = 0.5
+
+
 def _worker(conn, ctx_bytes: bytes, part: tuple[int, int] = (0, 1)) -> None:  # shard process
     from .gallery import EncryptedGallery
 
@@ -100,33 +104,56 @@ class ShardedEncryptedGallery:
             child.close()
             self._conns.append(parent)
             self._procs.append(p)
-        for c in self._conns:
-            self._reply(c)
+        try:
+            for k in range(shards):
+                self._reply(k, timeout=START_TIMEOUT_S)
+        except BaseException:
+            self.close()
+            raise
         self._owner: dict[str, int] = {}
         self._count = [0] * len(self._conns)
 
     # -- plumbing ---------------------------------------------------------------------------
-    @staticmethod
-    def _reply(conn):
-        status, res = conn.recv()
+    def _reply(self, shard: int, timeout: float | None = None):
+        """The shard's answer; a dead shard (or a start-up past ``timeout``) raises HEError
+        instead of blocking the caller forever."""
+        conn, proc = self._conns[shard], self._procs[shard]
+        waited = 0.0
+        while not conn.poll(_POLL_S):
+            waited += _POLL_S
+            if not proc.is_alive():
+                raise HEError(f"HE shard {shard} (pid {proc.pid}) died with exit code {proc.exitcode}")
+            if timeout is not None and waited >= timeout:
+                raise HEError(f"HE shard {shard} did not start within {timeout:.0f} s (a spawned process "
+                              "re-imports __main__: guard scripts with `if __name__ == '__main__':`)")
+        try:
+            status, res = conn.recv()
+        except EOFError:
+            raise HEError(f"HE shard {shard} (pid {proc.pid}) closed its pipe") from None
         if status == "err":
             raise res
         return res
 
+    def _send(self, shard: int, msg) -> None:
+        try:
+            self._conns[shard].send(msg)
+        except OSError as exc:  # BrokenPipeError: the shard is gone
+            raise HEError(f"HE shard {shard} (pid {self._procs[shard].pid}) died: {exc}") from None
+
     def _call(self, shard: int, cmd: str, *args):
         with self._lock:
-            self._conns[shard].send((cmd, args))
-            return self._reply(self._conns[shard])
+            self._send(shard, (cmd, args))
+            return self._reply(shard)
 
     def _call_all(self, cmd: str, args_per_shard) -> list:
         """Send to every shard first, then collect every reply (all shards work in parallel)."""
         with self._lock:
-            for c, args in zip(self._conns, args_per_shard):
-                c.send((cmd, args))
+            for k, args in enumerate(args_per_shard):
+                self._send(k, (cmd, args))
             results, error = [], None
-            for c in self._conns:
+            for k in range(len(self._conns)):
                 try:
-                    results.append(self._reply(c))
+                    results.append(self._reply(k))
                 except BaseException as exc:  # noqa: BLE001 -- drain every shard first
                     error = error or exc
                     results.append(None)
