@@ -13,6 +13,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from ..errors import InvalidParameter
 from .errors import ModelNotFound, MultipleFaces, NoFaceFound, UnreadableImage
 
 POLICIES = ("largest", "all", "error")
@@ -144,7 +145,7 @@ class FacePipeline:
                  arcface=None, arcface_options: dict | None = None, threads: int | None = None,
                  max_upsample_pixels: int = 1_000_000, adjust_threshold: float = 0.0):
         if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}")
+            raise InvalidParameter(f"policy must be one of {POLICIES}, got {policy!r}")
         self.model_dir = model_dir
         self.upsample = int(upsample)
         self.policy = policy
@@ -239,7 +240,7 @@ class FacePipeline:
         if self._arcface_path:
             return self.arcface.embed(chips)
         if chips.shape[1:] != (150, 150, 3):
-            raise ValueError(f"dlib chips must be (n, 150, 150, 3), got {chips.shape}")
+            raise InvalidParameter(f"dlib chips must be (n, 150, 150, 3), got {chips.shape}")
         x = np.ascontiguousarray(chips.transpose(0, 3, 1, 2), dtype=np.float32)
         out = []
         sess = self.dlib_session
@@ -252,7 +253,7 @@ class FacePipeline:
         """All stages on one photo; returns the faces selected by ``policy``."""
         policy = policy or self.policy
         if policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}")
+            raise InvalidParameter(f"policy must be one of {POLICIES}, got {policy!r}")
         img = load_image(image)
         boxes = self.detect(img)
         if len(boxes) == 0:
