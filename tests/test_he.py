@@ -328,6 +328,115 @@ def test_rotation_revokes_old_epoch_and_shreds_key():
 
 
 # ------------------------------------------------------------------------------------------
+# gallery snapshots (restart without re-expanding every identify template)
+def test_identify_snapshot_restore_round_trip(ikh):
+    rng = np.random.default_rng(21)
+    pub = ikh.public_context()
+    g = EncryptedGallery(pub)
+    x = unit(rng, 4, 64)
+    for i, v in enumerate(x):
+        g.add(f"a{i}", pub.encrypt(v))
+    y = unit(rng, 30, 64)
+    g.add_block([f"b{i}" for i in range(30)], encrypt_block_blob(pub, y))
+    assert g.remove("a2") and g.remove("b3")
+    snap = g.snapshot()
+    h = blob_header(snap)
+    assert h["kind"] == "gallery_snapshot" and h["fp"] == ikh.fingerprint and h["epoch"] == ikh.epoch
+    assert h["snapshot_format"] == 1 and len(h["blocks"]) == 2 and h["purged"] == 2
+    assert len(snap) < 2 * 64 * 2 * 8192 * 2 * 8 + 200_000      # the block ciphertexts + slot tables
+
+    r = EncryptedGallery.restore(PublicContext.from_bytes(pub.to_bytes()), snap)
+    assert sorted(r.subjects()) == sorted(g.subjects()) and len(r) == 32 and r.purged == 2
+    assert r._where == g._where and r.memory_bytes() == g.memory_bytes()
+    probe = pub.encrypt(near(rng, x[1], 0.2), "probe")
+    ids0, s0 = ikh.decrypt_scores(g.search(probe))
+    ids1, s1 = ikh.decrypt_scores(r.search(probe))
+    assert ids0 == ids1 and np.abs(s0 - s1).max() < TOL
+    ref = {**{f"a{i}": x[i] for i in range(4)}, **{f"b{i}": y[i] for i in range(30)}}
+    p = near(rng, x[1], 0.2)
+    ids, s = ikh.decrypt_scores(r.search(pub.encrypt(p, "probe")))
+    assert np.abs(s - np.array([p @ ref[i] for i in ids])).max() < TOL
+    # the restored gallery keeps working: add into the freed slot, remove (purge) a restored one
+    r.add("a2", pub.encrypt(x[2]))
+    assert r._where["a2"] == (0, 2)
+    assert r.remove("b5") and "b5" not in r
+    ids, s = ikh.decrypt_scores(r.search(pub.encrypt(x[2], "probe")))
+    assert "b5" not in ids and abs(s[ids.index("a2")] - 1.0) < TOL
+    assert EncryptedGallery.restore(pub, EncryptedGallery(pub).snapshot()).subjects() == []
+    # a dimension shard snapshots its part and refuses another part's snapshot
+    half = EncryptedGallery(pub, part=(0, 2))
+    half.add_block([f"b{i}" for i in range(30)], encrypt_block_blob(pub, y))
+    hs = half.snapshot()
+    assert len(EncryptedGallery.restore(pub, hs, part=(0, 2))) == 30
+    with pytest.raises(HEFormatError):
+        EncryptedGallery.restore(pub, hs, part=(1, 2))
+    with pytest.raises(HEFormatError):
+        EncryptedGallery.restore(pub, snap, part=(0, 2))
+    with pytest.raises(VeilfaceError):          # only into an empty gallery
+        r.load_snapshot(snap)
+
+
+def test_snapshot_of_another_context_or_epoch_is_refused(ikh, vkh):
+    rng = np.random.default_rng(22)
+    pub = ikh.public_context()
+    g = EncryptedGallery(pub)
+    g.add("a", pub.encrypt(unit(rng, 1, 64)[0]))
+    snap = g.snapshot()
+    other = KeyHolder("identify", 64, tenant="t-identify")      # same tenant and epoch, other keys
+    with pytest.raises(HEContextMismatch):
+        EncryptedGallery.restore(other.public_context(), snap)
+    with pytest.raises(HEContextMismatch):
+        EncryptedGallery.restore(KeyHolder("identify", 64, tenant="elsewhere").public_context(), snap)
+    rotated = other.rotate()                                     # epoch 2 of that tenant
+    g1 = EncryptedGallery(rotated.public_context())
+    with pytest.raises(HEEpochRevoked):
+        g1.load_snapshot(snap)
+    # a verify-mode gallery round-trips too; a verify snapshot is not an identify one
+    vpub = vkh.public_context()
+    vg = EncryptedGallery(vpub)
+    x = unit(rng, 2, 128)
+    vg.add("v0", vpub.encrypt(x[0]))
+    vg.add("v1", vpub.encrypt(x[1]))
+    vr = EncryptedGallery.restore(vpub, vg.snapshot())
+    _, s = vkh.decrypt_scores(vr.verify("v1", vpub.encrypt(x[1], "probe")))
+    assert sorted(vr.subjects()) == ["v0", "v1"] and abs(s[0] - 1.0) < TOL
+    with pytest.raises(HEContextMismatch):
+        EncryptedGallery.restore(pub, vg.snapshot())
+    # corrupt / wrong kind / unknown format version
+    with pytest.raises(HEFormatError):
+        EncryptedGallery.restore(pub, snap[:-100])
+    with pytest.raises(HEFormatError):
+        EncryptedGallery.restore(pub, pub.encrypt(unit(rng, 1, 64)[0]))
+    h, parts = unpack_blob(snap)
+    bumped = pack_blob("gallery_snapshot", {k: v for k, v in h.items() if k not in ("kind", "parts")}
+                       | {"snapshot_format": 99}, parts)
+    with pytest.raises(HEFormatError, match="format"):
+        EncryptedGallery.restore(pub, bumped)
+
+
+def test_sharded_snapshot_restore(ikh):
+    from engine.he.shards import ShardedEncryptedGallery
+
+    rng = np.random.default_rng(23)
+    pub = ikh.public_context()
+    y = unit(rng, 40, 64)
+    with ShardedEncryptedGallery(pub, shards=2) as g:
+        g.add_block([f"b{i}" for i in range(40)], encrypt_block_blob(pub, y))
+        g.add("x", pub.encrypt(y[3]))
+        assert g.remove("b7")
+        snap = g.snapshot()
+        probe = pub.encrypt(near(rng, y[3], 0.1), "probe")
+        ids0, s0 = ikh.decrypt_scores(g.search(probe))
+    assert blob_header(snap)["kind"] == "sharded_gallery_snapshot"
+    with ShardedEncryptedGallery.restore(pub, snap, shards=2) as r:
+        assert len(r) == 40 and "x" in r and "b7" not in r
+        ids1, s1 = ikh.decrypt_scores(r.search(probe))
+        assert ids0 == ids1 and np.abs(s0 - s1).max() < TOL
+    with pytest.raises(HEFormatError):
+        ShardedEncryptedGallery.restore(pub, snap, shards=1)    # another shard layout: rebuild instead
+
+
+# ------------------------------------------------------------------------------------------
 # serialisation
 def test_serialisation_round_trips(vkh):
     rng = np.random.default_rng(4)

@@ -23,8 +23,9 @@ from typing import Iterable, Sequence
 
 from ..errors import InvalidParameter
 from .context import PublicContext, require_public
-from .errors import HEError
-from .gallery import _blob_of, _check_subject, add_partial_scores, merge_scores, split_block_blob
+from .errors import HEError, HEFormatError
+from .gallery import (SNAPSHOT_FORMAT, _blob_of, _check_subject, add_partial_scores, merge_scores,
+                      split_block_blob)
 
 
 START_TIMEOUT_S = 120.0  # loading the public context (Galois keys) takes a few seconds
@@ -58,6 +59,11 @@ def _worker(conn, ctx_bytes: bytes, part: tuple[int, int] = (0, 1)) -> None:  # 
                 res = gallery.remove(*args)
             elif cmd == "search":
                 res = gallery.search(*args) if len(gallery) else None
+            elif cmd == "snapshot":
+                res = gallery.snapshot()
+            elif cmd == "load_snapshot":
+                res = gallery.load_snapshot(*args)
+                res = sorted(gallery.subjects())
             elif cmd == "len":
                 res = len(gallery)
             elif cmd == "memory":
@@ -274,6 +280,51 @@ class ShardedEncryptedGallery:
                 self._count[shard] -= 1
             del self._owner[subject_id]
             return bool(ok)
+
+    # -- snapshot / restore -------------------------------------------------------------------
+    def snapshot(self) -> bytes:
+        """One ``sharded_gallery_snapshot`` blob: the :meth:`EncryptedGallery.snapshot` of every
+        shard (taken in parallel) + the split; restore it into the same number of shards and split."""
+        from .context import pack_blob
+        with self._lock:
+            snaps = self._call_all("snapshot", [()] * self.shards)
+            head = dict(self.ctx._header(), snapshot_format=SNAPSHOT_FORMAT, split=self.split,
+                        shards=self.shards)
+            return pack_blob("sharded_gallery_snapshot", head, snaps)
+
+    @classmethod
+    def restore(cls, context, snapshot, shards: int = 2, **kwargs) -> "ShardedEncryptedGallery":
+        """New shard processes holding the state of :meth:`snapshot` bytes (same ``shards`` and
+        split; otherwise :class:`~engine.he.errors.HEFormatError`)."""
+        g = cls(context, shards=shards, **kwargs)
+        try:
+            g.load_snapshot(snapshot)
+        except BaseException:
+            g.close()
+            raise
+        return g
+
+    def load_snapshot(self, snapshot) -> None:
+        """Load :meth:`snapshot` bytes into these (empty) shards; see :meth:`restore`."""
+        from .context import unpack_blob
+        h, parts = unpack_blob(_blob_of(snapshot), "sharded_gallery_snapshot")
+        self.ctx.check_header(h, "gallery snapshot")
+        if h.get("snapshot_format") != SNAPSHOT_FORMAT:
+            raise HEFormatError(f"unknown gallery snapshot format {h.get('snapshot_format')!r}")
+        if h.get("split") != self.split or int(h.get("shards", -1)) != self.shards or len(parts) != self.shards:
+            raise HEFormatError(f"gallery snapshot of {h.get('shards')} shards split by {h.get('split')!r}; "
+                                f"this gallery has {self.shards} split by {self.split!r}")
+        with self._lock:
+            if self._owner:
+                raise InvalidParameter("load_snapshot needs an empty gallery")
+            subjects = self._call_all("load_snapshot", [(p,) for p in parts])
+            if self.split == "dims":
+                if any(s != subjects[0] for s in subjects[1:]):
+                    raise HEFormatError("gallery snapshot: the dimension shards hold different subjects")
+                self._owner = {s: -1 for s in subjects[0]}
+            else:
+                self._owner = {s: k for k, ss in enumerate(subjects) for s in ss}
+                self._count = [len(ss) for ss in subjects]
 
     # -- matching ---------------------------------------------------------------------------
     def search(self, probe) -> bytes:

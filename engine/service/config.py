@@ -80,6 +80,10 @@ class ServiceConfig:
     max_he_context_bytes: int = 64 * 1024 * 1024  # streamed public HE context (identify, dim 128: ~6.7 MB)
     he_shards: int = 1                  # >1: identify-mode HE galleries in that many processes
     he_decision_ttl_s: float = 300.0    # how long a decision ticket can be reported
+    # HE identify gallery snapshots (packed ciphertexts in the store; restart without re-expansion)
+    he_snapshot_interval_s: float = 60.0  # a changed gallery is snapshotted within this; 0 = no snapshots
+    he_snapshot_batch: int = 256          # ... or as soon as this many templates were added
+    he_snapshot_after_removal: bool = True  # ... or right after a removal (withdraw/revoke/purge)
     gallery_backend: str = "native"
     allowed_schemes: list = field(default_factory=list)   # [] = any cancellable scheme
     thresholds: dict = field(default_factory=lambda: dict(DEFAULT_THRESHOLDS))
@@ -141,6 +145,8 @@ class ServiceConfig:
             raise BadRequest("filing_threshold must be >= 1")
         if not 1 <= int(self.he_shards) <= 64:
             raise BadRequest("he_shards must be in [1, 64]")
+        if self.he_snapshot_interval_s < 0 or int(self.he_snapshot_batch) < 1:
+            raise BadRequest("need he_snapshot_interval_s >= 0 and he_snapshot_batch >= 1")
         self.token_entries()
         return self
 

@@ -8,7 +8,10 @@ gallery has the :class:`engine.gallery.Gallery` interface (``add_codes``, ``remo
 ``verify``, ``search``, ``__len__``, ``__contains__``); an encrypted one the
 :class:`engine.he.EncryptedGallery` interface (``add(subject, template)``, ``remove``,
 ``verify(subject, probe) -> blob``, ``search(probe) -> blob``, ``__len__``), built for the
-*public* ``context`` of its tenant epoch.
+*public* ``context`` of its tenant epoch. An identify-mode encrypted gallery that also has
+``snapshot() -> bytes`` and ``load_snapshot(bytes)`` (``EncryptedGallery``,
+``ShardedEncryptedGallery``) is persisted in the store's ``he_snapshots`` table and restored from it
+on start (engine/service/README.md, "Restart: gallery snapshots").
 """
 from __future__ import annotations
 

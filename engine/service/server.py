@@ -53,6 +53,32 @@ class _Meta:
     expires_at: float
 
 
+class _HESnap:
+    """Snapshot bookkeeping of one HE identify gallery. ``lock`` serialises the gallery's adds and
+    removals with taking its snapshot, so ``seqs`` ({subject: template_seq}) always describes
+    exactly what :meth:`EncryptedGallery.snapshot` captures."""
+
+    __slots__ = ("lock", "seqs", "dirty", "added", "removed", "urgent", "since", "closed", "written")
+
+    def __init__(self) -> None:
+        self.lock = threading.RLock()
+        self.seqs: dict[str, int] = {}
+        self.dirty = 0            # changes since the last stored snapshot
+        self.added = 0            # of which adds
+        self.removed = False      # a removal since the last stored snapshot
+        self.urgent = False       # snapshot at the next chance (the stored one is outdated at start)
+        self.since = 0.0          # monotonic time of the first unsaved change
+        self.closed = False       # gallery dropped (rotation / decommission): never write again
+        self.written = 0          # snapshots stored (tests / status)
+
+    def touch(self, removed: bool = False) -> None:
+        if not self.dirty:
+            self.since = time.monotonic()
+        self.dirty += 1
+        self.added += not removed
+        self.removed = self.removed or removed
+
+
 def _rpc(fn):
     """Audit + error mapping around a servicer method ``fn(self, request, context, ev)``."""
     name = fn.__name__
@@ -109,48 +135,122 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         self._filing_raised = store.filing_alert() is not None
         self._stop = threading.Event()
         self._purger: threading.Thread | None = None
+        self._snapper: threading.Thread | None = None
+        self._snap_wake = threading.Event()
+        self._he_snap: dict[tuple, _HESnap] = {}         # HE identify galleries: snapshot state
         self.he = HERegistry()                           # current public HE contexts
         self.tickets = TicketBook(self.clock, cfg.he_decision_ttl_s)
         self.load()
 
     # -- startup -----------------------------------------------------------------------
     def load(self) -> dict:
-        """Rebuild galleries from the store (after a restart, including after SIGKILL)."""
+        """Rebuild galleries from the store (after a restart, including after SIGKILL).
+
+        HE identify galleries start from their stored snapshot (:meth:`_load_he_gallery`): only
+        templates enrolled after it are expanded again, subjects deleted after it are purged."""
         t0 = time.perf_counter()
         groups: dict[tuple, tuple[list, list]] = {}
+        he_rows: dict[tuple, list] = {}
         n = 0
+        stats = {"he_restored": 0, "he_added": 0, "he_removed": 0, "he_snapshots": 0}
         with self._glock:
             if self.store.read().execute("SELECT 1 FROM he_contexts LIMIT 1").fetchone():
                 self.he.load(self.store)
-            for row in self.store.iter_templates():
-                t = Template.from_bytes(row.template)
-                gkey = (row.tenant, row.purpose, row.scheme, row.key_version)
-                if is_he_spec(row.scheme):
-                    entry = self.he.get(row.tenant, row.purpose, row.scheme)
-                    if entry is None or entry.epoch != row.key_version:
+            if not self._snapshots_on():   # disabled: no stale ciphertexts left behind in the store
+                with self.store.write() as tx:
+                    tx.execute("DELETE FROM he_snapshots")
+            for rowid, tenant, subject, purpose, scheme, kv, expires, seq, blob in self.store.template_index():
+                gkey = (tenant, purpose, scheme, int(kv))
+                he = is_he_spec(scheme)
+                if he:
+                    entry = self.he.get(tenant, purpose, scheme)
+                    if entry is None or entry.epoch != int(kv):
                         log.warning("skipping an HE template of a retired or unregistered epoch")
                         continue
-                ids, codes = groups.setdefault(gkey, ([], []))
-                ids.append(row.subject)
-                codes.append(t if is_he_spec(row.scheme) else t.data)
-                self._enrolled.setdefault((row.tenant, row.subject), {})[(row.purpose, row.scheme)] = \
-                    _Meta(row.key_version, row.expires_at)
-                self._note_expiry(row.expires_at)
-                if row.scheme not in self._schemes:
-                    self._schemes[row.scheme] = make_scheme(t.spec)
+                if scheme not in self._schemes:
+                    t = Template.from_bytes(blob if blob is not None else self.store.template_blob(rowid))
+                    self._schemes[scheme] = make_scheme(t.spec)
+                if he:
+                    he_rows.setdefault(gkey, []).append((subject, seq, rowid))
+                else:
+                    ids, codes = groups.setdefault(gkey, ([], []))
+                    ids.append(subject)
+                    codes.append(Template.from_bytes(blob).data)
+                self._enrolled.setdefault((tenant, subject), {})[(purpose, scheme)] = _Meta(int(kv), expires)
+                self._note_expiry(expires)
                 n += 1
             for gkey, (ids, codes) in groups.items():
-                g = self._gallery(gkey, create=True)
-                if is_he_spec(gkey[2]):
-                    g.add_many(ids, codes)       # ciphertext blobs (identify mode: expanded here)
-                else:
-                    g.add_codes(ids, np.stack(codes))
+                self._gallery(gkey, create=True).add_codes(ids, np.stack(codes))
+            for gkey, rows in he_rows.items():
+                self._load_he_gallery(gkey, rows, stats)
+            # snapshots of galleries that have no stored template left (every subject deleted after
+            # the snapshot, or an epoch no longer current): nothing to restore, delete the ciphertexts
+            orphans = [k for k in self.store.read().execute(
+                "SELECT tenant, purpose, scheme, epoch FROM he_snapshots").fetchall() if tuple(k) not in he_rows]
+            if orphans:
+                with self.store.write() as tx:
+                    for k in orphans:
+                        tx.execute("DELETE FROM he_snapshots WHERE tenant = ? AND purpose = ? AND scheme = ? "
+                                   "AND epoch = ?", tuple(k))
             self._versions = self.store.subject_versions()
             self._devices = {(t, d): int(c) for t, d, c in self.store.read().execute(
                 "SELECT tenant, device_id, location_class FROM devices")}
-        self.loaded = {"templates": n, "galleries": len(groups), "seconds": time.perf_counter() - t0}
+        self.loaded = {"templates": n, "galleries": len(groups) + len(he_rows),
+                       "seconds": time.perf_counter() - t0, **stats}
         self._maybe_purge(force=True)
         return self.loaded
+
+    def _snapshots_on(self) -> bool:
+        return self.cfg.he_snapshot_interval_s > 0
+
+    def _load_he_gallery(self, gkey: tuple, rows: list, stats: dict) -> None:
+        """One HE gallery at start: restore its snapshot (identify mode), then reconcile with the
+        templates table, the source of truth: a subject whose stored template (sequence number)
+        differs from the snapshot's is added again, one no longer stored is purged."""
+        entry = self.he.get(*gkey[:3])
+        g = self._gallery(gkey, create=True)
+        st = self._he_snap.get(gkey)
+        table = {subject: (seq, rowid) for subject, seq, rowid in rows}
+        seqs: dict[str, int] = {}
+        restored = False
+        if st is not None and self._snapshots_on():
+            snap = self.store.he_snapshot(*gkey)
+            if snap is not None and snap[0] == entry.fingerprint:
+                try:
+                    g.load_snapshot(snap[3])
+                    seqs = {str(k): int(v) for k, v in snap[2].items()}
+                    restored = True
+                    stats["he_snapshots"] += 1
+                except Exception as exc:  # noqa: BLE001 -- e.g. he_shards changed: rebuild instead
+                    log.warning("HE gallery snapshot of %s not usable (%s); rebuilding from templates",
+                                gkey[:3], exc)
+                    with self._glock:
+                        self._galleries.pop(gkey, None)
+                        self._he_snap.pop(gkey, None)
+                    _close(g)
+                    g = self._gallery(gkey, create=True)
+                    st = self._he_snap.get(gkey)
+                    seqs = {}
+        held = set(g.subjects()) if restored else set()
+        stale = [s for s in held if s not in table]
+        add = [(seq, rowid, s) for s, (seq, rowid) in table.items()
+               if s not in held or seq is None or seqs.get(s) != seq]
+        for s in stale:                       # deleted after the snapshot: purge its slot
+            g.remove(s)
+        for seq, rowid, s in sorted(add, key=lambda a: (a[0] is None, a[0] or 0, a[1])):
+            blob = self.store.template_blob(rowid)
+            if blob is not None:              # ciphertext blob: identify mode expands it here
+                g.add(s, Template.from_bytes(blob))
+        stats["he_removed"] += len(stale)
+        stats["he_added"] += len(add)
+        stats["he_restored"] += len(table) - len(add)
+        if st is not None:
+            with st.lock:
+                st.seqs = {s: seq for s, (seq, _) in table.items() if seq is not None and s in g}
+                if add or stale or (self._snapshots_on() and not restored):
+                    st.touch(removed=bool(stale))
+                    st.urgent = True
+                    self._snap_wake.set()
 
     def start_background(self) -> None:
         def loop():
@@ -162,17 +262,94 @@ class MatcherServicer(pb_grpc.MatcherServicer):
                     log.exception("background purge failed")
         self._purger = threading.Thread(target=loop, name="veilface-purge", daemon=True)
         self._purger.start()
+        if self._snapshots_on():
+            self._snapper = threading.Thread(target=self._snapshot_loop, name="veilface-he-snapshot",
+                                             daemon=True)
+            self._snapper.start()
 
     def stop_background(self) -> None:
         self._stop.set()
+        self._snap_wake.set()
 
     def close(self) -> None:
-        """Stop background work and gallery processes (sharded HE galleries)."""
+        """Stop background work, store a last snapshot of every changed HE identify gallery
+        (clean shutdown), stop gallery processes (sharded HE galleries)."""
         self.stop_background()
+        if self._snapper is not None:
+            self._snapper.join(timeout=120)
+        if self._snapshots_on():
+            try:
+                self.snapshot_he_galleries(force=True)
+            except Exception:  # noqa: BLE001
+                log.exception("could not store HE gallery snapshots at shutdown")
         with self._glock:
             galleries = list(self._galleries.values())
         for g in galleries:
             _close(g)
+
+    # -- HE identify gallery snapshots ----------------------------------------------------
+    def _snapshot_loop(self) -> None:
+        period = min(self.cfg.he_snapshot_interval_s, 5.0)
+        while not self._stop.is_set():
+            self._snap_wake.wait(period)
+            self._snap_wake.clear()
+            if self._stop.is_set():
+                return
+            try:
+                self.snapshot_he_galleries()
+            except Exception:  # noqa: BLE001
+                log.exception("HE gallery snapshot failed")
+
+    def snapshot_he_galleries(self, force: bool = False) -> int:
+        """Store a snapshot of every HE identify gallery that is due: changed and (``force``, or
+        ``he_snapshot_batch`` adds, or a removal with ``he_snapshot_after_removal``, or the first
+        unsaved change older than ``he_snapshot_interval_s``). Returns how many were stored."""
+        if not self._snapshots_on():
+            return 0
+        with self._glock:
+            items = [(k, self._galleries.get(k), st) for k, st in self._he_snap.items()]
+        now, done = time.monotonic(), 0
+        for gkey, g, st in items:
+            if g is None or st.closed or not st.dirty:
+                continue
+            due = (force or st.urgent or st.added >= self.cfg.he_snapshot_batch
+                   or (st.removed and self.cfg.he_snapshot_after_removal)
+                   or now - st.since >= self.cfg.he_snapshot_interval_s)
+            if due and self._write_snapshot(gkey, g, st):
+                done += 1
+        return done
+
+    def _write_snapshot(self, gkey: tuple, g, st: _HESnap) -> bool:
+        tenant, purpose, spec_key, epoch = gkey
+        with st.lock:   # no add / removal of this gallery between the capture and the write
+            if st.closed or not st.dirty:
+                return False
+            t0 = time.perf_counter()
+            blob = g.snapshot()
+            seqs = dict(st.seqs)
+            removed = st.removed
+            with self.store.write() as tx:
+                # only for the current epoch of a live matcher: a rotation / decommission that
+                # committed meanwhile deleted the snapshots and must not see one come back
+                cur = tx.execute("SELECT fingerprint FROM he_contexts WHERE tenant = ? AND purpose = ? AND "
+                                 "scheme = ? AND epoch = ? AND retired_at IS NULL",
+                                 (tenant, purpose, spec_key, epoch)).fetchone()
+                if cur is None or self.store.get_meta_tx(tx, "decommissioned") == "1":
+                    st.closed = True
+                    return False
+                tx.execute("INSERT INTO he_snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(tenant, "
+                           "purpose, scheme, epoch) DO UPDATE SET fingerprint = excluded.fingerprint, "
+                           "seq = excluded.seq, subjects = excluded.subjects, snapshot = excluded.snapshot, "
+                           "created_at = excluded.created_at",
+                           (tenant, purpose, spec_key, epoch, cur[0], max(seqs.values(), default=0),
+                            json.dumps(seqs, separators=(",", ":")), blob, self.clock.now()))
+            st.dirty, st.added, st.removed, st.urgent = 0, 0, False, False
+            st.written += 1
+        if removed:
+            self.store.checkpoint()   # the replaced snapshot's pages (zeroed) leave the WAL too
+        log.info("HE gallery snapshot %s/%s epoch %d: %d subjects, %.1f MB in %.2f s", tenant, purpose,
+                 epoch, len(seqs), len(blob) / 1e6, time.perf_counter() - t0)
+        return True
 
     # -- helpers -----------------------------------------------------------------------
     def _audit(self, ev: AuditEvent, result: str, reason: str = "") -> None:
@@ -206,6 +383,8 @@ class MatcherServicer(pb_grpc.MatcherServicer):
                     return None          # epoch rotated away meanwhile
                 g = new_gallery(self._schemes[gkey[2]], self.cfg.gallery_backend, context=entry.context,
                                 shards=self.cfg.he_shards)
+                if entry.mode == "identify" and hasattr(g, "snapshot"):
+                    self._he_snap[gkey] = _HESnap()
             else:
                 g = new_gallery(self._schemes[gkey[2]], self.cfg.gallery_backend)
             self._galleries[gkey] = g
@@ -317,14 +496,22 @@ class MatcherServicer(pb_grpc.MatcherServicer):
                 g = self._galleries.get((tenant, p, s, m.key_version))
                 if g is not None:
                     if is_he_spec(s):
-                        slow.append(g)
+                        slow.append((g, self._he_snap.get((tenant, p, s, m.key_version))))
                     else:
                         g.remove(subject)
                 del entries[(p, s)]
             if not entries:
                 self._enrolled.pop((tenant, subject), None)
-        for g in slow:
-            g.remove(subject)
+        for g, st in slow:
+            if st is None:
+                g.remove(subject)
+                continue
+            with st.lock:
+                g.remove(subject)
+                st.seqs.pop(subject, None)
+                st.touch(removed=True)
+            if self.cfg.he_snapshot_after_removal:
+                self._snap_wake.set()   # replace the stored snapshot that still holds the subject
         return len(gone)
 
     # -- RPCs --------------------------------------------------------------------------
@@ -442,6 +629,8 @@ class MatcherServicer(pb_grpc.MatcherServicer):
                 tx.execute("INSERT INTO templates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                            (tenant, subject, purpose, spec_key, kv, bytes(req.template), now, expires,
                             req.consent_id, device))
+                seq = tx.execute("SELECT seq FROM template_seq WHERE tenant = ? AND subject = ? AND purpose = ? "
+                                 "AND scheme = ?", (tenant, subject, purpose, spec_key)).fetchone() if he else None
                 if not he:   # HE epochs are tenant-wide: the subject's key-version state is untouched
                     tx.execute("INSERT INTO subjects VALUES (?, ?, ?, ?, ?) ON CONFLICT(tenant, subject) DO "
                                "UPDATE SET key_version = excluded.key_version, updated_at = excluded.updated_at",
@@ -470,7 +659,17 @@ class MatcherServicer(pb_grpc.MatcherServicer):
                 with self._glock:
                     g = self._gallery((tenant, purpose, spec_key, kv), create=True)
                 if g is not None:
-                    g.add(subject, t)    # identify mode: ~0.3 s of expansion, outside the map lock
+                    st = self._he_snap.get((tenant, purpose, spec_key, kv))
+                    if st is None:
+                        g.add(subject, t)    # verify mode: loads the ciphertext
+                    else:
+                        with st.lock:        # identify mode: ~0.3 s of expansion, outside the map lock
+                            g.add(subject, t)
+                            if seq is not None:
+                                st.seqs[subject] = int(seq[0])
+                            st.touch()
+                        if st.added >= self.cfg.he_snapshot_batch:
+                            self._snap_wake.set()
             with self._glock:
                 if not he:
                     g = self._gallery((tenant, purpose, spec_key, kv), create=True)
@@ -653,7 +852,7 @@ class MatcherServicer(pb_grpc.MatcherServicer):
                                      "purpose = ? AND scheme = ? AND retired_at IS NOT NULL",
                                      (tenant, purpose, spec_key)).fetchone()[0]
             unchanged = check_registration(cur, int(retired_max), ctx.epoch, ctx.fingerprint)
-            retired, n_del = 0, 0
+            retired, n_del, n_snap = 0, 0, 0
             if not unchanged:
                 tx.execute("INSERT INTO he_contexts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
                            (tenant, purpose, spec_key, ctx.epoch, ctx.mode, ctx.dim, ctx.fingerprint,
@@ -668,6 +867,9 @@ class MatcherServicer(pb_grpc.MatcherServicer):
                         "key_version < ?", (tenant, purpose, spec_key, ctx.epoch))]
                     n_del = tx.execute("DELETE FROM templates WHERE tenant = ? AND purpose = ? AND scheme = ? "
                                        "AND key_version < ?", (tenant, purpose, spec_key, ctx.epoch)).rowcount
+                    # the retired epoch's gallery snapshot (its ciphertexts) goes with its templates
+                    n_snap = tx.execute("DELETE FROM he_snapshots WHERE tenant = ? AND purpose = ? AND "
+                                        "scheme = ? AND epoch < ?", (tenant, purpose, spec_key, ctx.epoch)).rowcount
             ev.details.update({"unchanged": unchanged, "retired_epoch": retired, "templates_deleted": n_del})
             self._tx_audit(tx, ev)
         if not unchanged:
@@ -677,6 +879,10 @@ class MatcherServicer(pb_grpc.MatcherServicer):
                 self.he.set(entry)
                 old = [k for k in self._galleries if k[:3] == (tenant, purpose, spec_key) and k[3] < ctx.epoch]
                 dropped = [self._galleries.pop(k) for k in old]
+                for k in old:
+                    st = self._he_snap.pop(k, None)
+                    if st is not None:
+                        st.closed = True
                 for subject in gone:
                     entries = self._enrolled.get((tenant, subject), {})
                     m = entries.get((purpose, spec_key))
@@ -686,7 +892,7 @@ class MatcherServicer(pb_grpc.MatcherServicer):
                         self._enrolled.pop((tenant, subject), None)
             for g in dropped:
                 _close(g)
-            if n_del:
+            if n_del or n_snap:
                 self.store.checkpoint()
         else:
             row = self.store.read().execute(
@@ -865,6 +1071,9 @@ class MatcherServicer(pb_grpc.MatcherServicer):
             self._enrolled.clear()
             self._versions.clear()
             self.he.clear()
+            for st in self._he_snap.values():
+                st.closed = True
+            self._he_snap.clear()
         self.tickets.clear()
         for g in galleries:
             _close(g)
@@ -931,6 +1140,7 @@ def decommission(store: Store, cfg: ServiceConfig, now: float, ev: AuditEvent | 
             "consents_deleted": tx.execute("DELETE FROM consents").rowcount,
             "requests_deleted": tx.execute("DELETE FROM requests").rowcount,
             "he_contexts_deleted": tx.execute("DELETE FROM he_contexts").rowcount,
+            "he_snapshots_deleted": tx.execute("DELETE FROM he_snapshots").rowcount,
         }
         store.set_meta(tx, "decommissioned", "1")
         cert = {
@@ -941,7 +1151,7 @@ def decommission(store: Store, cfg: ServiceConfig, now: float, ev: AuditEvent | 
             "audit_head_before": {"seq": head_before[0], "hash": head_before[1]},
             "measures": ["all protected templates deleted (SQLite secure_delete: pages overwritten)",
                          "subject key-version registry deleted", "consent and request records deleted",
-                         "public HE contexts (all epochs) deleted",
+                         "public HE contexts (all epochs) and HE gallery snapshots deleted",
                          "database VACUUMed and WAL truncated after commit",
                          "in-memory galleries cleared"],
             "key_material": "the matcher never held transform keys or HE secret keys; destroy the "

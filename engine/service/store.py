@@ -63,7 +63,31 @@ CREATE TABLE IF NOT EXISTS he_contexts (
     PRIMARY KEY (tenant, purpose, scheme, epoch));
 CREATE TABLE IF NOT EXISTS alerts (
     id INTEGER PRIMARY KEY, kind TEXT NOT NULL, raised_at REAL NOT NULL, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS template_seq (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, tenant TEXT NOT NULL, subject TEXT NOT NULL,
+    purpose TEXT NOT NULL, scheme TEXT NOT NULL, UNIQUE (tenant, subject, purpose, scheme));
+CREATE TRIGGER IF NOT EXISTS templates_seq_insert AFTER INSERT ON templates BEGIN
+    INSERT OR REPLACE INTO template_seq (tenant, subject, purpose, scheme)
+    VALUES (NEW.tenant, NEW.subject, NEW.purpose, NEW.scheme); END;
+CREATE TRIGGER IF NOT EXISTS templates_seq_update AFTER UPDATE ON templates BEGIN
+    DELETE FROM template_seq WHERE tenant = OLD.tenant AND subject = OLD.subject AND
+        purpose = OLD.purpose AND scheme = OLD.scheme;
+    INSERT OR REPLACE INTO template_seq (tenant, subject, purpose, scheme)
+    VALUES (NEW.tenant, NEW.subject, NEW.purpose, NEW.scheme); END;
+CREATE TRIGGER IF NOT EXISTS templates_seq_delete AFTER DELETE ON templates BEGIN
+    DELETE FROM template_seq WHERE tenant = OLD.tenant AND subject = OLD.subject AND
+        purpose = OLD.purpose AND scheme = OLD.scheme; END;
+CREATE TABLE IF NOT EXISTS he_snapshots (
+    tenant TEXT NOT NULL, purpose TEXT NOT NULL, scheme TEXT NOT NULL, epoch INTEGER NOT NULL,
+    fingerprint TEXT NOT NULL, seq INTEGER NOT NULL, subjects TEXT NOT NULL, snapshot BLOB NOT NULL,
+    created_at REAL NOT NULL, PRIMARY KEY (tenant, purpose, scheme, epoch));
 """
+# template_seq: a never-reused sequence number per stored template row (SQLite AUTOINCREMENT),
+# kept by triggers so that every writer (service, CLI, older code paths) maintains it. An HE
+# identify gallery snapshot records the sequence number of each template it holds; on start only
+# the rows whose number is not in the snapshot are expanded again (engine/service/README.md).
+# he_snapshots: packed ciphertext state of an HE identify gallery (public data only: ciphertexts
+# + slot tables; no key material), one row per (tenant, purpose, scheme, epoch).
 
 
 @dataclass
@@ -109,6 +133,9 @@ class Store:
             self._wconn.executescript(SCHEMA + audit_mod.SCHEMA)
             self._wconn.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)",
                                 (str(SCHEMA_VERSION),))
+            # databases made before template_seq existed: number their templates once, in row order
+            self._wconn.execute("INSERT OR IGNORE INTO template_seq (tenant, subject, purpose, scheme) "
+                                "SELECT tenant, subject, purpose, scheme FROM templates ORDER BY rowid")
             self._head = audit_mod.read_head(self._wconn)
         try:
             os.chmod(self.path, 0o600)
@@ -197,6 +224,29 @@ class Store:
             args = (now,)
         for r in self.read().execute(sql + " ORDER BY rowid", args):
             yield TemplateRow(r[0], r[1], r[2], r[3], int(r[4]), bytes(r[5]), r[6], r[7])
+
+    def template_index(self) -> list[tuple]:
+        """``(rowid, tenant, subject, purpose, scheme, key_version, expires_at, seq, template)``
+        of every stored template in enrolment order; ``template`` is None for HE templates (fetch
+        those with :meth:`template_blob` only when needed: ~262 KB each in identify mode)."""
+        return self.read().execute(
+            "SELECT t.rowid, t.tenant, t.subject, t.purpose, t.scheme, t.key_version, t.expires_at, q.seq, "
+            "CASE WHEN substr(t.scheme, 1, 3) = 'he/' THEN NULL ELSE t.template END FROM templates t "
+            "LEFT JOIN template_seq q ON q.tenant = t.tenant AND q.subject = t.subject AND "
+            "q.purpose = t.purpose AND q.scheme = t.scheme ORDER BY t.rowid").fetchall()
+
+    def template_blob(self, rowid: int) -> bytes | None:
+        row = self.read().execute("SELECT template FROM templates WHERE rowid = ?", (rowid,)).fetchone()
+        return None if row is None else bytes(row[0])
+
+    def he_snapshot(self, tenant: str, purpose: str, scheme: str, epoch: int) -> tuple | None:
+        """``(fingerprint, seq, {subject: seq}, snapshot bytes)`` of a stored HE gallery snapshot."""
+        row = self.read().execute("SELECT fingerprint, seq, subjects, snapshot FROM he_snapshots WHERE "
+                                  "tenant = ? AND purpose = ? AND scheme = ? AND epoch = ?",
+                                  (tenant, purpose, scheme, epoch)).fetchone()
+        if row is None:
+            return None
+        return row[0], int(row[1]), json.loads(row[2]), bytes(row[3])
 
     def subject_versions(self) -> dict[tuple[str, str], tuple[int, int]]:
         """``{(tenant, subject): (key_version, revoked_upto)}``."""

@@ -1,0 +1,221 @@
+"""Restart of HE identify galleries from their stored snapshot (real gRPC on loopback): a clean
+stop stores the snapshot, a restart restores it and expands only what changed after it; after a
+SIGKILL the templates table (source of truth) decides: later enrolments are added, later
+withdrawals stay gone. Snapshots go with epoch rotation and Decommission."""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("tenseal")
+
+from engine._proto.veilface.v1 import matcher_pb2 as pb  # noqa: E402
+from engine.client import DeviceClient, LocationClass, OperatorClient  # noqa: E402
+from engine.he import KeyHolder  # noqa: E402
+from engine.he.gallery import EncryptedGallery  # noqa: E402
+from engine.service.launcher import ServerProcess, write_config  # noqa: E402
+from engine.service.testing import NOTICE, PURPOSE, TOKENS, capture, faces, running_server  # noqa: E402
+
+IDENTIFY = "he:dim=128,mode=identify"
+TOL = 1e-3
+
+
+@pytest.fixture(scope="module")
+def ikh():
+    return KeyHolder("identify", 128, tenant="default")
+
+
+@pytest.fixture
+def add_calls(monkeypatch):
+    """Counts ``EncryptedGallery.add`` calls (each one is a ~0.27 s oblivious expansion)."""
+    calls = []
+    orig = EncryptedGallery.add
+
+    def add(self, subject_id, template):
+        calls.append(subject_id)
+        return orig(self, subject_id, template)
+    monkeypatch.setattr(EncryptedGallery, "add", add)
+    return calls
+
+
+def enrol(dev, subject, emb):
+    c = dev.record_consent(subject, NOTICE, 30)
+    return dev.enroll(subject, emb, c.consent_id)
+
+
+def snapshot_rows(db) -> list[tuple]:
+    con = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        return [(e, json.loads(s)) for e, s in con.execute("SELECT epoch, subjects FROM he_snapshots")]
+    finally:
+        con.close()
+
+
+def check_identify(dev, kh, x, present: dict, absent=(), rng=None):
+    """Top-1 of a noisy capture of each present subject is that subject; the decrypted scores of the
+    raw blob equal the plaintext inner products (within 1e-3); absent subjects are not in it."""
+    rng = rng or np.random.default_rng(0)
+    for sid, i in present.items():
+        assert dev.identify(capture(x[i], rng), top_k=1)[0][0] == sid
+    p = faces(1, seed=77)[0]
+    raw = dev._call("Identify", pb.IdentifyRequest(probe=dev.protect_probe(None, p).to_bytes(),
+                                                   purpose=PURPOSE, device_id="gate-1", top_k=1))
+    ids, s = kh.decrypt_scores(raw.encrypted_scores)
+    assert sorted(ids) == sorted(present) and raw.gallery_size == len(present)
+    assert np.abs(s - np.array([p @ x[present[i]] for i in ids])).max() < TOL
+    assert not set(absent) & set(ids)
+
+
+def test_clean_restart_restores_snapshot_without_re_adding(tmp_path, ikh, add_calls):
+    data = tmp_path / "data"
+    x = faces(8, seed=31)
+    with running_server(data, he_snapshot_interval_s=3600) as s:
+        s.client("admin").register_device("gate-1", LocationClass.PUBLIC_PLACE, "lobby", True)
+        s.client("operator").register_he_context(ikh, PURPOSE)
+        dev = DeviceClient(s.target, TOKENS["device"], "gate-1", scheme=IDENTIFY, key_holder=ikh)
+        for i in range(5):
+            enrol(dev, f"s{i}", x[i])
+        assert dev.withdraw("s4").templates_deleted == 1
+        clock = s.clock
+        assert snapshot_rows(data / "veilface.db") == []      # not due yet: written at the clean stop
+    assert len(add_calls) == 5
+    rows = snapshot_rows(data / "veilface.db")
+    assert len(rows) == 1 and rows[0][0] == ikh.epoch and sorted(rows[0][1]) == ["s0", "s1", "s2", "s3"]
+
+    del add_calls[:]
+    t0 = time.perf_counter()
+    with running_server(data, clock=clock, he_snapshot_interval_s=3600) as s:
+        restart_s = time.perf_counter() - t0
+        loaded = s.server.servicer.loaded
+        assert (loaded["he_snapshots"], loaded["he_restored"], loaded["he_added"], loaded["he_removed"]) == \
+            (1, 4, 0, 0)
+        assert add_calls == []                                  # nothing was expanded again
+        dev = DeviceClient(s.target, TOKENS["device"], "gate-1", scheme=IDENTIFY, key_holder=ikh)
+        check_identify(dev, ikh, x, {f"s{i}": i for i in range(4)}, absent=["s4"])
+        # the restored gallery keeps working: enrol, withdraw (purge), then a clean stop again
+        enrol(dev, "s5", x[5])
+        dev.withdraw("s0")
+        check_identify(dev, ikh, x, {"s1": 1, "s2": 2, "s3": 3, "s5": 5}, absent=["s0", "s4"])
+    assert restart_s < 15
+    del add_calls[:]
+    with running_server(data, clock=clock, he_snapshot_interval_s=3600) as s:
+        loaded = s.server.servicer.loaded
+        assert (loaded["he_restored"], loaded["he_added"], loaded["he_removed"]) == (4, 0, 0) and not add_calls
+        dev = DeviceClient(s.target, TOKENS["device"], "gate-1", scheme=IDENTIFY, key_holder=ikh)
+        check_identify(dev, ikh, x, {"s1": 1, "s2": 2, "s3": 3, "s5": 5}, absent=["s0", "s4"])
+    # without snapshots (he_snapshot_interval_s = 0) the gallery is rebuilt and the stored one deleted
+    del add_calls[:]
+    with running_server(data, clock=clock, he_snapshot_interval_s=0) as s:
+        loaded = s.server.servicer.loaded
+        assert (loaded["he_snapshots"], loaded["he_added"]) == (0, 4) and len(add_calls) == 4
+    assert snapshot_rows(data / "veilface.db") == []
+
+
+def test_sigkill_after_snapshot_later_changes_come_from_the_templates_table(tmp_path, ikh):
+    data = tmp_path / "data"
+    db = data / "veilface.db"
+    # snapshot after every 4 adds, not on removal: the kill below hits an outdated snapshot
+    cfg_path, tokens = write_config(data, he_snapshot_interval_s=3600, he_snapshot_batch=4,
+                                    he_snapshot_after_removal=False)
+    x = faces(8, seed=41)
+    srv = ServerProcess(cfg_path)
+    try:
+        OperatorClient(srv.target, tokens["admin"]).register_device("gate-1", LocationClass.PUBLIC_PLACE,
+                                                                    "lobby", True)
+        OperatorClient(srv.target, tokens["operator"]).register_he_context(ikh, PURPOSE)
+        dev = DeviceClient(srv.target, tokens["device"], "gate-1", scheme=IDENTIFY, key_holder=ikh)
+        for i in range(4):
+            enrol(dev, f"s{i}", x[i])
+        deadline = time.monotonic() + 30
+        while not snapshot_rows(db) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(snapshot_rows(db)[0][1]) == ["s0", "s1", "s2", "s3"]
+        enrol(dev, "s4", x[4])                 # after the snapshot
+        enrol(dev, "s5", x[5])
+        dev.withdraw("s1")                     # after the snapshot: must not come back
+        dev.withdraw("s2")
+        enrol(dev, "s2", x[6])                 # same subject id, new template
+        time.sleep(0.3)
+        assert sorted(snapshot_rows(db)[0][1]) == ["s0", "s1", "s2", "s3"]   # still the old snapshot
+    finally:
+        srv.kill()                             # SIGKILL
+
+    srv = ServerProcess(cfg_path)
+    try:
+        loaded = srv.info["loaded"]
+        assert loaded["he_snapshots"] == 1
+        assert (loaded["he_restored"], loaded["he_added"], loaded["he_removed"]) == (2, 3, 1)
+        dev = DeviceClient(srv.target, tokens["device"], "gate-1", scheme=IDENTIFY, key_holder=ikh)
+        check_identify(dev, ikh, x, {"s0": 0, "s2": 6, "s3": 3, "s4": 4, "s5": 5}, absent=["s1"])
+        assert all(h != "s2" for h, _ in dev.identify(x[2], top_k=3))       # the old s2 template is gone
+        op = OperatorClient(srv.target, tokens["operator"])
+        assert {s.subject_id for s in op.list_subjects()} == {"s0", "s2", "s3", "s4", "s5"}
+        # the reconciled gallery is snapshotted again soon (changes + removals after the old one)
+        deadline = time.monotonic() + 30
+        while sorted(snapshot_rows(db)[0][1]) != ["s0", "s2", "s3", "s4", "s5"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert sorted(snapshot_rows(db)[0][1]) == ["s0", "s2", "s3", "s4", "s5"]
+    finally:
+        srv.kill()
+    srv = ServerProcess(cfg_path)
+    try:
+        loaded = srv.info["loaded"]
+        assert (loaded["he_restored"], loaded["he_added"], loaded["he_removed"]) == (5, 0, 0)
+        dev = DeviceClient(srv.target, tokens["device"], "gate-1", scheme=IDENTIFY, key_holder=ikh)
+        check_identify(dev, ikh, x, {"s0": 0, "s2": 6, "s3": 3, "s4": 4, "s5": 5}, absent=["s1"])
+    finally:
+        srv.stop()
+
+
+def test_snapshots_go_with_rotation_and_decommission(tmp_path):
+    kh = KeyHolder("identify", 128, tenant="default")
+    x = faces(2, seed=51)
+    with running_server(tmp_path / "data", he_snapshot_interval_s=3600) as s:
+        db = s.server.store.path
+        s.client("admin").register_device("gate-1", LocationClass.PUBLIC_PLACE, "lobby", True)
+        op = s.client("operator")
+        op.register_he_context(kh, PURPOSE)
+        dev = DeviceClient(s.target, TOKENS["device"], "gate-1", scheme=IDENTIFY, key_holder=kh)
+        enrol(dev, "s0", x[0])
+        assert s.server.servicer.snapshot_he_galleries(force=True) == 1
+        assert [e for e, _ in snapshot_rows(db)] == [1]
+        kh2 = kh.rotate()
+        assert op.register_he_context(kh2, PURPOSE).templates_deleted == 1
+        assert snapshot_rows(db) == []                           # the retired epoch's ciphertexts
+        dev.set_he_keys(key_holder=kh2)
+        enrol(dev, "s1", x[1])
+        assert s.server.servicer.snapshot_he_galleries(force=True) == 1
+        assert [e for e, _ in snapshot_rows(db)] == [2]
+        cert = json.loads(s.client("admin").decommission(reason="end").certificate_json)
+        assert cert["he_snapshots_deleted"] == 1 and snapshot_rows(db) == []
+        assert s.server.servicer.snapshot_he_galleries(force=True) == 0
+    assert snapshot_rows(db) == []                               # nothing written at shutdown either
+
+
+def test_sharded_gallery_restart_and_changed_shard_layout(tmp_path, ikh):
+    data = tmp_path / "data"
+    x = faces(3, seed=61)
+    with running_server(data, he_shards=2, he_snapshot_interval_s=3600) as s:
+        s.client("admin").register_device("gate-1", LocationClass.PUBLIC_PLACE, "lobby", True)
+        s.client("operator").register_he_context(ikh, PURPOSE)
+        dev = DeviceClient(s.target, TOKENS["device"], "gate-1", scheme=IDENTIFY, key_holder=ikh)
+        for i in range(3):
+            enrol(dev, f"s{i}", x[i])
+        clock = s.clock
+    with running_server(data, clock=clock, he_shards=2, he_snapshot_interval_s=3600) as s:
+        loaded = s.server.servicer.loaded
+        assert (loaded["he_snapshots"], loaded["he_restored"], loaded["he_added"]) == (1, 3, 0)
+        dev = DeviceClient(s.target, TOKENS["device"], "gate-1", scheme=IDENTIFY, key_holder=ikh)
+        check_identify(dev, ikh, x, {f"s{i}": i for i in range(3)})
+    # another he_shards: the stored snapshot does not fit, the gallery is rebuilt (and re-snapshotted)
+    with running_server(data, clock=clock, he_shards=1, he_snapshot_interval_s=3600) as s:
+        loaded = s.server.servicer.loaded
+        assert (loaded["he_snapshots"], loaded["he_restored"], loaded["he_added"]) == (0, 0, 3)
+        dev = DeviceClient(s.target, TOKENS["device"], "gate-1", scheme=IDENTIFY, key_holder=ikh)
+        check_identify(dev, ikh, x, {f"s{i}": i for i in range(3)})
+    with running_server(data, clock=clock, he_snapshot_interval_s=3600) as s:
+        assert s.server.servicer.loaded["he_restored"] == 3
