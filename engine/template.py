@@ -11,23 +11,17 @@ its header -- raises :class:`TemplateFormatError`; nothing is guessed.
 """
 from __future__ import annotations
 
-import json
-import struct
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
 from .errors import SchemeMismatch, TemplateFormatError
+from .framing import canonical_json, pack_frame, unpack_frame
 
 MAGIC = b"VFT"
 FORMAT_VERSION = 1
 MAX_TEMPLATE_BYTES = 1 << 20  # 1 MiB: far above any cancellable template; guards the parser
 _ALLOWED_DTYPES = {"uint8", "uint16", "int8", "float32"}
-
-
-def canonical_json(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
 
 
 @dataclass(frozen=True)
@@ -65,34 +59,24 @@ class Template:
         data = np.ascontiguousarray(self.data)
         if data.dtype.name not in _ALLOWED_DTYPES:
             raise TemplateFormatError(f"dtype {data.dtype} cannot be serialised")
-        header = canonical_json({
+        header = {
             "scheme": self.spec.name, "version": self.spec.version, "params": self.spec.params,
             "key_version": int(self.key_version), "dtype": data.dtype.name,
             "shape": list(data.shape),
-        })
-        return MAGIC + struct.pack("<BI", FORMAT_VERSION, len(header)) + header + data.tobytes()
+        }
+        return pack_frame(MAGIC, FORMAT_VERSION, header, data.tobytes())
 
     @classmethod
     def from_bytes(cls, buf: bytes) -> "Template":
-        buf = bytes(buf)
-        if len(buf) > MAX_TEMPLATE_BYTES:
-            raise TemplateFormatError(f"template of {len(buf)} bytes exceeds {MAX_TEMPLATE_BYTES}")
-        if len(buf) < 8 or buf[:3] != MAGIC:
-            raise TemplateFormatError("not a Veilface template (bad magic)")
-        fmt, hlen = struct.unpack_from("<BI", buf, 3)
-        if fmt != FORMAT_VERSION:
-            raise TemplateFormatError(f"unknown template format version {fmt}")
-        if 8 + hlen > len(buf):
-            raise TemplateFormatError("truncated template header")
+        h, payload = unpack_frame(buf, MAGIC, FORMAT_VERSION, error=TemplateFormatError,
+                                  what="template", max_bytes=MAX_TEMPLATE_BYTES)
         try:
-            h = json.loads(buf[8:8 + hlen])
             spec = SchemeSpec(str(h["scheme"]), int(h["version"]), dict(h["params"]))
             dtype, shape, key_version = h["dtype"], tuple(int(s) for s in h["shape"]), int(h["key_version"])
         except (ValueError, KeyError, TypeError) as exc:
             raise TemplateFormatError(f"corrupt template header: {exc}") from None
         if dtype not in _ALLOWED_DTYPES or any(s < 0 for s in shape):
             raise TemplateFormatError(f"bad payload description {dtype}{list(shape)}")
-        payload = buf[8 + hlen:]
         expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
         if len(payload) != expected:
             raise TemplateFormatError(f"payload is {len(payload)} bytes, header says {expected}")

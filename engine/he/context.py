@@ -34,7 +34,6 @@ The header names the blob kind, mode, parameters, tenant, epoch and the context 
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import struct
 import tempfile
@@ -45,6 +44,7 @@ from typing import Any, Sequence
 import numpy as np
 import tenseal.sealapi as seal
 
+from ..framing import canonical_json, pack_frame, unpack_frame
 from ..validation import as_embeddings, check_dim
 from .errors import (HEContextMismatch, HEEpochRevoked, HEFormatError, HEPrivateContext,
                      HEUnsupported)
@@ -131,34 +131,19 @@ class HEParams:
         return p
 
 
-def canonical_json(obj: Any) -> bytes:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
-
-
 # ----------------------------------------------------------------------------------------------
-# blobs
+# blobs: the shared Veilface frame (engine.framing), payload = the SEAL parts back to back
 def pack_blob(kind: str, header: dict, parts: Sequence[bytes]) -> bytes:
-    h = dict(header, kind=kind, parts=[len(p) for p in parts])
-    hb = canonical_json(h)
-    return b"".join([MAGIC, struct.pack("<BI", FORMAT_VERSION, len(hb)), hb, *parts])
+    return pack_frame(MAGIC, FORMAT_VERSION, dict(header, kind=kind, parts=[len(p) for p in parts]), parts)
 
 
 def unpack_blob(buf, kinds: str | Sequence[str] | None = None) -> tuple[dict, list[bytes]]:
     """Parse a blob; ``kinds`` restricts the accepted kinds. Raises :class:`HEFormatError`."""
     if isinstance(buf, np.ndarray):
         buf = buf.tobytes()
-    buf = bytes(buf)
-    if len(buf) > MAX_BLOB_BYTES:
-        raise HEFormatError(f"HE blob of {len(buf)} bytes is too large")
-    if len(buf) < 9 or buf[:4] != MAGIC:
-        raise HEFormatError("not a Veilface HE blob (bad magic)")
-    fmt, hlen = struct.unpack_from("<BI", buf, 4)
-    if fmt != FORMAT_VERSION:
-        raise HEFormatError(f"unknown HE blob format version {fmt}")
-    if 9 + hlen > len(buf):
-        raise HEFormatError("truncated HE blob header")
+    h, payload = unpack_frame(buf, MAGIC, FORMAT_VERSION, error=HEFormatError, what="HE blob",
+                              max_bytes=MAX_BLOB_BYTES)
     try:
-        h = json.loads(buf[9:9 + hlen])
         sizes = [int(s) for s in h["parts"]]
         kind = str(h["kind"])
     except (ValueError, KeyError, TypeError) as exc:
@@ -169,11 +154,11 @@ def unpack_blob(buf, kinds: str | Sequence[str] | None = None) -> tuple[dict, li
             if kind == "secret_context":
                 raise HEPrivateContext("refusing a context that contains the secret key")
             raise HEFormatError(f"expected an HE blob of kind {'/'.join(allowed)}, got {kind!r}")
-    if any(s < 0 for s in sizes) or 9 + hlen + sum(sizes) != len(buf):
+    if any(s < 0 for s in sizes) or sum(sizes) != len(payload):
         raise HEFormatError("HE blob payload does not match its header")
-    parts, off = [], 9 + hlen
+    parts, off = [], 0
     for s in sizes:
-        parts.append(buf[off:off + s])
+        parts.append(payload[off:off + s])
         off += s
     return h, parts
 
