@@ -50,7 +50,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 import numpy as np
 
@@ -61,6 +61,9 @@ from . import attacks as _attacks
 from . import metrics as M
 from ._threads import blas_threads, default_blas_threads
 from .data import Dataset, load
+
+if TYPE_CHECKING:  # report.py pulls in matplotlib; import it only when writing
+    from .report import Report
 
 _DEFAULT_BLAS_THREADS = default_blas_threads()
 DEFAULT_SCHEMES = ("biohash:bits=256,512", "iom:m=256,q=16", "rotation", "he")

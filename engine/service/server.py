@@ -1008,7 +1008,7 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         rows = c.execute(f"SELECT subject, MAX(key_version), json_group_array(DISTINCT scheme), "
                          f"json_group_array(DISTINCT purpose), MIN(enrolled_at), MIN(expires_at) FROM templates "
                          f"WHERE {where} GROUP BY subject ORDER BY subject LIMIT ?", args + [size + 1]).fetchall()
-        total = c.execute(f"SELECT COUNT(DISTINCT subject) FROM templates WHERE tenant = ?"
+        total = c.execute("SELECT COUNT(DISTINCT subject) FROM templates WHERE tenant = ?"
                           + (" AND purpose = ?" if req.purpose else ""),
                           [tenant] + ([req.purpose] if req.purpose else [])).fetchone()[0]
         more = len(rows) > size
