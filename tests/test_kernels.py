@@ -394,3 +394,27 @@ def test_thread_pool_survives_fork():
     assert p.exitcode == 0
     np.testing.assert_array_equal(np.array(s), want[0])
     np.testing.assert_array_equal(np.array(i), want[1])
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no sched_setaffinity")
+def test_pool_with_caller_pinned_and_migrating():
+    # the pool keeps its workers off the caller's current CPU (re-aimed when the caller moves);
+    # results must not depend on where the caller runs, also when it is pinned to one CPU (no
+    # CPU left for the workers) and when it asks for more threads than there are CPUs
+    rng = np.random.default_rng(12)
+    c = rng.integers(0, 256, (40_000, 32), dtype=np.uint8)
+    q = rng.integers(0, 256, (3, 32), dtype=np.uint8)
+    ref = R.hamming_topk(q, c, 9)
+    saved = os.sched_getaffinity(0)
+    try:
+        for mask in [{cpu} for cpu in sorted(saved)] + [saved] + [{cpu} for cpu in sorted(saved)[::-1]]:
+            os.sched_setaffinity(0, mask)
+            for nt in (2, 3):
+                s, i = K.hamming_topk(q, c, 9, n_threads=nt)
+                np.testing.assert_array_equal(s, ref[0])
+                np.testing.assert_array_equal(i, ref[1])
+            assert os.sched_getaffinity(0) == mask  # the caller's own mask is left alone
+    finally:
+        os.sched_setaffinity(0, saved)
+    s, i = K.hamming_topk(q, c, 9, n_threads=2)
+    np.testing.assert_array_equal(i, ref[1])
