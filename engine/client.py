@@ -131,25 +131,22 @@ class OperatorClient(_Base):
             device_id=device_id, location_class=location_class, location_kind=location_kind,
             signage_declared=signage_declared, tenant=tenant))
 
-    def list_subjects(self, page_size: int = 100, purpose: str = "", tenant: str = "") -> Iterator[pb.SubjectInfo]:
-        token = ""
+    def _pages(self, method: str, request, field: str) -> Iterator:
+        """Follow ``next_page_token`` until the last page, yielding the items of ``field``."""
         while True:
-            resp = self._call("ListSubjects", pb.ListSubjectsRequest(page_size=page_size, page_token=token,
-                                                                     purpose=purpose, tenant=tenant))
-            yield from resp.subjects
-            token = resp.next_page_token
-            if not token:
+            resp = self._call(method, request)
+            yield from getattr(resp, field)
+            if not resp.next_page_token:
                 return
+            request.page_token = resp.next_page_token
+
+    def list_subjects(self, page_size: int = 100, purpose: str = "", tenant: str = "") -> Iterator[pb.SubjectInfo]:
+        return self._pages("ListSubjects", pb.ListSubjectsRequest(
+            page_size=page_size, purpose=purpose, tenant=tenant), "subjects")
 
     def audit_log(self, page_size: int = 500, action: str = "", subject_id: str = "") -> Iterator[pb.AuditEntry]:
-        token = ""
-        while True:
-            resp = self._call("GetAuditLog", pb.GetAuditLogRequest(page_size=page_size, page_token=token,
-                                                                   action=action, subject_id=subject_id))
-            yield from resp.entries
-            token = resp.next_page_token
-            if not token:
-                return
+        return self._pages("GetAuditLog", pb.GetAuditLogRequest(
+            page_size=page_size, action=action, subject_id=subject_id), "entries")
 
     def verify_audit_chain(self) -> pb.VerifyAuditChainResponse:
         return self._call("VerifyAuditChain", pb.VerifyAuditChainRequest(), timeout=max(self.timeout, 120))

@@ -90,19 +90,21 @@ def tiled_pyramid_rects(nr: int, nc: int, n: int = 6, padding: int = 10, outer: 
     return [tuple(rc) for rc in rects[:i]], out_nr, out_nc
 
 
+def _bilinear_grid(h: int, w: int, out_h: int, out_w: int):
+    """dlib's resize sampling grid: source rows/cols either side and float64 fractions."""
+    y = np.arange(out_h, dtype=np.float64) * ((h - 1) / max(out_h - 1, 1))
+    x = np.arange(out_w, dtype=np.float64) * ((w - 1) / max(out_w - 1, 1))
+    top = np.floor(y).astype(np.int64)
+    left = np.floor(x).astype(np.int64)
+    return top, np.minimum(top + 1, h - 1), left, np.minimum(left + 1, w - 1), y - top, x - left
+
+
 def resize_bilinear_float(src: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
     """dlib ``resize_image`` (bilinear) for float planes (..., H, W) -> (..., out_h, out_w)."""
-    h, w = src.shape[-2:]
-    xs = (w - 1) / max(out_w - 1, 1)
-    ys = (h - 1) / max(out_h - 1, 1)
-    y = np.arange(out_h, dtype=np.float64) * ys
-    x = np.arange(out_w, dtype=np.float64) * xs
-    top = np.floor(y).astype(np.int64)
-    bottom = np.minimum(top + 1, h - 1)
-    left = np.floor(x).astype(np.int64)
-    right = np.minimum(left + 1, w - 1)
-    tb = (y - top).astype(np.float32)[:, None]
-    lr = (x - left).astype(np.float32)[None, :]
+    top, bottom, left, right, fy, fx = _bilinear_grid(*src.shape[-2:], out_h, out_w)
+    # dlib interpolates float images in float32
+    tb = fy.astype(np.float32)[:, None]
+    lr = fx.astype(np.float32)[None, :]
     tl = src[..., top[:, None], left[None, :]]
     tr = src[..., top[:, None], right[None, :]]
     bl = src[..., bottom[:, None], left[None, :]]
@@ -113,17 +115,10 @@ def resize_bilinear_float(src: np.ndarray, out_h: int, out_w: int) -> np.ndarray
 
 
 def resize_bilinear_uint8(img: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
-    h, w = img.shape[:2]
-    xs = (w - 1) / max(out_w - 1, 1)
-    ys = (h - 1) / max(out_h - 1, 1)
-    y = np.arange(out_h, dtype=np.float64) * ys
-    x = np.arange(out_w, dtype=np.float64) * xs
-    top = np.floor(y).astype(np.int64)
-    bottom = np.minimum(top + 1, h - 1)
-    left = np.floor(x).astype(np.int64)
-    right = np.minimum(left + 1, w - 1)
-    tb = (y - top)[:, None, None]
-    lr = (x - left)[None, :, None]
+    """dlib ``resize_image`` (bilinear) for uint8 images (H, W, C), in float64 then clipped."""
+    top, bottom, left, right, fy, fx = _bilinear_grid(*img.shape[:2], out_h, out_w)
+    tb = fy[:, None, None]
+    lr = fx[None, :, None]
     im = img.astype(np.float64)
     out = (1 - tb) * ((1 - lr) * im[top][:, left] + lr * im[top][:, right]) + \
         tb * ((1 - lr) * im[bottom][:, left] + lr * im[bottom][:, right])
