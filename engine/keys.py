@@ -10,7 +10,6 @@ version (numpy's own Generator streams are not guaranteed stable across releases
 """
 from __future__ import annotations
 
-import hmac
 import secrets
 from dataclasses import dataclass
 
@@ -86,11 +85,6 @@ def check_key(key: bytes) -> bytes:
     if len(key) < 16:
         raise InvalidParameter(f"key must be at least 16 bytes, got {len(key)}")
     return key
-
-
-def keys_equal(a: bytes, b: bytes) -> bool:
-    """Constant-time comparison of two keys."""
-    return hmac.compare_digest(a, b)
 
 
 class KeyedStream:

@@ -140,10 +140,6 @@ class Scheme(ABC):
     def to_similarity(self, raw: np.ndarray) -> np.ndarray:
         """Map kernel-native scores to similarities (monotone, higher = more similar)."""
 
-    def from_similarity(self, s: float) -> float:
-        """Inverse of :meth:`to_similarity` for thresholds (raw units)."""
-        raise NotImplementedError
-
 
 def _cached_material(scheme: Scheme, key: bytes):
     # Expanding a key (QR of a dim x dim matrix) costs milliseconds; a device protects many

@@ -50,6 +50,3 @@ class BioHash(Scheme):
 
     def to_similarity(self, raw: np.ndarray) -> np.ndarray:
         return 1.0 - np.asarray(raw, dtype=np.float64) / self.bits
-
-    def from_similarity(self, s: float) -> float:
-        return (1.0 - s) * self.bits

@@ -72,6 +72,3 @@ class IoMHash(Scheme):
 
     def to_similarity(self, raw: np.ndarray) -> np.ndarray:
         return np.asarray(raw, dtype=np.float64) / self.m
-
-    def from_similarity(self, s: float) -> float:
-        return s * self.m

@@ -64,9 +64,6 @@ class Rotation(Scheme):
         raw = np.asarray(raw, dtype=np.float64)
         return raw / (self.scale * self.scale) if self.quant == "int8" else raw
 
-    def from_similarity(self, s: float) -> float:
-        return s * self.scale * self.scale if self.quant == "int8" else s
-
     def invert(self, key: bytes, codes: np.ndarray) -> np.ndarray:
         """Recover embeddings from codes with the key (shows why rotation alone is weak)."""
         r = self._material(key)
