@@ -7,7 +7,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.veilface-installed
 SOURCES := pyproject.toml setup.py $(wildcard csrc/*.hpp csrc/*.cpp engine/*.pyx engine/*/*.pyx proto/veilface/v1/*.proto)
 
-.PHONY: install demo test bench bench-full clean
+.PHONY: install demo test lint bench bench-full clean
 
 install: $(STAMP)
 
@@ -20,8 +20,11 @@ $(STAMP): $(SOURCES)
 demo: install
 	$(VENV)/bin/veilface demo
 
-test: install
+test: install lint
 	$(PY) -m pytest -q
+
+lint: install
+	$(VENV)/bin/ruff check engine tests bench models setup.py
 
 bench: install
 	$(PY) -m bench --quick --json bench-quick.json

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -28,8 +27,8 @@ def generate_grpc_stubs() -> None:
     if not protos:
         return
     try:
-        from grpc_tools import protoc
         import grpc_tools
+        from grpc_tools import protoc
     except ImportError as exc:  # pragma: no cover - build-system requires it
         raise SystemExit("veilface: grpcio-tools is needed to generate the gRPC stubs "
                          "(pip install grpcio-tools)") from exc

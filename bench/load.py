@@ -56,6 +56,7 @@ def _enrol(target, tokens, scheme_desc, prefix, centres, workers=4):
 def _drive(target, token, method, requests, clients, duration, cap):
     """Run ``requests`` (serialised protos, round robin) from ``clients`` threads."""
     import grpc
+
     from engine._proto.veilface.v1 import matcher_pb2 as pb
     resp_type = {"Verify": pb.VerifyResponse, "Identify": pb.IdentifyResponse}[method]
     channel = grpc.insecure_channel(target)

@@ -13,7 +13,6 @@ import pytest
 
 from engine import kernels
 
-
 K = 10
 N_HAM = 1_000_000
 N_VEC = 100_000

@@ -9,6 +9,11 @@ from __future__ import annotations
 __version__ = "0.1.0"
 
 from .errors import (  # noqa: F401
-    VeilfaceError, InvalidEmbedding, TemplateFormatError, SchemeMismatch, UnknownScheme,
-    InvalidParameter, NotEnrolled,
+    InvalidEmbedding,
+    InvalidParameter,
+    NotEnrolled,
+    SchemeMismatch,
+    TemplateFormatError,
+    UnknownScheme,
+    VeilfaceError,
 )

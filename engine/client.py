@@ -27,9 +27,9 @@ import json
 import os
 import threading
 import uuid
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import grpc
 
@@ -53,7 +53,7 @@ class ServiceError(VeilfaceError):
         self.code, self.reason, self.details = code, reason, message
 
     @classmethod
-    def from_rpc(cls, err: grpc.RpcError) -> "ServiceError":
+    def from_rpc(cls, err: grpc.RpcError) -> ServiceError:
         reason = ""
         for k, v in (err.trailing_metadata() or ()):
             if k == REASON_KEY:

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import json
 import struct
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 _HEAD = struct.Struct("<BI")
 

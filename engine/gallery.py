@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import threading
 from abc import ABC, abstractmethod
-from typing import NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 

@@ -28,8 +28,8 @@ from .errors import InvalidParameter
 from .validation import check_int
 
 try:
-    from . import _kernels as _native
     from . import _bitpack as _bp
+    from . import _kernels as _native
 except ImportError as _exc:  # pragma: no cover - only when the extensions were not built
     # No silent numpy fallback: a broken build must fail loudly, not run 50x slower.
     raise ImportError(f"Veilface's native kernels are not built ({_exc}). Reinstall with "

@@ -67,7 +67,7 @@ class Template:
         return pack_frame(MAGIC, FORMAT_VERSION, header, data.tobytes())
 
     @classmethod
-    def from_bytes(cls, buf: bytes) -> "Template":
+    def from_bytes(cls, buf: bytes) -> Template:
         h, payload = unpack_frame(buf, MAGIC, FORMAT_VERSION, error=TemplateFormatError,
                                   what="template", max_bytes=MAX_TEMPLATE_BYTES)
         try:
@@ -83,7 +83,7 @@ class Template:
         data = np.frombuffer(payload, dtype=dtype).reshape(shape).copy()
         return cls(spec, data, key_version)
 
-    def require(self, spec: SchemeSpec) -> "Template":
+    def require(self, spec: SchemeSpec) -> Template:
         """Return self if it was made with ``spec``; raise :class:`SchemeMismatch` otherwise."""
         if self.spec != spec:
             raise SchemeMismatch(f"template made with {self.spec.key()}, expected {spec.key()}")

@@ -26,7 +26,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     paths = build_models(args.out, force=args.force, verbose=True)
     print(f"models in {paths.directory}")
-    for key, out in paths.manifest["outputs"].items():
+    for _key, out in paths.manifest["outputs"].items():
         print(f"  {out['file']:28s} sha256={out['sha256'][:16]}...  ({out['size']} bytes)")
     return 0
 

@@ -107,7 +107,7 @@ def test_manifest_and_cache(model_paths, tmp_path):
     src = find_dlib_models()
     for key, fname in SOURCES.items():
         assert m["sources"][key]["sha256"] == sha256_file(src / fname)
-    for key, out in m["outputs"].items():
+    for _key, out in m["outputs"].items():
         assert sha256_file(model_paths.directory / out["file"]) == out["sha256"]
     # second call is a cache hit (no rewrite)
     mtime = model_paths.resnet.stat().st_mtime_ns

@@ -2,7 +2,8 @@ import threading
 
 import numpy as np
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.errors import InvalidParameter, NotEnrolled, SchemeMismatch
 from engine.gallery import GALLERY_BACKENDS, Match, make_gallery

@@ -10,9 +10,18 @@ pytest.importorskip("tenseal")
 import tenseal.sealapi as seal  # noqa: E402
 
 from engine.errors import NotEnrolled, TemplateFormatError, VeilfaceError  # noqa: E402
-from engine.he import (EncryptedGallery, HEContextMismatch, HEEpochRevoked, HEFormatError,  # noqa: E402
-                       HEPrivateContext, HEUnsupported, KeyHolder, PublicContext, blob_header,
-                       encrypt_block_blob)
+from engine.he import (  # noqa: E402
+    EncryptedGallery,
+    HEContextMismatch,
+    HEEpochRevoked,
+    HEFormatError,
+    HEPrivateContext,
+    HEUnsupported,
+    KeyHolder,
+    PublicContext,
+    blob_header,
+    encrypt_block_blob,
+)
 from engine.he.context import core_for, pack_blob, unpack_blob  # noqa: E402
 from engine.schemes import make_scheme  # noqa: E402
 from engine.template import Template  # noqa: E402

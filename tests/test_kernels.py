@@ -22,7 +22,6 @@ from engine import kernels as K
 from engine import reference as R
 from engine.errors import InvalidParameter
 
-
 LEVELS = K.simd_levels()
 HYP = settings(max_examples=60, deadline=None, derandomize=True,
                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

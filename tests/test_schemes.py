@@ -3,8 +3,7 @@ import hashlib
 import numpy as np
 import pytest
 
-from engine.errors import (InvalidEmbedding, InvalidParameter, SchemeMismatch, TemplateFormatError,
-                           UnknownScheme)
+from engine.errors import InvalidEmbedding, InvalidParameter, SchemeMismatch, TemplateFormatError, UnknownScheme
 from engine.schemes import BioHash, IoMHash, Rotation, available_schemes, make_scheme, parse_factory
 from engine.template import Template
 

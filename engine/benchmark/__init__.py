@@ -21,12 +21,12 @@ import platform
 import statistics
 import sys
 import time
-from typing import Callable, Iterable, Union
+from collections.abc import Callable, Iterable
 
 SuiteFn = Callable[[bool], list]
 
 #: suite name -> "module:function" (or a callable). Order = run order.
-SUITES: dict[str, Union[str, SuiteFn]] = {
+SUITES: dict[str, str | SuiteFn] = {
     "kernels": "engine.benchmark.kernels:run",
     "he": "engine.benchmark.he:run",
 }
@@ -35,7 +35,7 @@ SUITES: dict[str, Union[str, SuiteFn]] = {
 RECORD_KEYS = ("name", "n", "dim_or_bits", "queries", "ours_s", "baseline", "baseline_s", "speedup")
 
 
-def register_suite(name: str, func: Union[str, SuiteFn]) -> None:
+def register_suite(name: str, func: str | SuiteFn) -> None:
     """Register (or replace) a suite: a callable ``f(quick) -> list[dict]`` or ``"module:function"``."""
     SUITES[name] = func
 
@@ -91,7 +91,7 @@ def record(name: str, n: int, dim_or_bits, queries: int, ours_s: float, baseline
 
 # ------------------------------------------------------------------------------------------
 # running and reporting
-def _resolve(spec: Union[str, SuiteFn]) -> SuiteFn | None:
+def _resolve(spec: str | SuiteFn) -> SuiteFn | None:
     if callable(spec):
         return spec
     mod_name, _, fn_name = spec.partition(":")

@@ -42,11 +42,11 @@ def _tenseal_context():
 
 def _verify_rows(quick: bool, rng) -> tuple[list[dict], dict]:
     import tenseal as ts
+    import tenseal.sealapi as seal
 
-    from . import compare_times, record
     from ..he.context import KeyHolder, seal_load
     from ..he.gallery import EncryptedGallery
-    import tenseal.sealapi as seal
+    from . import compare_times, record
 
     tctx = _tenseal_context()
     rows, per_dim_dot = [], {}
@@ -114,10 +114,10 @@ def _part(blob: bytes) -> bytes:
 
 
 def _identify_rows(quick: bool, rng, per_dim_dot: dict) -> list[dict]:
-    from . import record
     from ..he.context import KeyHolder
     from ..he.gallery import encrypt_block_blob
     from ..he.shards import ShardedEncryptedGallery
+    from . import record
 
     dim = 128
     n = 16384 if quick else 100_000
@@ -132,7 +132,7 @@ def _identify_rows(quick: bool, rng, per_dim_dot: dict) -> list[dict]:
     try:
         rss_before = sum(_rss(pid) for pid in gallery.pids)
         t0 = time.perf_counter()
-        for bi, (i, b) in enumerate(zip(range(0, n, block), blobs)):
+        for i, b in zip(range(0, n, block), blobs):
             gallery.add_block([f"s{j}" for j in range(i, min(i + block, n))], b)
         load_s = time.perf_counter() - t0
         del blobs

@@ -18,7 +18,7 @@ unprotected system (cosine >= threshold), see :func:`inversion_success`.
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 

@@ -7,9 +7,9 @@ came from (the report quotes it, and says loudly when the data are synthetic).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -64,7 +64,7 @@ class Dataset:
     def samples_per_subject(self) -> np.ndarray:
         return np.bincount(self.labels, minlength=len(self.names))
 
-    def with_min_samples(self, k: int = 2) -> "Dataset":
+    def with_min_samples(self, k: int = 2) -> Dataset:
         """Only subjects with at least ``k`` samples (genuine pairs need two), relabelled."""
         counts = self.samples_per_subject()
         keep_subj = np.flatnonzero(counts >= k)

@@ -48,9 +48,10 @@ import hashlib
 import itertools
 import sys
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -648,7 +649,7 @@ def _flatten(rec: dict) -> dict:
 def evaluate(data: str | Path | Dataset | None = None, schemes: Sequence[str] | None = None,
              out: str | Path | None = None, seed: int = 0, *, subjects: int = 200, samples: int = 5,
              dim: int = 128, images_root: str | Path | None = None, quick: bool = False,
-             progress: bool | None = None, plots: bool = True, **options) -> "Report":
+             progress: bool | None = None, plots: bool = True, **options) -> Report:
     """Evaluate protection schemes on one dataset; the Python twin of ``veilface eval``.
 
     Args:

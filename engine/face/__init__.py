@@ -10,11 +10,24 @@ Importing this package is cheap: numpy only; onnx/onnxruntime/Pillow load on fir
 from __future__ import annotations
 
 from .errors import (  # noqa: F401
-    FaceError, ModelConversionError, ModelNotFound, MultipleFaces, NoFaceFound, UnreadableImage,
+    FaceError,
+    ModelConversionError,
+    ModelNotFound,
+    MultipleFaces,
+    NoFaceFound,
+    UnreadableImage,
 )
 from .pipeline import (  # noqa: F401
-    ArcFaceEmbedder, Face, FacePipeline, align, default_pipeline, detect, embed, embed_image,
-    landmarks, load_image,
+    ArcFaceEmbedder,
+    Face,
+    FacePipeline,
+    align,
+    default_pipeline,
+    detect,
+    embed,
+    embed_image,
+    landmarks,
+    load_image,
 )
 
 __all__ = [

@@ -66,7 +66,7 @@ def cmd_models_build(args) -> int:
 
 
 def cmd_models_info(args) -> int:
-    from .models import MANIFEST, model_dir, verify_outputs, _paths, _read_manifest
+    from .models import MANIFEST, _paths, _read_manifest, model_dir, verify_outputs
 
     d = Path(args.model_dir) if args.model_dir else model_dir()
     m = _read_manifest(d)

@@ -22,7 +22,6 @@ import numpy as np
 
 from . import geometry as g
 
-
 # -- pyramid_down<6> helpers -------------------------------------------------------------
 
 def _pyr_n_rate(n: int) -> float:

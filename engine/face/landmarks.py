@@ -42,7 +42,7 @@ class ShapePredictor:
         self.initial = model.initial_shape.reshape(-1, 2).astype(np.float32)
 
     @classmethod
-    def from_npz(cls, path) -> "ShapePredictor":
+    def from_npz(cls, path) -> ShapePredictor:
         with np.load(path) as z:
             return cls(ShapePredictorModel(**{k: z[k] for k in
                                               ("initial_shape", "splits", "leaves", "anchor_idx", "deltas")}))

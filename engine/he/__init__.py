@@ -11,8 +11,7 @@ template or a score in the clear.
 from __future__ import annotations
 
 from .context import HEParams, KeyHolder, MatcherContext, PublicContext, blob_header
-from .errors import (HEContextMismatch, HEEpochRevoked, HEError, HEFormatError, HEPrivateContext,
-                     HEUnsupported)
+from .errors import HEContextMismatch, HEEpochRevoked, HEError, HEFormatError, HEPrivateContext, HEUnsupported
 from .gallery import EncryptedGallery, encrypt_block_blob, merge_scores
 
 __all__ = ["HEParams", "KeyHolder", "PublicContext", "MatcherContext", "blob_header",

@@ -38,16 +38,16 @@ import os
 import struct
 import tempfile
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import tenseal.sealapi as seal
 
 from ..framing import canonical_json, pack_frame, unpack_frame
 from ..validation import as_embeddings, check_dim
-from .errors import (HEContextMismatch, HEEpochRevoked, HEFormatError, HEPrivateContext,
-                     HEUnsupported)
+from .errors import HEContextMismatch, HEEpochRevoked, HEFormatError, HEPrivateContext, HEUnsupported
 
 MAGIC = b"VFHE"
 FORMAT_VERSION = 1
@@ -76,7 +76,7 @@ class HEParams:
     scale_bits: int
 
     @classmethod
-    def for_mode(cls, mode: str, dim: int) -> "HEParams":
+    def for_mode(cls, mode: str, dim: int) -> HEParams:
         dim = check_dim(dim)
         if mode == "verify":
             if 2 * dim - 1 > 2048:
@@ -120,7 +120,7 @@ class HEParams:
                 "moduli": list(self.moduli), "scale_bits": self.scale_bits}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "HEParams":
+    def from_dict(cls, d: dict) -> HEParams:
         try:
             p = cls(str(d["mode"]), int(d["dim"]), int(d["poly_degree"]),
                     tuple(int(m) for m in d["moduli"]), int(d["scale_bits"]))
@@ -425,7 +425,7 @@ class PublicContext(_ContextBase):
         return pack_blob("public_context", dict(self._header(), eval_keys=self.has_eval_keys), self._parts)
 
     @classmethod
-    def from_bytes(cls, buf) -> "PublicContext":
+    def from_bytes(cls, buf) -> PublicContext:
         """Load a public context; bytes of a private (secret-key) context raise :class:`HEPrivateContext`."""
         h, parts = unpack_blob(buf, "public_context")
         params = HEParams.from_dict(h["params"])
@@ -442,7 +442,7 @@ class PublicContext(_ContextBase):
             gk = seal_load(seal.GaloisKeys, core.ctx, parts[2])
         return cls(params, str(h["tenant"]), int(h["epoch"]), fp, pk, rk, gk, _parts=list(parts))
 
-    def device_context(self) -> "PublicContext":
+    def device_context(self) -> PublicContext:
         """The same context without evaluation keys (what a capture device needs to encrypt)."""
         return PublicContext(self.params, self.tenant, self.epoch, self.fingerprint, self.public_key)
 
@@ -554,7 +554,7 @@ class KeyHolder(_ContextBase):
         return pack_blob("secret_context", self._header(), [self._pk_bytes, seal_save(self._sk)])
 
     @classmethod
-    def from_bytes(cls, buf) -> "KeyHolder":
+    def from_bytes(cls, buf) -> KeyHolder:
         h, parts = unpack_blob(buf, "secret_context")
         params = HEParams.from_dict(h["params"])
         core = core_for(params)
@@ -565,7 +565,7 @@ class KeyHolder(_ContextBase):
         return cls(params.mode, params.dim, str(h["tenant"]), int(h["epoch"]), _secret_key=sk, _public_key=pk)
 
     # -- revocation ------------------------------------------------------------------------
-    def rotate(self) -> "KeyHolder":
+    def rotate(self) -> KeyHolder:
         """Re-key: a fresh key holder for epoch+1; this one is shredded (its ciphertexts become useless)."""
         self._alive()
         new = KeyHolder(self.params.mode, self.params.dim, self.tenant, self.epoch + 1)

@@ -29,7 +29,7 @@ subject on one core (~0.25 s on each of two dimension shards), no extra memory.
 from __future__ import annotations
 
 import threading
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 import tenseal.sealapi as seal
@@ -414,7 +414,7 @@ class EncryptedGallery:
                                                       blocks=blocks), parts)
 
     @classmethod
-    def restore(cls, context, snapshot, **kwargs) -> "EncryptedGallery":
+    def restore(cls, context, snapshot, **kwargs) -> EncryptedGallery:
         """A new gallery for ``context`` holding the state of :meth:`snapshot` bytes.
 
         A snapshot of another context or epoch raises :class:`~engine.he.errors.HEContextMismatch`

@@ -19,14 +19,12 @@ from __future__ import annotations
 import multiprocessing as mp
 import threading
 import traceback
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 from ..errors import InvalidParameter
 from .context import PublicContext, require_public
 from .errors import HEError, HEFormatError
-from .gallery import (SNAPSHOT_FORMAT, _blob_of, _check_subject, add_partial_scores, merge_scores,
-                      split_block_blob)
-
+from .gallery import SNAPSHOT_FORMAT, _blob_of, _check_subject, add_partial_scores, merge_scores, split_block_blob
 
 START_TIMEOUT_S = 120.0  # loading the public context (Galois keys) takes a few seconds
 _POLL_S = 0.5
@@ -293,7 +291,7 @@ class ShardedEncryptedGallery:
             return pack_blob("sharded_gallery_snapshot", head, snaps)
 
     @classmethod
-    def restore(cls, context, snapshot, shards: int = 2, **kwargs) -> "ShardedEncryptedGallery":
+    def restore(cls, context, snapshot, shards: int = 2, **kwargs) -> ShardedEncryptedGallery:
         """New shard processes holding the state of :meth:`snapshot` bytes (same ``shards`` and
         split; otherwise :class:`~engine.he.errors.HEFormatError`)."""
         g = cls(context, shards=shards, **kwargs)

@@ -7,7 +7,8 @@ template so that a template from another scheme or parameter set is refused, nev
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import ClassVar, Sequence
+from collections.abc import Sequence
+from typing import ClassVar
 
 import numpy as np
 

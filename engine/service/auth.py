@@ -10,8 +10,8 @@ from __future__ import annotations
 import contextvars
 import hashlib
 import hmac
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 import grpc
 

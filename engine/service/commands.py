@@ -79,6 +79,7 @@ def _config(args, **extra):
 
 def _serve(args) -> int:
     import logging
+
     from .config import ensure_tokens
     from .server import serve
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -99,6 +100,7 @@ def _demo(args) -> int:
 
 def _store(args):
     from pathlib import Path
+
     from .status import NotFound
     from .store import DB_NAME, Store
     cfg = _config(args)

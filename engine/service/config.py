@@ -124,7 +124,7 @@ class ServiceConfig:
         except ValueError:
             return False
 
-    def validate(self) -> "ServiceConfig":
+    def validate(self) -> ServiceConfig:
         if not self.is_loopback():
             if not self.allow_remote:
                 raise BadRequest(f"refusing to listen on {self.host}: remote listening needs "

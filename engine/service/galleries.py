@@ -15,7 +15,7 @@ on start (engine/service/README.md, "Restart: gallery snapshots").
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from .status import PreconditionFailed
 

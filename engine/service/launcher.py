@@ -79,7 +79,7 @@ class ServerProcess:
             self.proc.wait()
         self._log.close()
 
-    def __enter__(self) -> "ServerProcess":
+    def __enter__(self) -> ServerProcess:
         return self
 
     def __exit__(self, *exc) -> None:

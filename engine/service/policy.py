@@ -8,8 +8,7 @@ from __future__ import annotations
 import datetime as _dt
 import re
 
-from .status import (BadRequest, ConsentRequired, DeviceNotAllowed, GuardianConsentRequired,
-                     PurposeNotConsented)
+from .status import BadRequest, ConsentRequired, DeviceNotAllowed, GuardianConsentRequired, PurposeNotConsented
 
 # location classes (mirror veilface.v1.LocationClass)
 UNSPECIFIED, PUBLIC_PLACE, RESTRICTED_AREA, PRIVATE_SPACE = 0, 1, 2, 3

@@ -48,7 +48,7 @@ class IntrusionDetector:
         self._ops = 0
 
     @classmethod
-    def from_config(cls, clock: Clock, cfg) -> "IntrusionDetector":
+    def from_config(cls, clock: Clock, cfg) -> IntrusionDetector:
         return cls(clock, cfg.verify_fail_limit, cfg.verify_fail_window_s, cfg.verify_lockout_s,
                    cfg.identify_limit, cfg.identify_nomatch_limit, cfg.identify_window_s,
                    cfg.identify_lockout_s)

@@ -34,13 +34,33 @@ from .audit import AuditEvent
 from .auth import AuthInterceptor, Principal, TokenTable, current_principal
 from .clock import Clock, SystemClock
 from .config import ServiceConfig
-from .encrypted import (HE_SQL, HEEntry, HERegistry, TicketBook, blob_kind_header, check_blob,
-                        check_registration, is_he_spec, parse_public_context)
+from .encrypted import (
+    HE_SQL,
+    HEEntry,
+    HERegistry,
+    TicketBook,
+    blob_kind_header,
+    check_blob,
+    check_registration,
+    is_he_spec,
+    parse_public_context,
+)
 from .galleries import new_gallery
 from .ratelimit import Alert, IntrusionDetector
-from .status import (REASON_KEY, AlreadyExists, BadRequest, DeadlineExceeded, Decommissioned,
-                     KeyVersionRevoked, NotFound, PermissionDenied, PreconditionFailed,
-                     PurposeNotConsented, Throttled, classify)
+from .status import (
+    REASON_KEY,
+    AlreadyExists,
+    BadRequest,
+    DeadlineExceeded,
+    Decommissioned,
+    KeyVersionRevoked,
+    NotFound,
+    PermissionDenied,
+    PreconditionFailed,
+    PurposeNotConsented,
+    Throttled,
+    classify,
+)
 from .store import Store
 
 log = logging.getLogger("veilface.service")
@@ -237,7 +257,7 @@ class MatcherServicer(pb_grpc.MatcherServicer):
                if s not in held or seq is None or seqs.get(s) != seq]
         for s in stale:                       # deleted after the snapshot: purge its slot
             g.remove(s)
-        for seq, rowid, s in sorted(add, key=lambda a: (a[0] is None, a[0] or 0, a[1])):
+        for _seq, rowid, s in sorted(add, key=lambda a: (a[0] is None, a[0] or 0, a[1])):
             blob = self.store.template_blob(rowid)
             if blob is not None:              # ciphertext blob: identify mode expands it here
                 g.add(s, Template.from_bytes(blob))
@@ -1214,7 +1234,7 @@ class VeilfaceServer:
         host = self.cfg.host
         return f"{'[' + host + ']' if ':' in host and not host.startswith('[') else host}:{self.port}"
 
-    def start(self) -> "VeilfaceServer":
+    def start(self) -> VeilfaceServer:
         self.server.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, self._health_pb2.HealthCheckResponse.SERVING)
@@ -1231,7 +1251,7 @@ class VeilfaceServer:
     def wait(self) -> None:
         self.server.wait_for_termination()
 
-    def __enter__(self) -> "VeilfaceServer":
+    def __enter__(self) -> VeilfaceServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -7,8 +7,15 @@ Codes are kept as names here so that this module does not import grpc.
 """
 from __future__ import annotations
 
-from ..errors import (InvalidEmbedding, InvalidParameter, NotEnrolled, SchemeMismatch,
-                      TemplateFormatError, UnknownScheme, VeilfaceError)
+from ..errors import (
+    InvalidEmbedding,
+    InvalidParameter,
+    NotEnrolled,
+    SchemeMismatch,
+    TemplateFormatError,
+    UnknownScheme,
+    VeilfaceError,
+)
 
 REASON_KEY = "veilface-reason"
 

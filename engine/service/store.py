@@ -17,10 +17,10 @@ import json
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from . import audit as audit_mod
 from .audit import AuditEvent
@@ -105,7 +105,7 @@ class TemplateRow:
 class Tx:
     """An open write transaction: the connection plus an audit appender."""
 
-    def __init__(self, store: "Store", conn: sqlite3.Connection) -> None:
+    def __init__(self, store: Store, conn: sqlite3.Connection) -> None:
         self.store, self.conn = store, conn
         self.execute = conn.execute
 
