@@ -35,12 +35,11 @@ import grpc
 
 from ._proto.veilface.v1 import matcher_pb2 as pb
 from ._proto.veilface.v1 import matcher_pb2_grpc as pb_grpc
-from .errors import VeilfaceError
+from .errors import REASON_KEY, VeilfaceError
 from .keys import KeyDeriver
 from .schemes import make_scheme
 from .template import Template
 
-REASON_KEY = "veilface-reason"
 DEFAULT_TIMEOUT = 10.0
 LocationClass = pb.LocationClass
 

@@ -1,6 +1,9 @@
 """Typed exceptions shared by every layer (the service maps them to gRPC status codes)."""
 from __future__ import annotations
 
+#: gRPC trailing-metadata key carrying the machine-readable reason of a failed call
+REASON_KEY = "veilface-reason"
+
 
 class VeilfaceError(Exception):
     """Base class of every error Veilface raises on purpose.

@@ -22,7 +22,7 @@ import numpy as np
 from .errors import InvalidParameter, NotEnrolled
 from .schemes import Scheme
 from .template import Template
-from .validation import check_int
+from .validation import check_int, check_subject_id
 
 GALLERY_BACKENDS = ("native", "faiss", "faiss-hnsw")
 
@@ -33,11 +33,6 @@ class Match(NamedTuple):
     subject_id: str
     score: float
 
-
-def _check_subject(subject_id: str) -> str:
-    if not isinstance(subject_id, str) or not subject_id or len(subject_id) > 256:
-        raise InvalidParameter("subject id must be a non-empty string of at most 256 characters")
-    return subject_id
 
 
 class Gallery(ABC):
@@ -56,7 +51,7 @@ class Gallery(ABC):
 
     def add_codes(self, subject_ids: Sequence[str], codes: np.ndarray) -> None:
         """Bulk add (or replace) raw codes ``(n, *code_shape)``, e.g. when loading from a store."""
-        ids = [_check_subject(s) for s in subject_ids]
+        ids = [check_subject_id(s) for s in subject_ids]
         codes = self.scheme.check_codes(codes)
         if len(ids) != len(codes):
             raise InvalidParameter(f"{len(ids)} subject ids for {len(codes)} codes")

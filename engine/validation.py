@@ -37,6 +37,14 @@ def as_embeddings(x, dim: int, *, normalise: bool = True) -> np.ndarray:
     return np.ascontiguousarray(arr, dtype=np.float32)
 
 
+def check_subject_id(subject_id: object) -> str:
+    """A gallery key: a non-empty string of at most 256 characters (the service applies the stricter
+    pseudonymous-id rule of :func:`engine.service.policy.check_id` before anything reaches a gallery)."""
+    if not isinstance(subject_id, str) or not subject_id or len(subject_id) > 256:
+        raise InvalidParameter("subject id must be a non-empty string of at most 256 characters")
+    return subject_id
+
+
 def check_int(name: str, value, lo: int, hi: int, multiple_of: int = 1) -> int:
     """Validate an integer parameter in ``[lo, hi]`` (and a multiple of ``multiple_of``)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):

@@ -36,6 +36,7 @@ import tenseal.sealapi as seal
 
 from ..errors import InvalidParameter, NotEnrolled
 from ..template import Template
+from ..validation import check_subject_id
 from .context import PublicContext, blob_header, pack_blob, require_public, seal_save, unpack_blob
 from .errors import HEFormatError, HEUnsupported
 
@@ -51,11 +52,6 @@ def _blob_of(x) -> bytes:
         return bytes(x)
     raise HEFormatError(f"expected HE blob bytes or a Template, got {type(x).__name__}")
 
-
-def _check_subject(subject_id: str) -> str:
-    if not isinstance(subject_id, str) or not subject_id or len(subject_id) > 256:
-        raise InvalidParameter("subject id must be a non-empty string of at most 256 characters")
-    return subject_id
 
 
 def expand(ctx: PublicContext, ct, residue: int = 0, modulus: int = 1) -> dict:
@@ -284,7 +280,7 @@ class EncryptedGallery:
 
     def add(self, subject_id: str, template) -> None:
         """Add (or replace) the encrypted template (a ``template`` blob or he :class:`Template`)."""
-        _check_subject(subject_id)
+        check_subject_id(subject_id)
         blob = _blob_of(template)
         ct = self._load_template(blob)
         with self._lock:
@@ -335,7 +331,7 @@ class EncryptedGallery:
         one cut by :func:`split_block_blob`."""
         if self.mode != "identify":
             raise HEUnsupported("add_block is for identify mode")
-        ids = [_check_subject(s) for s in subject_ids]
+        ids = [check_subject_id(s) for s in subject_ids]
         h, parts = unpack_blob(_blob_of(block_blob), "block")
         self.ctx.check_header(h, "block")
         held = [int(i) for i in h.get("dims", range(len(parts)))]
@@ -440,7 +436,7 @@ class EncryptedGallery:
         try:
             purged = int(h.get("purged", 0))
             if self.mode == "verify":
-                ids = [_check_subject(s) for s in h["subjects"]]
+                ids = [check_subject_id(s) for s in h["subjects"]]
                 if len(ids) != len(parts) or len(set(ids)) != len(ids):
                     raise HEFormatError("gallery snapshot: subjects do not match its ciphertexts")
                 tpl = {s: seal_load(seal.Ciphertext, core.ctx, p) for s, p in zip(ids, parts)}
@@ -459,7 +455,7 @@ class EncryptedGallery:
                 if not isinstance(ids, list) or len(ids) != n:
                     raise HEFormatError("gallery snapshot: a block's slot table has the wrong size")
                 blk = _Block(n)
-                blk.ids = [None if s is None else _check_subject(s) for s in ids]
+                blk.ids = [None if s is None else check_subject_id(s) for s in ids]
                 blk.free = [j for j in range(n - 1, -1, -1) if blk.ids[j] is None]
                 if spec["cts"]:
                     if k + nd > len(parts):

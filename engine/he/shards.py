@@ -22,9 +22,10 @@ import traceback
 from collections.abc import Iterable, Sequence
 
 from ..errors import InvalidParameter
+from ..validation import check_subject_id
 from .context import PublicContext, require_public
 from .errors import HEError, HEFormatError
-from .gallery import SNAPSHOT_FORMAT, _blob_of, _check_subject, add_partial_scores, merge_scores, split_block_blob
+from .gallery import SNAPSHOT_FORMAT, _blob_of, add_partial_scores, merge_scores, split_block_blob
 
 START_TIMEOUT_S = 120.0  # loading the public context (Galois keys) takes a few seconds
 _POLL_S = 0.5
@@ -226,7 +227,7 @@ class ShardedEncryptedGallery:
         return min(range(len(self._count)), key=self._count.__getitem__)
 
     def add(self, subject_id: str, template) -> None:
-        _check_subject(subject_id)
+        check_subject_id(subject_id)
         blob = _blob_of(template)
         with self._lock:
             if self.split == "dims":
@@ -246,7 +247,7 @@ class ShardedEncryptedGallery:
             self.add(sid, t)
 
     def add_block(self, subject_ids: Sequence[str], block_blob: bytes) -> None:
-        ids = [_check_subject(s) for s in subject_ids]
+        ids = [check_subject_id(s) for s in subject_ids]
         block_blob = _blob_of(block_blob)
         with self._lock:
             if self.split == "dims":

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from ..errors import REASON_KEY
 from .config import TokenEntry
-from .status import REASON_KEY
 
 SERVICE = "veilface.v1.Matcher"
 

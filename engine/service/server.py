@@ -26,7 +26,7 @@ import numpy as np
 
 from .._proto.veilface.v1 import matcher_pb2 as pb
 from .._proto.veilface.v1 import matcher_pb2_grpc as pb_grpc
-from ..errors import NotEnrolled, SchemeMismatch, UnknownScheme
+from ..errors import REASON_KEY, NotEnrolled, SchemeMismatch, UnknownScheme
 from ..schemes import make_scheme
 from ..template import MAX_TEMPLATE_BYTES, Template
 from . import policy
@@ -48,7 +48,6 @@ from .encrypted import (
 from .galleries import new_gallery
 from .ratelimit import Alert, IntrusionDetector
 from .status import (
-    REASON_KEY,
     AlreadyExists,
     BadRequest,
     DeadlineExceeded,

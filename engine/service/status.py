@@ -17,8 +17,6 @@ from ..errors import (
     VeilfaceError,
 )
 
-REASON_KEY = "veilface-reason"
-
 
 class ServiceError(VeilfaceError):
     """An error with an explicit gRPC status code name and machine-readable reason."""
