@@ -338,7 +338,7 @@ class DeviceClient(_Base):
         owner = f"group.{purpose}" if self.key_scope == "purpose" else subject
         if owner is None:
             raise ValueError("1:N identification needs key_scope='purpose'")
-        return self.deriver.derive(owner, version, self.scheme.name)
+        return self.deriver.derive(owner, version, self.scheme.spec)
 
     def protect(self, subject_id: str | None, embedding, version: int | None = None,
                 purpose: str | None = None) -> Template:

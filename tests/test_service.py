@@ -289,7 +289,7 @@ def test_listing_and_audit_pagination(srv, rng):
     assert len(resp.subjects) == 10 and resp.next_page_token and resp.total == 25
     listed = list(op.list_subjects(page_size=7))
     assert [s.subject_id for s in listed] == sorted(f"s{i:02d}" for i in range(25))
-    assert list(listed[0].schemes) == ['biohash/v1:{"bits":256,"dim":128}'] and list(listed[0].purposes) == [PURPOSE]
+    assert list(listed[0].schemes) == ['biohash/v2:{"bits":256,"dim":128}'] and list(listed[0].purposes) == [PURPOSE]
     entries = list(srv.client("auditor").audit_log(page_size=9))
     assert [e.seq for e in entries] == list(range(1, len(entries) + 1)) and len(entries) > 50
     for e in entries:     # who / what / purpose / result; never a template or score
@@ -325,7 +325,8 @@ def test_store_holds_no_raw_features_or_keys(tmp_path):
             enrol(dev, f"s{i}", x[i])
         dev.verify("s1", x[1])
     blob = b"".join(p.read_bytes() for p in (tmp_path / "d").iterdir() if p.is_file())
-    key = deriver.derive("group.access_control", 1, "biohash")
+    from engine.schemes import make_scheme
+    key = deriver.derive("group.access_control", 1, make_scheme("biohash:bits=256,dim=128").spec)
     assert key not in blob and bytes(range(32)) not in blob
     for i in range(5):
         assert x[i].tobytes()[:32] not in blob
