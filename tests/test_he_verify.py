@@ -155,3 +155,17 @@ def test_divide_out_attack_is_at_chance_against_the_sanitised_result():
     cos = divide_out_attack(subjects=16, dim=128, seed=2)
     # chance: E|cos| ~ sqrt(2 / (pi * 128)) = 0.07 (the attack keeps the better of two strategies)
     assert cos.mean() < 0.13 and cos.max() < 0.4
+
+
+def test_released_score_is_an_inner_product_oracle_decisions_are_not():
+    """Known limit, measured: a device that decrypts its own scores reads one template component
+    per Verify with basis probes (sanitisation cannot help: the score is the released value).
+    A decider that releases only the decision gives the same probes nothing."""
+    from engine.evaluation.he_attacks import score_oracle_attack
+
+    scores = score_oracle_attack(subjects=2, dim=64, seed=3)
+    assert scores.min() > 0.99
+    partial = score_oracle_attack(subjects=2, dim=64, queries=16, seed=3)
+    assert 0.2 < partial.mean() < 0.8                       # ~ sqrt(16 / 64)
+    decisions = score_oracle_attack(subjects=4, dim=64, seed=3, decision_only=True)
+    assert decisions.mean() < 0.25                          # chance ~ 0.10 at 64-d

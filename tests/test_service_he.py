@@ -165,7 +165,7 @@ def test_identify_decider_top1_withdraw_revoke_retention(srv, ikh, rng):
         enrol(dev, f"s{i}", x[i], retention_days=1 if i == 3 else 0)
     for i in range(4):
         hits = dev.identify(capture(x[i], rng), top_k=3)
-        assert hits and hits[0][0] == f"s{i}" and hits[0][1] > 0.5
+        assert hits and hits[0][0] == f"s{i}"      # the decider releases ids, not scores
     assert dev.identify(faces(1, seed=99)[0]) == []                # stranger: no match
     raw = dev._call("Identify", pb.IdentifyRequest(probe=dev.protect_probe(None, x[0]).to_bytes(),
                                                    purpose=PURPOSE, device_id="gate-1", top_k=1))

@@ -12,7 +12,11 @@
   reads component ``i`` of every gallery template (``c > 1`` amplifies it above any threshold).
   Against the decision API (ids at or above a threshold, norm-checked probes) it learns nothing.
 
-Both return per-subject ``|cosine|`` between the recovered and the enrolled template; chance level
+* :func:`score_oracle_attack` -- 1:1 again, with honest-format probes: the released score is an
+  inner-product oracle; basis probes read the template one component per Verify. Stopped by a
+  decider that releases decisions only.
+
+All return per-subject ``|cosine|`` between the recovered and the enrolled template; chance level
 for ``d``-dimensional unit vectors is ``E|cos| ~ sqrt(2 / (pi d))`` (0.07 at 128-d, 0.10 at 64-d).
 """
 from __future__ import annotations
@@ -129,6 +133,40 @@ def divide_out_attack(subjects: int = 50, dim: int = 128, seed: int = 0, *,
     return out
 
 
+def score_oracle_attack(subjects: int = 8, dim: int = 128, queries: int | None = None, seed: int = 0, *,
+                        decision_only: bool = False) -> np.ndarray:
+    """The 1:1 result as an inner-product oracle: a device holding the verify-mode secret key
+    sends the basis probes ``e_i`` (``queries`` of them, default ``dim``) against one subject and
+    reads component ``i`` of the template from each decrypted score
+    (:meth:`~engine.he.KeyHolder.verify_decision`). Sanitisation does not stop this -- the score
+    *is* the released value; a decider that releases only the decision
+    (:meth:`~engine.he.KeyHolder.decide_verify`, ``decision_only=True``) does. Returns per-subject
+    ``|cos|`` (components not queried count as 0; if nothing was learnt, a random guess)."""
+    from ..he import EncryptedGallery, KeyHolder
+
+    rng = np.random.default_rng(seed)
+    guess = np.random.default_rng((seed, 0xD1))
+    kh = KeyHolder("verify", dim, tenant="attack")
+    pub = kh.public_context()
+    gallery = EncryptedGallery(pub)
+    enrolled = _unit(rng, subjects, dim)
+    count = dim if queries is None else min(int(queries), dim)
+    out = np.empty(subjects)
+    for s in range(subjects):
+        gallery.add(f"s{s}", pub.encrypt(enrolled[s], "template"))
+        est = np.zeros(dim)
+        for i in range(count):
+            blob = gallery.verify(f"s{s}", pub.encrypt(np.eye(dim)[i], "probe"))
+            if decision_only:
+                est[i] = 0.5 if kh.decide_verify(blob, threshold=0.5).matched else 0.0
+            else:
+                est[i] = kh.verify_decision(blob, threshold=0.5, decimals=None)[1]
+        if not est.any():                      # nothing learnt: a random guess (chance level)
+            est = guess.standard_normal(dim)
+        out[s] = _abs_cos(est, enrolled[s])
+    return out
+
+
 @dataclass(frozen=True)
 class DumpResult:
     """Outcome of :func:`gallery_dump_attack`."""
@@ -219,4 +257,4 @@ def _encrypt_raw(pub, v: np.ndarray) -> bytes:
     return pack_blob("probe", pub.header(), [seal_save(ct)])
 
 
-__all__ = ["divide_out_attack", "gallery_dump_attack", "dump_target", "DumpTarget", "DumpResult"]
+__all__ = ["divide_out_attack", "score_oracle_attack", "gallery_dump_attack", "dump_target", "DumpTarget", "DumpResult"]

@@ -299,6 +299,13 @@ class KeyHolder(_ContextBase):
         self._decryptor.decrypt(ct, pt)
         return self.core.codec.decode(pt)
 
+    def _decrypt_constant(self, ct) -> float:
+        """Coefficient 0 of a decrypted ciphertext over its scale (a verify result's score)."""
+        self._alive()
+        pt = seal.Plaintext()
+        self._decryptor.decrypt(ct, pt)
+        return self.core.constant_term(pt)
+
     def _open(self, blob, kind: str | tuple = ("score", "scores")) -> tuple[list[str], np.ndarray, np.ndarray | None]:
         """Decrypt a ``score``/``scores`` blob -> (subject ids, scores, norm coefficients or None)."""
         self._alive()
@@ -311,9 +318,7 @@ class KeyHolder(_ContextBase):
             if not 0 <= pos < self.params.poly_degree:
                 raise HEFormatError("score blob: bad position")
             if pos == 0:
-                pt = seal.Plaintext()
-                self._decryptor.decrypt(cts[0], pt)
-                value = self.core.constant_term(pt)
+                value = self._decrypt_constant(cts[0])
             else:
                 value = self._decrypt_coeffs(cts[0])[pos]
             return [str(h["subject"])], np.array([value * factor]), None
@@ -389,5 +394,10 @@ def require_public(ctx) -> PublicContext:
         raise HEUnsupported(f"expected a PublicContext, got {type(ctx).__name__}")
     return ctx
 
+
+# Names that lived here before the split, re-exported for older import paths (drop once every
+# caller imports from engine.he or the new modules).
+from .encoding import CoeffCodec  # noqa: E402,F401
+from .wire import FORMAT_VERSION, blob_header  # noqa: E402,F401
 
 __all__ = ["HEParams", "KeyHolder", "PublicContext", "MatcherContext", "require_public", "MODES"]

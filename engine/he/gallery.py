@@ -32,6 +32,7 @@ from typing import ClassVar
 import tenseal.sealapi as seal
 
 from ..errors import InvalidParameter
+from ..validation import check_subject_id
 from .context import require_public
 from .errors import HEFormatError, HEUnsupported
 from .sealio import seal_load
@@ -162,10 +163,19 @@ class EncryptedGallery(ABC):
     def _load_ct(self, data: bytes):
         return seal_load(seal.Ciphertext, self.ctx.core.ctx, data)
 
+    def add(self, subject_id: str, template) -> None:
+        """Add (or replace) the encrypted template of ``subject_id`` (a ``template`` blob or he
+        :class:`~engine.template.Template` of this context)."""
+        check_subject_id(subject_id)
+        blob = blob_of(template)
+        ct = self._load_template(blob)
+        with self._lock:
+            self._store(subject_id, ct, blob)
+
     # -- per storage model ---------------------------------------------------------------------
     @abstractmethod
-    def add(self, subject_id: str, template) -> None:
-        """Add (or replace) the encrypted template of ``subject_id``."""
+    def _store(self, subject_id: str, ct, blob: bytes) -> None:
+        """Store a loaded template ciphertext (called under the lock)."""
 
     @abstractmethod
     def remove(self, subject_id: str) -> bool:
@@ -198,5 +208,10 @@ def make_encrypted_gallery(context, **options) -> EncryptedGallery:
     :class:`~engine.he.identify.IdentifyGallery` (``options`` go to its constructor)."""
     return EncryptedGallery(context, **options)
 
+
+# Names that lived here before the split, re-exported for older import paths (drop once every
+# caller imports from engine.he or the new modules).
+from .algorithms import expand, extract_coefficient, purge_slot  # noqa: E402,F401
+from .blobops import add_partial_scores, encrypt_block_blob, merge_scores, split_block_blob  # noqa: E402,F401
 
 __all__ = ["EncryptedGallery", "make_encrypted_gallery", "ciphertext_bytes", "SNAPSHOT_FORMAT"]

@@ -73,21 +73,16 @@ class IdentifyGallery(EncryptedGallery):
             return total + sum(len(b) for b in self._blobs.values())
 
     # -- content ---------------------------------------------------------------------------
-    def add(self, subject_id: str, template) -> None:
-        """Add (or replace) the encrypted template (a ``template`` blob or he Template): it is traced,
-        expanded and placed in a free slot of a block."""
-        check_subject_id(subject_id)
-        blob = blob_of(template)
-        ct = self._load_template(blob)
-        with self._lock:
-            if subject_id in self._index:
-                self._remove(subject_id)
-            b, slot = self._alloc()
-            self._place(b, slot, ct, +1)
-            self._blocks[b].ids[slot] = subject_id
-            self._index[subject_id] = (b, slot)
-            if self.keep_templates:
-                self._blobs[subject_id] = blob
+    def _store(self, subject_id: str, ct, blob: bytes) -> None:
+        """The upload is traced, expanded and placed in a free slot of a block."""
+        if subject_id in self._index:
+            self._remove(subject_id)
+        b, slot = self._alloc()
+        self._place(b, slot, ct, +1)
+        self._blocks[b].ids[slot] = subject_id
+        self._index[subject_id] = (b, slot)
+        if self.keep_templates:
+            self._blobs[subject_id] = blob
 
     def _alloc(self) -> tuple[int, int]:
         for b, blk in enumerate(self._blocks):

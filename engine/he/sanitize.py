@@ -7,8 +7,8 @@ therefore returns ``relin(p * t) + Enc_pk(M)`` where
 
 * ``relin`` is SEAL's relinearisation (key switching with the special prime): two parts, no
   ``p1 t1`` left to divide by;
-* ``Enc_pk(M)`` is a fresh public-key encryption (SEAL's ``Encryptor``: fresh ternary ``u`` and
-  noise), which re-randomises the second part (it becomes RLWE-pseudorandom), of the plaintext
+* ``Enc_pk(M)`` is a fresh public-key encryption (fresh ternary ``u``, fresh noise ``e1``; see
+  :class:`Sanitizer`), which re-randomises the second part (it becomes RLWE-pseudorandom), of
 * ``M``: a full-range mask -- every coefficient except the score's (coefficient 0) uniform modulo
   ``q`` (CRT: independently uniform modulo each data prime), drawn by rejection sampling from
   ``os.urandom`` -- plus, on the score coefficient, flooding noise ``F`` uniform in ``[-B, B]``

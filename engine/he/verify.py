@@ -9,7 +9,7 @@ from .errors import HEFormatError
 from .gallery import EncryptedGallery, ciphertext_bytes
 from .sanitize import Sanitizer
 from .sealio import seal_save
-from .wire import blob_of, pack_blob
+from .wire import pack_blob
 
 
 class VerifyGallery(EncryptedGallery):
@@ -33,12 +33,8 @@ class VerifyGallery(EncryptedGallery):
         with self._lock:
             return sum(ciphertext_bytes(ct) for ct in self._index.values())
 
-    def add(self, subject_id: str, template) -> None:
-        """Add (or replace) the encrypted template (a ``template`` blob or he Template)."""
-        check_subject_id(subject_id)
-        ct = self._load_template(blob_of(template))
-        with self._lock:
-            self._index[subject_id] = ct
+    def _store(self, subject_id: str, ct, blob: bytes) -> None:
+        self._index[subject_id] = ct
 
     def remove(self, subject_id: str) -> bool:
         with self._lock:
