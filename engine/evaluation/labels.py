@@ -6,8 +6,8 @@ Shared by ``veilface embed`` (labels stored next to the embeddings) and ``veilfa
 Labels file (``--labels FILE``), UTF-8 text, ``#`` comments and blank lines ignored, either
 
 * ``PHOTO_PATH<TAB>LABEL`` (or ``PHOTO_PATH LABEL``: the last whitespace-separated field is the
-  label) per line -- a photo is found by its path as given, its absolute path, or (when unique)
-  its file name; or
+  label) per line -- a photo is found by its path as given, its absolute path, or its file name
+  (when no other photo and no other line has that name); or
 * one ``LABEL`` per line, in the order of the embeddings (eval only).
 """
 from __future__ import annotations
@@ -40,9 +40,14 @@ class LabelsFile:
         for k, v in exact.items():
             name = Path(k).name
             names[name] = v if name not in names or names[name] == v else None  # ambiguous -> None
+        photo_names: dict[str, int] = {}
+        for p in paths:
+            photo_names[Path(p).name] = photo_names.get(Path(p).name, 0) + 1
         out, missing = [], []
         for p in paths:
-            label = exact.get(str(p)) or absolute.get(str(Path(p).resolve())) or names.get(Path(p).name)
+            label = exact.get(str(p)) or absolute.get(str(Path(p).resolve()))
+            if label is None and photo_names[Path(p).name] == 1:  # a file name only when it names one photo
+                label = names.get(Path(p).name)
             if label is None:
                 missing.append(str(p))
             out.append(label)

@@ -71,9 +71,9 @@ def _det_panel(ax, results, scen: str, title: str, norm) -> None:
     if clean:
         everyone = len(clean) == len(results)
         who = "every curve" if everyone else ", ".join(clean)
-        ax.text(0.03, 0.03, f"no errors at some threshold (FMR = FNMR = 0): {who};\n"
-                            "such a curve runs along the lower and left edges",
-                transform=ax.transAxes, fontsize=8, va="bottom", ha="left", wrap=True,
+        ax.text(0.5, 0.5, f"no errors for {who}: at some threshold every genuine pair\nmatches and no impostor "
+                          "does (FMR = FNMR = 0);\nsuch a curve runs along the lower and left edges",
+                transform=ax.transAxes, fontsize=8, va="center", ha="center",
                 bbox=dict(boxstyle="round", fc="lightyellow", ec="0.6"))
 
 

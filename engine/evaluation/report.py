@@ -74,6 +74,14 @@ def check_out_dir(out: str | Path) -> Path:
     return out
 
 
+def _match_ms(sp: dict, gallery: str) -> str:
+    if not sp:
+        return "–"
+    if sp.get("search_1n_ms") is None and sp.get("verify_ms") is not None:
+        return f"1:1 {_num(sp['verify_ms'], 2)}"
+    return _num(sp.get("search_1n_ms"), 2) + gallery
+
+
 @dataclass
 class Report:
     """Result of :func:`engine.evaluation.evaluate`."""
@@ -135,7 +143,7 @@ class Report:
                 f"{unl_s} | {inv_s} | "
                 f"{_pct(ren.get('match_rate'), 2) if ren.get('status') == 'ok' else 'n/a'} | "
                 f"{_num(sp.get('protect_us_single', (sp.get('protect_probe_ms') or 0) * 1e3), 1) if sp else '–'} | "
-                f"{_num(sp.get('search_1n_ms'), 2) + gallery if sp else '–'} |")
+                f"{_match_ms(sp, gallery)} |")
         return "\n".join(rows)
 
     def to_markdown(self, plots: list[str] | None = None) -> str:
