@@ -4,9 +4,9 @@ The evaluation (``veilface eval``) reports these next to accuracy and privacy; t
 harness runs them as the ``schemes`` suite (``python -m bench --only schemes``). Every figure
 is a median wall time of repeated calls (:func:`engine.benchmark.median_time`).
 
-* :func:`code_scheme_speed` -- a cancellable scheme: protect (single and batched, cached key),
-  key expansion (first protect under a fresh key), 1:1 compare, 1:N in a native gallery
-  (``engine.gallery``) of random unit embeddings.
+* :func:`code_scheme_speed` -- a cancellable scheme: protect (single, one BLAS thread; and
+  batched, default threads; cached key), key expansion (first protect under a fresh key),
+  1:1 compare, 1:N in a native gallery (``engine.gallery``) of random unit embeddings.
 * :func:`encrypted_scheme_speed` -- an encrypted (``he``) scheme: block enrolment, probe
   encryption, one encrypted 1:N search (identify) or 1:1 verify, decryption excluded.
 """
@@ -60,16 +60,21 @@ def code_scheme_speed(scheme, embeddings: np.ndarray, key_of: Callable[[int], by
     once each for the cold-key figure)."""
     from ..gallery import make_gallery
 
+    from threadpoolctl import threadpool_limits
+
     x = np.asarray(embeddings, dtype=np.float32)
     key = key_of(0)
     scheme.protect_codes(key, x[:1])  # expand + cache the key material
     batch = x[:min(len(x), 1000)]
     t_batch = median_time(lambda: scheme.protect_codes(key, batch), max(3, repeats // 10), warmup=0) / len(batch)
-    t_single = median_time(lambda: scheme.protect_codes(key, x[:1]), repeats, warmup=0)
-    cold = iter([key_of(10_000_000 + i) for i in range(max(3, repeats // 10))])
-    t_cold = median_time(lambda: scheme.protect_codes(next(cold), x[:1]), max(3, repeats // 10), warmup=0)
-    a, b = scheme.protect_codes(key, x[:1]), scheme.protect_codes(key, x[1:2] if len(x) > 1 else x[:1])
-    t_cmp = median_time(lambda: scheme.similarities(a, b), repeats * 3, warmup=0)
+    # one capture at a time, as on a device: one BLAS thread (waking a thread pool for a
+    # 1 x dim product costs more than the product, and milliseconds on a loaded machine)
+    with threadpool_limits(limits=1, user_api="blas"):
+        t_single = median_time(lambda: scheme.protect_codes(key, x[:1]), repeats, warmup=0)
+        cold = iter([key_of(10_000_000 + i) for i in range(max(3, repeats // 10))])
+        t_cold = median_time(lambda: scheme.protect_codes(next(cold), x[:1]), max(3, repeats // 10), warmup=0)
+        a, b = scheme.protect_codes(key, x[:1]), scheme.protect_codes(key, x[1:2] if len(x) > 1 else x[:1])
+        t_cmp = median_time(lambda: scheme.similarities(a, b), repeats * 3, warmup=0)
     # gallery of random unit embeddings: timing does not depend on identities or keys
     g = _unit(np.random.default_rng(seed), n_gallery, scheme.dim)
     codes = np.concatenate([scheme.protect_codes(key, g[s:s + 4096]) for s in range(0, n_gallery, 4096)])

@@ -2,8 +2,9 @@
 
 Every axis is labelled. DET axes start at what the data resolve: FMR at ``1 / impostor
 comparisons`` and FNMR at ``1 / genuine comparisons`` (an error rate below one comparison is
-not measured); a curve with no error at some threshold lies on the axes' corner, so the panel
-says so in words instead of showing an apparently empty plot.
+not measured; a zero rate is drawn on the axis edge); a curve with no error at some threshold
+lies on the axes' lower and left edges, so the panel says so in words instead of showing an
+apparently empty plot.
 """
 from __future__ import annotations
 
@@ -49,8 +50,8 @@ def _det_panel(ax, results, scen: str, title: str, norm) -> None:
     for r in results:
         gen, imp = r.arrays["genuine"], r.arrays[scen]
         fmr, fnmr = det_points(gen, imp)
-        # below one comparison an error rate is not measured: draw it at the resolution
-        fmr, fnmr = np.maximum(fmr, 1.0 / len(imp)), np.maximum(fnmr, 1.0 / len(gen))
+        # a zero error rate is drawn on the axis edge (the axis ends at what the counts resolve)
+        fmr, fnmr = np.maximum(fmr, x_lo * 0.8), np.maximum(fnmr, y_lo * 0.8)
         label = r.record.label
         style = dict(color="k", lw=2.2, ls="--") if r.record.scheme == "unprotected" else dict(lw=1.6)
         ax.plot(ppf(fmr), ppf(fnmr), label=label, **style)

@@ -160,6 +160,9 @@ def evaluate(data: str | Path | Dataset | None = None, schemes: Sequence[str] | 
                           dim=dim if data is None else peek_dim(data))
     if not descs:
         raise UnknownScheme("no scheme to evaluate; e.g. schemes=['biohash:bits=256']")
+    for what, path in (("evaluation data", data), ("labels file", labels)):
+        if isinstance(path, (str, Path)) and not Path(path).exists():
+            raise InvalidParameter(f"{what} {path} does not exist")
     if out is not None:
         check_out_dir(out)
     ds = load(data, images_root=images_root, labels=labels, subjects=subjects, samples=samples, dim=dim,
