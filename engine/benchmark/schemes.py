@@ -58,9 +58,9 @@ def code_scheme_speed(scheme, embeddings: np.ndarray, key_of: Callable[[int], by
     """Medians for a cancellable ``scheme``. ``embeddings``: probes (``(n, dim)``, unit rows);
     ``key_of(i)``: the ``i``-th distinct key (``0`` is used for protect and the gallery, others
     once each for the cold-key figure)."""
-    from ..gallery import make_gallery
-
     from threadpoolctl import threadpool_limits
+
+    from ..gallery import make_gallery
 
     x = np.asarray(embeddings, dtype=np.float32)
     key = key_of(0)

@@ -11,9 +11,19 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:  # the studies import this module; their types are only needed for annotations
+    from ..benchmark.schemes import CodeSchemeSpeed, EncryptedSchemeSpeed
+    from .metrics import Linkability
+    from .studies.accuracy import Accuracy
+    from .studies.encrypted import DecryptionError
+    from .studies.folds import FoldAccuracy
+    from .studies.irreversibility import Inversion
+    from .studies.renewability import Renewability
+    from .studies.unlinkability import Unlinkability
 
 OMIT_NONE = {"omit_none": True}
 NOT_REPORTED = {"report": False}
@@ -74,16 +84,16 @@ class SchemeRecord:
     notes: list[str] = field(default_factory=list)
     reason: str | None = field(default=None, metadata=OMIT_NONE)
     bytes_per_template: int | None = None
-    normal: Any = None                 # studies.accuracy.Accuracy
-    stolen_token: Any = None           # studies.accuracy.Accuracy
-    unlinkability: Any = None          # studies.unlinkability.Unlinkability | NotApplicable
-    renewability: Any = None           # studies.renewability.Renewability | NotApplicable
-    inversion: Any = None              # studies.irreversibility.Inversion | NotApplicable
-    speed: Any = None                  # engine.benchmark.schemes.*Speed
+    normal: Accuracy | None = None
+    stolen_token: Accuracy | None = None
+    unlinkability: Unlinkability | NotApplicable | None = None
+    renewability: Renewability | NotApplicable | None = None
+    inversion: Inversion | NotApplicable | None = None
+    speed: CodeSchemeSpeed | EncryptedSchemeSpeed | None = None
     seconds: float = 0.0
-    plaintext_same_pairs: Any = field(default=None, metadata=OMIT_NONE)   # encrypted schemes
-    decryption_error: Any = field(default=None, metadata=OMIT_NONE)       # encrypted schemes
-    folds: Any = field(default=None, metadata=OMIT_NONE)                  # studies.folds, pairs files with folds
+    plaintext_same_pairs: Accuracy | None = field(default=None, metadata=OMIT_NONE)      # encrypted schemes
+    decryption_error: DecryptionError | None = field(default=None, metadata=OMIT_NONE)   # encrypted schemes
+    folds: dict[str, FoldAccuracy] | None = field(default=None, metadata=OMIT_NONE)     # pairs files with folds
 
     def to_dict(self) -> dict:
         out = to_dict(self)
@@ -108,7 +118,7 @@ class SchemeResult:
 
     record: SchemeRecord
     arrays: dict = field(default_factory=dict)
-    linkage: Any = None                # metrics.Linkability of the unlinkability study
+    linkage: Linkability | None = None  # of the unlinkability study (plots)
 
     def __post_init__(self) -> None:
         self._dict: dict | None = None

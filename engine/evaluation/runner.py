@@ -23,7 +23,7 @@ from .scores import ScoreContext, cosines, pair_similarities
 from .studies import accuracy, encrypted, folds, irreversibility, renewability, unlinkability
 from .sweep import build_scheme, check_schemes, expand_schemes
 
-if TYPE_CHECKING:  # report.py pulls in matplotlib only when plotting, but keep imports light
+if TYPE_CHECKING:  # imported by evaluate() itself: importing this module stays light
     from .report import Report
 
 _DEFAULT_BLAS_THREADS = default_blas_threads()
