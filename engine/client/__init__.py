@@ -12,8 +12,8 @@ machine-readable ``reason``.
 Channels (:func:`channel`): TLS with ``tls_ca=``, mutual TLS with ``client_cert=`` +
 ``client_key=``, ``server_name=`` to check the certificate against another name. Several
 targets (a list or ``"a:50051,b:50051"``) are load-balanced with gRPC's ``round_robin``; the
-idempotent calls (:data:`IDEMPOTENT_METHODS`) are retried on UNAVAILABLE by gRPC's retry policy
-(:class:`RetryPolicy`).
+idempotent calls (:data:`IDEMPOTENT_METHODS`) are retried on UNAVAILABLE (and CANCELLED by a
+stopping replica) by gRPC's retry policy (:class:`RetryPolicy`).
 
 Encrypted (``he``) templates: pass ``scheme="he:dim=128,mode=verify"`` and the device's
 :class:`engine.he.KeyHolder` (``key_holder=``; 1:1, the device decrypts and decides), or

@@ -10,9 +10,9 @@ Everything here is configuration of gRPC's own machinery, passed as channel argu
 * **Load balancing** is gRPC's ``round_robin`` policy, chosen in the channel's service config
   (``loadBalancingConfig``); ``pick_first`` when a client needs every call on one replica.
 * **Retries** are gRPC's retry policy in the same service config (``methodConfig.retryPolicy``):
-  only the methods in :data:`IDEMPOTENT_METHODS`, only on ``UNAVAILABLE``, with exponential
-  backoff, within the call's deadline. gRPC also retries transparently, for every method, a call
-  that never left the client (e.g. the connection was not up yet).
+  only the methods in :data:`IDEMPOTENT_METHODS`, only on :data:`RETRYABLE_CODES` (``UNAVAILABLE``,
+  ``CANCELLED`` by a stopping replica), with exponential backoff, within the call's deadline.
+  gRPC also retries transparently, for every method, a call that never reached a server.
 """
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ from .._proto.veilface.v1 import matcher_pb2 as pb
 
 SERVICE = pb.DESCRIPTOR.services_by_name["Matcher"].full_name
 
-#: Methods retried on UNAVAILABLE, and why each is safe to run twice.
-#: UNAVAILABLE may come after the server did the work (it died before answering), so a
+#: Methods retried on UNAVAILABLE / CANCELLED, and why each is safe to run twice.
+#: Those codes may come after the server did the work (it died before answering), so a
 #: method is here only if a second execution leaves the same state and the same answer.
 IDEMPOTENT_METHODS: dict[str, str] = {
     "Verify": "matches; a repeat only adds an audit entry and counts towards the verify-burst limit",
@@ -44,6 +44,7 @@ IDEMPOTENT_METHODS: dict[str, str] = {
 }
 
 #: Methods never retried by the SDK, and why (an UNAVAILABLE answer leaves it to the caller).
+#: gRPC still retries any call transparently when it provably never reached a server.
 NOT_RETRIED: dict[str, str] = {
     "RecordConsent": "each call records a new consent with a fresh id (no idempotency key)",
     "RegisterDevice": "a repeat after a lost answer fails with DEVICE_EXISTS",
@@ -55,13 +56,18 @@ NOT_RETRIED: dict[str, str] = {
     "Decommission": "destroys the store; never repeated behind the caller's back",
 }
 
+#: UNAVAILABLE: the replica is down or unreachable (or died before answering). CANCELLED: a
+#: replica shutting down cancels the calls it had accepted but not started (the client did not
+#: cancel: a call the caller cancels or whose deadline passes is over, never retried).
+RETRYABLE_CODES = ("UNAVAILABLE", "CANCELLED")
+
 LB_POLICIES = ("round_robin", "pick_first")
 _SCHEMES = ("dns:", "ipv4:", "ipv6:", "unix:", "unix-abstract:", "vsock:", "xds:")
 
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """gRPC retry policy for :data:`IDEMPOTENT_METHODS` (``UNAVAILABLE`` only).
+    """gRPC retry policy for :data:`IDEMPOTENT_METHODS` on :data:`RETRYABLE_CODES`.
 
     ``max_attempts`` counts the first call (gRPC caps it at 5; 1 turns retries off). Attempt
     ``n`` waits a random time in ``[0, min(initial_backoff_s * backoff_multiplier**(n-1),
@@ -88,7 +94,7 @@ class RetryPolicy:
                                  "initialBackoff": _duration(self.initial_backoff_s),
                                  "maxBackoff": _duration(self.max_backoff_s),
                                  "backoffMultiplier": self.backoff_multiplier,
-                                 "retryableStatusCodes": ["UNAVAILABLE"]}}]
+                                 "retryableStatusCodes": list(RETRYABLE_CODES)}}]
 
 
 def _duration(seconds: float) -> str:
