@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import sqlite3
 from pathlib import Path
 
 import grpc
@@ -33,7 +34,16 @@ def err(fn) -> ServiceError:
 
 
 def count_templates(s) -> int:
-    return s.server.store.read().execute("SELECT COUNT(*) FROM templates").fetchone()[0]
+    return s.server.store.counts().templates_stored
+
+
+def strip_guardian(s, consent_id: str) -> None:
+    """Simulate an imported consent row of a minor without its guardian record (raw file access)."""
+    con = sqlite3.connect(s.server.store.path, isolation_level=None, timeout=30)
+    try:
+        con.execute("UPDATE consents SET guardian_ref = '' WHERE consent_id = ?", (consent_id,))
+    finally:
+        con.close()
 
 
 def test_separate_consent_required(srv):
@@ -67,13 +77,10 @@ def test_guardian_consent_under_14(srv):
     teen = dev.record_consent("teen-1", NOTICE, 14)          # 14 and over: own consent suffices
     assert not teen.minor
     # a minor's consent row without guardian (e.g. imported) is still refused at enrolment
-    store = srv.server.store
-    with store.write() as tx:
-        tx.execute("UPDATE consents SET guardian_ref = '' WHERE consent_id = ?", (c.consent_id,))
+    strip_guardian(srv, c.consent_id)
     dev.withdraw("kid-1")
     c2 = dev.record_consent("kid-1", NOTICE, 12, guardian_ref="g-1")
-    with store.write() as tx:
-        tx.execute("UPDATE consents SET guardian_ref = '' WHERE consent_id = ?", (c2.consent_id,))
+    strip_guardian(srv, c2.consent_id)
     e = err(lambda: dev.enroll("kid-1", faces(1)[0], c2.consent_id))
     assert e.reason == "GUARDIAN_CONSENT_REQUIRED"
 

@@ -5,6 +5,7 @@ retention / decommission, epoch rotation, message sizes, restart reload."""
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 import grpc
@@ -221,7 +222,9 @@ def test_epoch_rotation_refuses_old_ciphertexts(srv, rng):
     assert dev.verify("s0b", capture(x[0], rng)).matched
     assert err(lambda: dev.verify("s0", x[0])).code == grpc.StatusCode.NOT_FOUND   # old template is gone
     # the retired epoch keeps no key material in the store
-    rows = servicer(srv).store.read().execute("SELECT epoch, length(context) FROM he_contexts ORDER BY epoch").fetchall()
+    con = sqlite3.connect(f"file:{servicer(srv).store.path}?mode=ro", uri=True, timeout=30)
+    rows = con.execute("SELECT epoch, length(context) FROM he_contexts ORDER BY epoch").fetchall()
+    con.close()
     assert rows[0] == (1, 0) and rows[1][1] > 0
 
 
@@ -246,12 +249,13 @@ def test_matcher_has_no_private_context_and_restart_reloads(tmp_path, ikh, rng):
         for i in range(3):
             assert dev.identify(capture(x[i], rng), top_k=1)[0][0] == f"s{i}"
         store = servicer(s).store
-        for (blob,) in store.read().execute("SELECT context FROM he_contexts"):
-            assert blob_header(bytes(blob))["kind"] == "public_context"
-            assert not PublicContext.from_bytes(bytes(blob)).is_private()
-        for (blob,) in store.read().execute("SELECT template FROM templates"):
+        for row in store.current_he_contexts():
+            assert blob_header(row.context)["kind"] == "public_context"
+            assert not PublicContext.from_bytes(row.context).is_private()
+        for row in store.template_index():
             from engine.template import Template
-            assert blob_header(Template.from_bytes(bytes(blob)).data.tobytes())["kind"] == "template"
+            blob = store.template_blob(row.id)
+            assert blob_header(Template.from_bytes(blob).data.tobytes())["kind"] == "template"
         store.checkpoint()
     raw = b"".join(p.read_bytes() for p in Path(data).iterdir() if p.name.startswith("veilface.db"))
     secret_part = ikh.to_bytes()[-4096:]                    # from the SEAL-serialised secret key

@@ -11,14 +11,15 @@ from engine.client import LocationClass
 from engine.service import policy
 from engine.service.clock import ManualClock
 from engine.service.config import load_config
+from engine.service.server import purge_expired
 from engine.service.status import BadRequest
-from engine.service.store import Store
+from engine.service.store import SQLiteStore, TemplateRow
 from engine.service.testing import NOTICE, faces, running_server
 
 
 def test_pragmas(tmp_path):
-    s = Store(tmp_path)
-    c = s.read()
+    s = SQLiteStore(tmp_path)
+    c = s._reader()
     assert c.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert c.execute("PRAGMA synchronous").fetchone()[0] == 2        # FULL
     assert c.execute("PRAGMA secure_delete").fetchone()[0] == 1
@@ -27,14 +28,14 @@ def test_pragmas(tmp_path):
 
 def test_purge_expired_unit(tmp_path):
     clock = ManualClock(1000.0)
-    s = Store(tmp_path, clock)
-    with s.write() as tx:
+    s = SQLiteStore(tmp_path, clock)
+    with s.transaction() as tx:
         for i, exp in enumerate((1500.0, 2500.0)):
-            tx.execute("INSERT INTO templates VALUES ('t', ?, 'p', 'x', 1, X'00', 1000, ?, 'c', 'd')", (f"s{i}", exp))
-    assert s.purge_expired(clock.now()) == []
+            tx.insert_template(TemplateRow("t", f"s{i}", "p", "x", 1, b"\0", 1000.0, exp, "c", "d"))
+    assert purge_expired(s, clock.now()) == []
     assert s.next_expiry() == 1500.0
-    assert s.purge_expired(2000.0) == [("t", "s0", "p", "x")]
-    assert s.expired_pending(2000.0) == 0 and s.counts()["purged_total"] == 1
+    assert purge_expired(s, 2000.0) == [("t", "s0", "p", "x")]
+    assert s.expired_pending(2000.0) == 0 and s.counts().purged_total == 1
     assert s.verify_audit().ok
     s.close()
 

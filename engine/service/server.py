@@ -7,6 +7,7 @@ in-memory gallery -> response. Every call, refused or not, leaves one audit entr
 from __future__ import annotations
 
 import base64
+import dataclasses
 import datetime as _dt
 import functools
 import hashlib
@@ -35,13 +36,13 @@ from .auth import AuthInterceptor, Principal, TokenTable, current_principal
 from .clock import Clock, SystemClock
 from .config import ServiceConfig
 from .encrypted import (
-    HE_SQL,
     HEEntry,
     HERegistry,
     TicketBook,
     blob_kind_header,
     check_blob,
     check_registration,
+    epoch_revoked,
     is_he_spec,
     parse_public_context,
 )
@@ -60,7 +61,19 @@ from .status import (
     Throttled,
     classify,
 )
-from .store import Store
+from .store import (
+    ConsentRow,
+    DeviceRow,
+    FilingAlert,
+    HEContextRow,
+    HESnapshotRow,
+    RequestRow,
+    SQLiteStore,
+    Store,
+    SubjectRow,
+    TemplateKey,
+    TemplateRow,
+)
 
 log = logging.getLogger("veilface.service")
 SERVICE_NAME = "veilface.v1.Matcher"
@@ -106,7 +119,6 @@ def _rpc(fn):
     def wrapper(self, request, context):
         p = current_principal()
         ev = AuditEvent(name, p.role, p.name)
-        ev.written = False
         try:
             remaining = context.time_remaining()
             if remaining is not None and remaining <= 0:
@@ -173,12 +185,12 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         n = 0
         stats = {"he_restored": 0, "he_added": 0, "he_removed": 0, "he_snapshots": 0}
         with self._glock:
-            if self.store.read().execute("SELECT 1 FROM he_contexts LIMIT 1").fetchone():
-                self.he.load(self.store)
+            self.he.load(self.store.current_he_contexts())
             if not self._snapshots_on():   # disabled: no stale ciphertexts left behind in the store
-                with self.store.write() as tx:
-                    tx.execute("DELETE FROM he_snapshots")
-            for rowid, tenant, subject, purpose, scheme, kv, expires, seq, blob in self.store.template_index():
+                with self.store.transaction() as tx:
+                    tx.delete_all_he_snapshots()
+            for rowid, tenant, subject, purpose, scheme, kv, expires, blob in self.store.template_index():
+                seq = rowid
                 gkey = (tenant, purpose, scheme, int(kv))
                 he = is_he_spec(scheme)
                 if he:
@@ -204,16 +216,13 @@ class MatcherServicer(pb_grpc.MatcherServicer):
                 self._load_he_gallery(gkey, rows, stats)
             # snapshots of galleries that have no stored template left (every subject deleted after
             # the snapshot, or an epoch no longer current): nothing to restore, delete the ciphertexts
-            orphans = [k for k in self.store.read().execute(
-                "SELECT tenant, purpose, scheme, epoch FROM he_snapshots").fetchall() if tuple(k) not in he_rows]
+            orphans = [k for k in self.store.he_snapshot_keys() if tuple(k) not in he_rows]
             if orphans:
-                with self.store.write() as tx:
+                with self.store.transaction() as tx:
                     for k in orphans:
-                        tx.execute("DELETE FROM he_snapshots WHERE tenant = ? AND purpose = ? AND scheme = ? "
-                                   "AND epoch = ?", tuple(k))
-            self._versions = self.store.subject_versions()
-            self._devices = {(t, d): int(c) for t, d, c in self.store.read().execute(
-                "SELECT tenant, device_id, location_class FROM devices")}
+                        tx.delete_he_snapshot(*k)
+            self._versions = {(r.tenant, r.subject): (r.key_version, r.revoked_upto) for r in self.store.subjects()}
+            self._devices = {(d.tenant, d.device_id): d.location_class for d in self.store.devices()}
         self.loaded = {"templates": n, "galleries": len(groups) + len(he_rows),
                        "seconds": time.perf_counter() - t0, **stats}
         self._maybe_purge(force=True)
@@ -234,10 +243,10 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         restored = False
         if st is not None and self._snapshots_on():
             snap = self.store.he_snapshot(*gkey)
-            if snap is not None and snap[0] == entry.fingerprint:
+            if snap is not None and snap.fingerprint == entry.fingerprint:
                 try:
-                    g.load_snapshot(snap[3])
-                    seqs = {str(k): int(v) for k, v in snap[2].items()}
+                    g.load_snapshot(snap.snapshot)
+                    seqs = dict(snap.subjects)
                     restored = True
                     stats["he_snapshots"] += 1
                 except Exception as exc:  # noqa: BLE001 -- e.g. he_shards changed: rebuild instead
@@ -347,21 +356,15 @@ class MatcherServicer(pb_grpc.MatcherServicer):
             blob = g.snapshot()
             seqs = dict(st.seqs)
             removed = st.removed
-            with self.store.write() as tx:
+            with self.store.transaction() as tx:
                 # only for the current epoch of a live matcher: a rotation / decommission that
                 # committed meanwhile deleted the snapshots and must not see one come back
-                cur = tx.execute("SELECT fingerprint FROM he_contexts WHERE tenant = ? AND purpose = ? AND "
-                                 "scheme = ? AND epoch = ? AND retired_at IS NULL",
-                                 (tenant, purpose, spec_key, epoch)).fetchone()
-                if cur is None or self.store.get_meta_tx(tx, "decommissioned") == "1":
+                cur = tx.current_he_epoch(tenant, purpose, spec_key)
+                if cur is None or cur.epoch != epoch or tx.decommissioned():
                     st.closed = True
                     return False
-                tx.execute("INSERT INTO he_snapshots VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT(tenant, "
-                           "purpose, scheme, epoch) DO UPDATE SET fingerprint = excluded.fingerprint, "
-                           "seq = excluded.seq, subjects = excluded.subjects, snapshot = excluded.snapshot, "
-                           "created_at = excluded.created_at",
-                           (tenant, purpose, spec_key, epoch, cur[0], max(seqs.values(), default=0),
-                            json.dumps(seqs, separators=(",", ":")), blob, self.clock.now()))
+                tx.put_he_snapshot(HESnapshotRow(tenant, purpose, spec_key, epoch, cur.fingerprint,
+                                                 max(seqs.values(), default=0), seqs, blob, self.clock.now()))
             st.dirty, st.added, st.removed, st.urgent = 0, 0, False, False
             st.written += 1
         if removed:
@@ -376,11 +379,6 @@ class MatcherServicer(pb_grpc.MatcherServicer):
             self.store.audit(ev, result, reason)
         except Exception:  # noqa: BLE001
             log.exception("could not write audit entry for %s", ev.action)
-
-    @staticmethod
-    def _tx_audit(tx, ev: AuditEvent, result: str = "OK", reason: str = "") -> None:
-        tx.audit(ev, result, reason)
-        ev.written = True
 
     def audit_denied(self, principal: Principal, method: str, code: str, reason: str) -> None:
         self._audit(AuditEvent(method, principal.role, principal.name), code, reason)
@@ -495,7 +493,7 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         if not force and (nxt is None or now < nxt):
             return 0
         with self._purge_lock:
-            purged = self.store.purge_expired(now)
+            purged = purge_expired(self.store, now)
             for tenant, subject, purpose, spec in purged:
                 with self._lock(tenant, subject):
                     self._forget(tenant, subject, lambda p, s, m: (p, s) == (purpose, spec) and m.expires_at <= now)
@@ -543,13 +541,11 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         now = self.clock.now()
         ev.details = {"location_class": policy.LOCATION_NAMES[cls], "location_kind": req.location_kind[:64],
                       "signage": bool(req.signage_declared)}
-        with self.store.write() as tx:
-            if tx.execute("SELECT 1 FROM devices WHERE tenant = ? AND device_id = ?",
-                          (tenant, device)).fetchone():
+        with self.store.transaction() as tx:
+            if not tx.insert_device(DeviceRow(tenant, device, cls, req.location_kind[:64], bool(req.signage_declared),
+                                              now)):
                 raise AlreadyExists(f"device {device!r} is already registered", reason="DEVICE_EXISTS")
-            tx.execute("INSERT INTO devices VALUES (?, ?, ?, ?, ?, ?)",
-                       (tenant, device, cls, req.location_kind[:64], int(req.signage_declared), now))
-            self._tx_audit(tx, ev)
+            tx.audit(ev)
         self._devices[(tenant, device)] = cls
         return pb.Device(device_id=device, location_class=cls, location_kind=req.location_kind[:64],
                          signage_declared=req.signage_declared, can_enroll=policy.can_enroll(cls),
@@ -572,12 +568,11 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         cid = "c_" + secrets.token_hex(12)
         ev.details = {"consent_id": cid, "notice_version": req.notice_version[:64], "minor": minor,
                       "guardian": bool(g and g.guardian_ref)}
-        with self.store.write() as tx:
-            tx.execute("INSERT INTO consents VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
-                       (cid, tenant, subject, purpose, req.notice_version[:64], at, int(req.subject_age),
-                        int(minor), g.guardian_ref if g else "", (g.relationship[:32] if g else ""),
-                        (g.consented_at or now) if g else 0.0, device))
-            self._tx_audit(tx, ev)
+        with self.store.transaction() as tx:
+            tx.insert_consent(ConsentRow(cid, tenant, subject, purpose, req.notice_version[:64], at, int(req.subject_age),
+                                         minor, g.guardian_ref if g else "", (g.relationship[:32] if g else ""),
+                                         (g.consented_at or now) if g else 0.0, device))
+            tx.audit(ev)
         return pb.ConsentRecord(consent_id=cid, subject_id=subject, purpose=purpose,
                                 notice_version=req.notice_version[:64], consented_at=at, minor=minor,
                                 guardian_consent=bool(g and g.guardian_ref), withdrawn=False, tenant=tenant)
@@ -604,69 +599,53 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         p = current_principal()
         with self._lock(tenant, subject):
             self._check_time(context)
-            with self.store.write() as tx:
-                if self.store.get_meta_tx(tx, "decommissioned") == "1":
+            with self.store.transaction() as tx:
+                if tx.decommissioned():
                     raise Decommissioned("this matcher has been decommissioned")
                 if req.request_id:
-                    row = tx.execute("SELECT request_hash, response FROM requests WHERE tenant = ? AND "
-                                     "method = 'Enroll' AND request_id = ?", (tenant, req.request_id)).fetchone()
+                    row = tx.request(tenant, "Enroll", req.request_id)
                     if row is not None:
-                        if row[0] != req_hash:
+                        if row.request_hash != req_hash:
                             raise AlreadyExists("request_id was already used for a different request",
                                                 reason="REQUEST_ID_CONFLICT")
-                        resp = pb.EnrollResponse.FromString(row[1])
+                        resp = pb.EnrollResponse.FromString(row.response)
                         resp.replayed = True
                         ev.details["replayed"] = True
-                        self._tx_audit(tx, ev)
+                        tx.audit(ev)
                         return resp
-                crow = tx.execute("SELECT tenant, subject, purpose, withdrawn_at, minor, guardian_ref "
-                                  "FROM consents WHERE consent_id = ?", (req.consent_id,)).fetchone()
-                consent = None if crow is None else dict(zip(
-                    ("tenant", "subject", "purpose", "withdrawn_at", "minor", "guardian_ref"), crow))
-                policy.check_enrol_consent(consent, req.consent_id, subject, tenant, purpose)
-                srow = tx.execute("SELECT key_version, revoked_upto FROM subjects WHERE tenant = ? AND subject = ?",
-                                  (tenant, subject)).fetchone()
-                cur_kv, revoked = (int(srow[0]), int(srow[1])) if srow else (0, 0)
+                policy.check_enrol_consent(tx.consent(req.consent_id), req.consent_id, subject, tenant, purpose)
+                srow = tx.subject(tenant, subject)
+                cur_kv, revoked = (srow.key_version, srow.revoked_upto) if srow else (0, 0)
                 if he:
                     # an HE key version is the tenant epoch, not a per-subject key: check it is current
-                    erow = tx.execute("SELECT epoch FROM he_contexts WHERE tenant = ? AND purpose = ? AND "
-                                      "scheme = ? AND retired_at IS NULL", (tenant, purpose, spec_key)).fetchone()
-                    if erow is None or int(erow[0]) != kv:
+                    erow = tx.current_he_epoch(tenant, purpose, spec_key)
+                    if erow is None or erow.epoch != kv:
                         check_blob(self.he.get(tenant, purpose, spec_key), tenant, he_header)
-                        raise PreconditionFailed("the HE context changed meanwhile; encrypt again",
-                                                 reason="HE_EPOCH_REVOKED")
+                        raise epoch_revoked("the HE context changed meanwhile; encrypt again")
                 elif kv <= revoked:
                     raise KeyVersionRevoked(f"key version {kv} of this subject was revoked; "
                                             f"re-enrol under version {revoked + 1} or later")
-                if tx.execute("SELECT 1 FROM templates WHERE tenant = ? AND subject = ? AND purpose = ? "
-                              "AND scheme = ?", (tenant, subject, purpose, spec_key)).fetchone():
+                if tx.has_template(tenant, subject, purpose, spec_key):
                     raise AlreadyExists("the subject is already enrolled for this purpose and scheme "
                                         "(revoke the key version to re-enrol)", reason="ALREADY_ENROLLED")
                 now = self.clock.now()
                 expires = policy.expiry(now, req.retention_days, self.cfg.retention_days,
                                         self.cfg.max_retention_days)
-                tx.execute("INSERT INTO templates VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                           (tenant, subject, purpose, spec_key, kv, bytes(req.template), now, expires,
-                            req.consent_id, device))
-                seq = tx.execute("SELECT seq FROM template_seq WHERE tenant = ? AND subject = ? AND purpose = ? "
-                                 "AND scheme = ?", (tenant, subject, purpose, spec_key)).fetchone() if he else None
+                seq = tx.insert_template(TemplateRow(tenant, subject, purpose, spec_key, kv, bytes(req.template), now,
+                                                     expires, req.consent_id, device))
                 if not he:   # HE epochs are tenant-wide: the subject's key-version state is untouched
-                    tx.execute("INSERT INTO subjects VALUES (?, ?, ?, ?, ?) ON CONFLICT(tenant, subject) DO "
-                               "UPDATE SET key_version = excluded.key_version, updated_at = excluded.updated_at",
-                               (tenant, subject, max(kv, cur_kv), revoked, now))
+                    tx.put_subject(SubjectRow(tenant, subject, max(kv, cur_kv), revoked, now))
                 resp = pb.EnrollResponse(subject_id=subject, scheme=spec_key, key_version=kv,
                                          enrolled_at=now, expires_at=expires)
                 if req.request_id:
-                    tx.execute("INSERT INTO requests VALUES (?, ?, 'Enroll', ?, ?, ?, ?)",
-                               (tenant, req.request_id, p.name, req_hash, resp.SerializeToString(), now))
-                self._tx_audit(tx, ev)
+                    tx.insert_request(RequestRow(tenant, req.request_id, "Enroll", p.name, req_hash,
+                                                 resp.SerializeToString(), now))
+                tx.audit(ev)
                 with self._glock:
                     persons = len(self._enrolled) + (0 if (tenant, subject) in self._enrolled else 1)
                 if persons >= self.cfg.filing_threshold and not self._filing_raised:
                     deadline = policy.filing_deadline(now, self.cfg.filing_working_days, self.cfg.holidays)
-                    tx.execute("INSERT INTO alerts (kind, raised_at, data) VALUES ('filing', ?, ?)",
-                               (now, json.dumps({"deadline": deadline, "persons": persons,
-                                                 "threshold": self.cfg.filing_threshold})))
+                    tx.insert_filing_alert(FilingAlert(now, deadline, persons, self.cfg.filing_threshold))
                     tx.audit(AuditEvent("FILING_ALERT", "system", "filing-monitor", tenant,
                                         details={"persons": persons, "threshold": self.cfg.filing_threshold,
                                                  "deadline": deadline}), "ALERT", "FILING_THRESHOLD_REACHED")
@@ -684,8 +663,7 @@ class MatcherServicer(pb_grpc.MatcherServicer):
                     else:
                         with st.lock:        # identify mode: ~0.3 s of expansion, outside the map lock
                             g.add(subject, t)
-                            if seq is not None:
-                                st.seqs[subject] = int(seq[0])
+                            st.seqs[subject] = seq
                             st.touch()
                         if st.added >= self.cfg.he_snapshot_batch:
                             self._snap_wake.set()
@@ -799,7 +777,7 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         with self._glock:
             g = self._gallery((tenant, purpose, spec_key, t.key_version), create=True)
         if g is None:
-            raise PreconditionFailed("the HE context changed meanwhile; encrypt again", reason="HE_EPOCH_REVOKED")
+            raise epoch_revoked("the HE context changed meanwhile; encrypt again")
         blob = g.search(t)                          # one encrypted score per stored template
         size = len(g)
         limit = max(self.cfg.max_message_bytes, self.cfg.max_response_bytes) - 4096
@@ -864,33 +842,23 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         now = self.clock.now()
         body = ctx.to_bytes()        # re-serialised: public key (+ relinearisation, Galois keys) only
         gone: list[str] = []
-        with self.store.write() as tx:
-            cur = tx.execute("SELECT epoch, fingerprint FROM he_contexts WHERE tenant = ? AND purpose = ? AND "
-                             "scheme = ? AND retired_at IS NULL", (tenant, purpose, spec_key)).fetchone()
-            retired_max = tx.execute("SELECT COALESCE(MAX(epoch), 0) FROM he_contexts WHERE tenant = ? AND "
-                                     "purpose = ? AND scheme = ? AND retired_at IS NOT NULL",
-                                     (tenant, purpose, spec_key)).fetchone()[0]
-            unchanged = check_registration(cur, int(retired_max), ctx.epoch, ctx.fingerprint)
+        with self.store.transaction() as tx:
+            cur = tx.current_he_epoch(tenant, purpose, spec_key)
+            unchanged = check_registration(cur, tx.max_retired_he_epoch(tenant, purpose, spec_key), ctx.epoch,
+                                           ctx.fingerprint)
             retired, n_del, n_snap = 0, 0, 0
             if not unchanged:
-                tx.execute("INSERT INTO he_contexts VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL)",
-                           (tenant, purpose, spec_key, ctx.epoch, ctx.mode, ctx.dim, ctx.fingerprint,
-                            int(ctx.has_eval_keys), body, now))
+                tx.insert_he_context(HEContextRow(tenant, purpose, spec_key, ctx.epoch, ctx.mode, ctx.dim, ctx.fingerprint,
+                                                  ctx.has_eval_keys, body, now))
                 if cur is not None:   # rotation: the old epoch's templates are useless -> delete them
-                    retired = int(cur[0])
-                    tx.execute("UPDATE he_contexts SET context = x'', retired_at = ? WHERE tenant = ? AND "
-                               "purpose = ? AND scheme = ? AND epoch < ? AND retired_at IS NULL",
-                               (now, tenant, purpose, spec_key, ctx.epoch))
-                    gone = [r[0] for r in tx.execute(
-                        "SELECT subject FROM templates WHERE tenant = ? AND purpose = ? AND scheme = ? AND "
-                        "key_version < ?", (tenant, purpose, spec_key, ctx.epoch))]
-                    n_del = tx.execute("DELETE FROM templates WHERE tenant = ? AND purpose = ? AND scheme = ? "
-                                       "AND key_version < ?", (tenant, purpose, spec_key, ctx.epoch)).rowcount
+                    retired = cur.epoch
+                    tx.retire_he_contexts(tenant, purpose, spec_key, ctx.epoch, now)
+                    gone = tx.delete_epoch_templates(tenant, purpose, spec_key, ctx.epoch)
+                    n_del = len(gone)
                     # the retired epoch's gallery snapshot (its ciphertexts) goes with its templates
-                    n_snap = tx.execute("DELETE FROM he_snapshots WHERE tenant = ? AND purpose = ? AND "
-                                        "scheme = ? AND epoch < ?", (tenant, purpose, spec_key, ctx.epoch)).rowcount
+                    n_snap = tx.delete_he_snapshots(tenant, purpose, spec_key, ctx.epoch)
             ev.details.update({"unchanged": unchanged, "retired_epoch": retired, "templates_deleted": n_del})
-            self._tx_audit(tx, ev)
+            tx.audit(ev)
         if not unchanged:
             entry = HEEntry(tenant, purpose, spec_key, ctx.epoch, ctx.mode, ctx.dim, ctx.fingerprint,
                             ctx.has_eval_keys, now, ctx)
@@ -914,10 +882,7 @@ class MatcherServicer(pb_grpc.MatcherServicer):
             if n_del or n_snap:
                 self.store.checkpoint()
         else:
-            row = self.store.read().execute(
-                "SELECT registered_at FROM he_contexts WHERE tenant = ? AND purpose = ? AND scheme = ? AND "
-                "epoch = ?", (tenant, purpose, spec_key, ctx.epoch)).fetchone()
-            now = float(row[0]) if row else now
+            now = self.store.he_context_registered_at(tenant, purpose, spec_key, ctx.epoch) or now
         return pb.HEContextInfo(tenant=tenant, purpose=purpose, scheme=spec_key, mode=ctx.mode, dim=ctx.dim,
                                 epoch=ctx.epoch, fingerprint=ctx.fingerprint, eval_keys=ctx.has_eval_keys,
                                 registered_at=now, retired_epoch=retired, templates_deleted=n_del,
@@ -926,19 +891,12 @@ class MatcherServicer(pb_grpc.MatcherServicer):
     @_rpc
     def ListHEContexts(self, req, context, ev):
         tenant = ev.tenant = policy.tenant_of(req.tenant)
-        where, args = "c.tenant = ? AND c.retired_at IS NULL", [tenant]
-        if req.purpose:
-            where += " AND c.purpose = ?"
-            args.append(policy.check_purpose(req.purpose))
-        rows = self.store.read().execute(
-            "SELECT c.purpose, c.scheme, c.mode, c.dim, c.epoch, c.fingerprint, c.eval_keys, c.registered_at, "
-            "(SELECT COUNT(*) FROM templates t WHERE t.tenant = c.tenant AND t.purpose = c.purpose AND "
-            "t.scheme = c.scheme AND t.key_version = c.epoch) FROM he_contexts c WHERE " + where +
-            " ORDER BY c.purpose, c.scheme", args).fetchall()
+        rows = self.store.list_he_contexts(tenant, policy.check_purpose(req.purpose) if req.purpose else "")
         ev.details = {"returned": len(rows)}
         return pb.ListHEContextsResponse(contexts=[
-            pb.HEContextInfo(tenant=tenant, purpose=r[0], scheme=r[1], mode=r[2], dim=r[3], epoch=r[4],
-                             fingerprint=r[5], eval_keys=bool(r[6]), registered_at=r[7], templates=r[8])
+            pb.HEContextInfo(tenant=tenant, purpose=r.purpose, scheme=r.scheme, mode=r.mode, dim=r.dim, epoch=r.epoch,
+                             fingerprint=r.fingerprint, eval_keys=r.eval_keys, registered_at=r.registered_at,
+                             templates=r.templates)
             for r in rows])
 
     @_rpc
@@ -948,21 +906,17 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         self._device(tenant, req.device_id, ev, None)
         now = self.clock.now()
         with self._lock(tenant, subject):
-            with self.store.write() as tx:
-                n_t = tx.execute("DELETE FROM templates WHERE tenant = ? AND subject = ?", (tenant, subject)).rowcount
-                n_c = tx.execute("UPDATE consents SET withdrawn_at = ? WHERE tenant = ? AND subject = ? "
-                                 "AND withdrawn_at IS NULL", (now, tenant, subject)).rowcount
-                srow = tx.execute("SELECT key_version, revoked_upto FROM subjects WHERE tenant = ? AND subject = ?",
-                                  (tenant, subject)).fetchone()
+            with self.store.transaction() as tx:
+                n_t = tx.delete_subject_templates(tenant, subject)
+                n_c = tx.withdraw_consents(tenant, subject, now)
+                srow = tx.subject(tenant, subject)
                 if not (n_t or n_c or srow):
                     raise NotFound(f"no subject {subject!r}", reason="SUBJECT_NOT_FOUND")
-                kv, revoked = (int(srow[0]), int(srow[1])) if srow else (0, 0)
+                kv, revoked = (srow.key_version, srow.revoked_upto) if srow else (0, 0)
                 revoked = max(kv, revoked)
-                tx.execute("INSERT INTO subjects VALUES (?, ?, ?, ?, ?) ON CONFLICT(tenant, subject) DO UPDATE "
-                           "SET revoked_upto = excluded.revoked_upto, updated_at = excluded.updated_at",
-                           (tenant, subject, kv, revoked, now))
+                tx.put_subject(SubjectRow(tenant, subject, kv, revoked, now))
                 ev.details = {"templates_deleted": n_t, "consents_withdrawn": n_c, "destroyed_key_version": kv}
-                self._tx_audit(tx, ev)
+                tx.audit(ev)
             self._forget(tenant, subject, lambda p, s, m: True)
             with self._glock:
                 self._versions[(tenant, subject)] = (kv, revoked)
@@ -979,27 +933,23 @@ class MatcherServicer(pb_grpc.MatcherServicer):
             raise BadRequest("key_version must be >= 0", reason="BAD_KEY_VERSION")
         now = self.clock.now()
         with self._lock(tenant, subject):
-            with self.store.write() as tx:
-                srow = tx.execute("SELECT key_version, revoked_upto FROM subjects WHERE tenant = ? AND subject = ?",
-                                  (tenant, subject)).fetchone()
+            with self.store.transaction() as tx:
+                srow = tx.subject(tenant, subject)
                 # HE templates: their key version is the tenant epoch (re-key = new epoch via
                 # RegisterHEContext); revoking a subject deletes its HE templates whatever the version
-                n_he = tx.execute(f"DELETE FROM templates WHERE tenant = ? AND subject = ? AND {HE_SQL}",
-                                  (tenant, subject)).rowcount
+                n_he = tx.delete_he_templates(tenant, subject)
                 if srow is None and not n_he:
                     raise NotFound(f"no subject {subject!r}", reason="SUBJECT_NOT_FOUND")
-                kv, revoked = (int(srow[0]), int(srow[1])) if srow else (0, 0)
+                kv, revoked = (srow.key_version, srow.revoked_upto) if srow else (0, 0)
                 v = req.key_version or kv
                 if srow is not None and v > kv:
                     raise BadRequest(f"key version {v} was never used (current {kv})", reason="BAD_KEY_VERSION")
                 revoked = max(revoked, v)
-                n = tx.execute(f"DELETE FROM templates WHERE tenant = ? AND subject = ? AND key_version <= ? "
-                               f"AND NOT {HE_SQL}", (tenant, subject, v)).rowcount + n_he
+                n = tx.delete_templates_upto(tenant, subject, v) + n_he
                 if srow is not None:
-                    tx.execute("UPDATE subjects SET revoked_upto = ?, updated_at = ? WHERE tenant = ? AND subject = ?",
-                               (revoked, now, tenant, subject))
+                    tx.put_subject(SubjectRow(tenant, subject, kv, revoked, now))
                 ev.details = {"revoked_key_version": v, "templates_deleted": n, "he_templates_deleted": n_he}
-                self._tx_audit(tx, ev)
+                tx.audit(ev)
             self._forget(tenant, subject, lambda p, s, m: is_he_spec(s) or m.key_version <= v)
             if srow is not None:
                 with self._glock:
@@ -1019,23 +969,15 @@ class MatcherServicer(pb_grpc.MatcherServicer):
                 after = base64.urlsafe_b64decode(req.page_token.encode()).decode()
             except (ValueError, UnicodeDecodeError):
                 raise BadRequest("bad page_token", reason="BAD_PAGE_TOKEN") from None
-        where, args = "tenant = ? AND subject > ?", [tenant, after]
-        if req.purpose:
-            where += " AND purpose = ?"
-            args.append(policy.check_purpose(req.purpose))
-        c = self.store.read()
-        rows = c.execute(f"SELECT subject, MAX(key_version), json_group_array(DISTINCT scheme), "
-                         f"json_group_array(DISTINCT purpose), MIN(enrolled_at), MIN(expires_at) FROM templates "
-                         f"WHERE {where} GROUP BY subject ORDER BY subject LIMIT ?", args + [size + 1]).fetchall()
-        total = c.execute("SELECT COUNT(DISTINCT subject) FROM templates WHERE tenant = ?"
-                          + (" AND purpose = ?" if req.purpose else ""),
-                          [tenant] + ([req.purpose] if req.purpose else [])).fetchone()[0]
+        purpose = policy.check_purpose(req.purpose) if req.purpose else ""
+        rows = self.store.list_subjects(tenant, after, size + 1, purpose)
+        total = self.store.count_subjects(tenant, purpose)
         more = len(rows) > size
         rows = rows[:size]
-        out = [pb.SubjectInfo(subject_id=r[0], key_version=r[1], schemes=sorted(json.loads(r[2])),
-                              purposes=sorted(json.loads(r[3])), enrolled_at=r[4], expires_at=r[5])
+        out = [pb.SubjectInfo(subject_id=r.subject, key_version=r.key_version, schemes=r.schemes,
+                              purposes=r.purposes, enrolled_at=r.enrolled_at, expires_at=r.expires_at)
                for r in rows]
-        token = base64.urlsafe_b64encode(rows[-1][0].encode()).decode() if more and rows else ""
+        token = base64.urlsafe_b64encode(rows[-1].subject.encode()).decode() if more and rows else ""
         ev.details = {"returned": len(out)}
         return pb.ListSubjectsResponse(subjects=out, next_page_token=token, total=total)
 
@@ -1051,13 +993,13 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         rows = self.store.audit_entries(after, size + 1, req.action, req.subject_id)
         more = len(rows) > size
         rows = rows[:size]
-        entries = [pb.AuditEntry(seq=r["seq"], ts=r["ts"], actor_role=r["actor_role"], actor=r["actor"],
-                                 action=r["action"], tenant=r["tenant"], subject_id=r["subject"],
-                                 purpose=r["purpose"], device_id=r["device"], result=r["result"],
-                                 reason=r["reason"], details_json=r["details"], prev_hash=r["prev_hash"],
-                                 hash=r["hash"]) for r in rows]
+        entries = [pb.AuditEntry(seq=r.seq, ts=r.ts, actor_role=r.actor_role, actor=r.actor,
+                                 action=r.action, tenant=r.tenant, subject_id=r.subject,
+                                 purpose=r.purpose, device_id=r.device, result=r.result,
+                                 reason=r.reason, details_json=r.details, prev_hash=r.prev_hash,
+                                 hash=r.hash) for r in rows]
         ev.details = {"returned": len(entries)}
-        return pb.GetAuditLogResponse(entries=entries, next_page_token=str(rows[-1]["seq"]) if more else "")
+        return pb.GetAuditLogResponse(entries=entries, next_page_token=str(rows[-1].seq) if more else "")
 
     @_rpc
     def VerifyAuditChain(self, req, context, ev):
@@ -1104,6 +1046,22 @@ class MatcherServicer(pb_grpc.MatcherServicer):
 
 
 # -- store-level operations shared with the offline CLI -----------------------------------
+def purge_expired(store: Store, now: float, actor: tuple[str, str] = ("system", "retention")) -> list[TemplateKey]:
+    """Delete every template whose expiry has passed; one audit entry per subject."""
+    with store.transaction() as tx:
+        rows = tx.expired_templates(now)
+        if not rows:
+            return []
+        tx.delete_expired(now)
+        per_subject: dict[tuple[str, str], int] = {}
+        for r in rows:
+            per_subject[(r.tenant, r.subject)] = per_subject.get((r.tenant, r.subject), 0) + 1
+        for (t, s), n in per_subject.items():
+            tx.audit(AuditEvent("RETENTION_PURGE", actor[0], actor[1], t, s, details={"templates_purged": n}))
+        tx.add_purged(len(rows))
+    return rows
+
+
 def compliance_report(store: Store, cfg: ServiceConfig, now: float) -> dict:
     counts = store.counts()
     head_seq, head_hash = store.audit_head()
@@ -1111,20 +1069,20 @@ def compliance_report(store: Store, cfg: ServiceConfig, now: float) -> dict:
     return {
         "generated_at": now,
         "generated_at_iso": _dt.datetime.fromtimestamp(now, _dt.timezone.utc).isoformat(timespec="seconds"),
-        "persons_stored": counts["persons_stored"],
-        "templates_stored": counts["templates_stored"],
+        "persons_stored": counts.persons_stored,
+        "templates_stored": counts.templates_stored,
         "filing": {"threshold": cfg.filing_threshold, "raised": alert is not None,
-                   "raised_at": alert["raised_at"] if alert else 0.0,
-                   "deadline": alert["deadline"] if alert else "",
-                   "persons_at_alert": alert["persons"] if alert else 0,
+                   "raised_at": alert.raised_at if alert else 0.0,
+                   "deadline": alert.deadline if alert else "",
+                   "persons_at_alert": alert.persons if alert else 0,
                    "working_days": cfg.filing_working_days},
         "retention": {"default_days": cfg.retention_days, "max_days": cfg.max_retention_days,
                       "expired_pending_purge": store.expired_pending(now),
-                      "next_expiry": store.next_expiry() or 0.0, "purged_total": counts["purged_total"]},
-        "processing": store.processing_records(),
-        "devices": counts["devices"], "private_space_devices": counts["private_space_devices"],
-        "consents_active": counts["consents_active"],
-        "intrusion_alerts": counts["alerts"],
+                      "next_expiry": store.next_expiry() or 0.0, "purged_total": counts.purged_total},
+        "processing": [dataclasses.asdict(p) for p in store.processing_records()],
+        "devices": counts.devices, "private_space_devices": counts.private_space_devices,
+        "consents_active": counts.consents_active,
+        "intrusion_alerts": counts.alerts,
         "audit": {"entries": head_seq, "head_hash": head_hash},
         "decommissioned": store.decommissioned(),
     }
@@ -1151,21 +1109,14 @@ def decommission(store: Store, cfg: ServiceConfig, now: float, ev: AuditEvent | 
     """Purge every template, key-version record, consent and idempotency record; keep the
     audit log (the proof); write a deletion certificate to the data dir; VACUUM the file."""
     ev = ev or AuditEvent("Decommission", "admin", "cli")
-    with store.write() as tx:
+    with store.transaction() as tx:
         head_before = store.audit_head()
-        counts = {
-            "templates_deleted": tx.execute("DELETE FROM templates").rowcount,
-            "subjects_deleted": tx.execute("DELETE FROM subjects").rowcount,
-            "consents_deleted": tx.execute("DELETE FROM consents").rowcount,
-            "requests_deleted": tx.execute("DELETE FROM requests").rowcount,
-            "he_contexts_deleted": tx.execute("DELETE FROM he_contexts").rowcount,
-            "he_snapshots_deleted": tx.execute("DELETE FROM he_snapshots").rowcount,
-        }
-        store.set_meta(tx, "decommissioned", "1")
+        counts = dataclasses.asdict(tx.wipe())
+        tx.mark_decommissioned()
         cert = {
             "type": "veilface-deletion-certificate", "version": 1,
             "issued_at": _dt.datetime.fromtimestamp(now, _dt.timezone.utc).isoformat(timespec="seconds"),
-            "issued_at_unix": now, "reason": reason[:200], "store": str(store.path.name),
+            "issued_at_unix": now, "reason": reason[:200], "store": store.name,
             **counts,
             "audit_head_before": {"seq": head_before[0], "hash": head_before[1]},
             "measures": ["all protected templates deleted (SQLite secure_delete: pages overwritten)",
@@ -1181,7 +1132,7 @@ def decommission(store: Store, cfg: ServiceConfig, now: float, ev: AuditEvent | 
         ev.details["certificate_sha256"] = cert["certificate_sha256"]
         tx.audit(ev, "OK")
     store.vacuum()
-    out = Path(store.path).parent / f"deletion-certificate-{int(now)}.json"
+    out = Path(cfg.data_dir) / f"deletion-certificate-{int(now)}.json"
     out.write_text(json.dumps(cert, indent=1, sort_keys=True))
     cert_path = str(out)
     log.warning("decommissioned: certificate %s", cert_path)
@@ -1196,7 +1147,7 @@ class VeilfaceServer:
         cfg.validate()
         self.cfg = cfg
         self.clock = clock or SystemClock()
-        self.store = store or Store(cfg.data_dir, self.clock)
+        self.store = store or SQLiteStore(cfg.data_dir, self.clock)
         self.servicer = MatcherServicer(cfg, self.store, self.clock)
         interceptor = AuthInterceptor(TokenTable(cfg.token_entries()), cfg.health_requires_token,
                                       on_denied=self.servicer.audit_denied)
