@@ -10,8 +10,8 @@ from engine._proto.veilface.v1 import matcher_pb2 as pb
 from engine._proto.veilface.v1 import matcher_pb2_grpc as pb_grpc
 from engine.client import LocationClass, ServiceError
 from engine.service.clock import ManualClock
-from engine.service.testing import NOTICE, PURPOSE, TOKENS, capture, faces, running_server
 from engine.template import Template
+from tests.support import NOTICE, PURPOSE, TOKENS, capture, faces, running_server
 
 
 @pytest.fixture

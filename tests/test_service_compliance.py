@@ -13,7 +13,7 @@ from engine.client import LocationClass, ServiceError
 from engine.service.clock import ManualClock
 from engine.service.config import ServiceConfig
 from engine.service.status import BadRequest
-from engine.service.testing import NOTICE, faces, running_server
+from tests.support import NOTICE, faces, running_server
 
 DAY = 86400.0
 # Monday 2025-01-06 12:00 UTC

@@ -10,7 +10,7 @@ import pytest
 from engine.client import DeviceClient, LocationClass, OperatorClient, ServiceError
 from engine.keys import KeyDeriver
 from engine.service.launcher import ServerProcess, write_config
-from engine.service.testing import NOTICE
+from tests.support import NOTICE
 
 
 def test_sigkill_loses_nothing_acknowledged(tmp_path):

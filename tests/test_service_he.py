@@ -17,7 +17,7 @@ pytest.importorskip("tenseal")
 from engine._proto.veilface.v1 import matcher_pb2 as pb  # noqa: E402
 from engine.client import LocationClass, ServiceError  # noqa: E402
 from engine.he import KeyHolder, PublicContext, blob_header  # noqa: E402
-from engine.service.testing import NOTICE, PURPOSE, TOKENS, capture, faces, running_server  # noqa: E402
+from tests.support import NOTICE, PURPOSE, TOKENS, capture, faces, running_server  # noqa: E402
 
 VERIFY = "he:dim=128,mode=verify"
 IDENTIFY = "he:dim=128,mode=identify"

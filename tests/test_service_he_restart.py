@@ -18,7 +18,7 @@ from engine.client import DeviceClient, LocationClass, OperatorClient  # noqa: E
 from engine.he import KeyHolder  # noqa: E402
 from engine.he.gallery import EncryptedGallery  # noqa: E402
 from engine.service.launcher import ServerProcess, write_config  # noqa: E402
-from engine.service.testing import NOTICE, PURPOSE, TOKENS, capture, faces, running_server  # noqa: E402
+from tests.support import NOTICE, PURPOSE, TOKENS, capture, faces, running_server  # noqa: E402
 
 IDENTIFY = "he:dim=128,mode=identify"
 TOL = 1e-3

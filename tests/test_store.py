@@ -14,7 +14,7 @@ from engine.service.config import load_config
 from engine.service.server import purge_expired
 from engine.service.status import BadRequest
 from engine.service.store import SQLiteStore, TemplateRow
-from engine.service.testing import NOTICE, faces, running_server
+from tests.support import NOTICE, faces, running_server
 
 
 def test_pragmas(tmp_path):

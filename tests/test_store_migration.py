@@ -14,7 +14,7 @@ from engine.schemes import make_scheme
 from engine.service.audit import GENESIS, AuditEvent, next_entry
 from engine.service.clock import ManualClock
 from engine.service.store import SCHEMA_VERSION, SQLiteStore, StoreError, TemplateRow
-from engine.service.testing import NOTICE, PURPOSE, capture, faces, running_server
+from tests.support import NOTICE, PURPOSE, capture, faces, running_server
 
 # the schema-1 DDL, verbatim from engine/service/store.py and audit.py before the store package
 V1_SCHEMA = """

@@ -46,7 +46,7 @@ from .encrypted import (
     is_he_spec,
     parse_public_context,
 )
-from .galleries import new_gallery
+from .matching.galleries import has_gallery_type, new_gallery
 from .ratelimit import Alert, IntrusionDetector
 from .status import (
     AlreadyExists,
@@ -429,10 +429,8 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         scheme = self._schemes.get(spec_key)
         if scheme is None:
             scheme = make_scheme(t.spec)          # UnknownScheme -> FAILED_PRECONDITION
-            if getattr(scheme, "encrypted", False) and not hasattr(scheme, "make_gallery"):
-                from .galleries import _FACTORIES
-                if scheme.name not in _FACTORIES:
-                    raise UnknownScheme(f"scheme {scheme.name!r} has no gallery type in this service")
+            if not has_gallery_type(scheme):
+                raise UnknownScheme(f"scheme {scheme.name!r} has no gallery type in this service")
             self._schemes[spec_key] = scheme
         self._check_allowed(t.spec, spec_key)
         if t.key_version < 1:
