@@ -194,7 +194,7 @@ def test_deadline_is_honoured(srv):
     import time
     dev = srv.device()
     c = dev.record_consent("s1", NOTICE, 30)
-    lock = srv.server.servicer._lock("default", "s1")
+    lock = srv.app.index.subject_lock("default", "s1")
     lock.acquire()                          # hold the subject: the enrolment waits past its deadline
     try:
         dev.timeout = 0.3
@@ -307,7 +307,7 @@ def test_restart_reloads_galleries(tmp_path, rng):
             enrol(dev, f"s{i}", x[i])
         dev.withdraw("s4")
     with running_server(tmp_path / "d", clock) as s:
-        assert s.server.servicer.loaded["templates"] == 19
+        assert s.app.loaded["templates"] == 19
         dev = s.device()
         assert dev.verify("s7", capture(x[7], rng)).matched
         assert dev.identify(capture(x[9], rng))[0][0] == "s9"

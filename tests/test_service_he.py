@@ -62,8 +62,10 @@ def he_device(s, scheme, **kw):
     return DeviceClient(s.target, TOKENS["device"], "gate-1", scheme=scheme, **kw)
 
 
-def servicer(s):
-    return s.server.servicer
+def he_galleries(s) -> list:
+    """The in-process HE gallery objects of a running server."""
+    backend = s.app.index.backend
+    return [backend.gallery(k) for k in backend.keys() if k.encrypted]
 
 
 # -- registration ---------------------------------------------------------------------------
@@ -173,7 +175,7 @@ def test_identify_decider_top1_withdraw_revoke_retention(srv, ikh, rng):
     assert raw.encrypted and not raw.candidates and raw.gallery_size == 4
     h = blob_header(raw.encrypted_scores)
     assert h["kind"] == "scores" and sorted(h["blocks"][0][1]) == ["s0", "s1", "s2", "s3"]  # id order for the key holder
-    gal = next(g for k, g in servicer(srv)._galleries.items() if k[2].startswith("he/"))
+    gal = he_galleries(srv)[0]
     # withdrawal removes the subject from the encrypted gallery and the store
     w = dev.withdraw("s1")
     assert w.templates_deleted == 1
@@ -222,7 +224,7 @@ def test_epoch_rotation_refuses_old_ciphertexts(srv, rng):
     assert dev.verify("s0b", capture(x[0], rng)).matched
     assert err(lambda: dev.verify("s0", x[0])).code == grpc.StatusCode.NOT_FOUND   # old template is gone
     # the retired epoch keeps no key material in the store
-    con = sqlite3.connect(f"file:{servicer(srv).store.path}?mode=ro", uri=True, timeout=30)
+    con = sqlite3.connect(f"file:{srv.store.path}?mode=ro", uri=True, timeout=30)
     rows = con.execute("SELECT epoch, length(context) FROM he_contexts ORDER BY epoch").fetchall()
     con.close()
     assert rows[0] == (1, 0) and rows[1][1] > 0
@@ -238,17 +240,17 @@ def test_matcher_has_no_private_context_and_restart_reloads(tmp_path, ikh, rng):
         dev = he_device(s, IDENTIFY, key_holder=ikh)
         for i in range(3):
             enrol(dev, f"s{i}", x[i])
-        for e in servicer(s).he.entries():
+        for e in s.app.contexts.entries():
             assert isinstance(e.context, PublicContext) and not e.context.is_private()
-        for g in servicer(s)._galleries.values():
+        for g in he_galleries(s):
             assert not g.ctx.is_private()
         clock = s.clock
     with running_server(data, clock=clock) as s:          # restart: galleries rebuilt from the store
-        assert servicer(s).loaded["templates"] == 3
+        assert s.app.loaded["templates"] == 3
         dev = he_device(s, IDENTIFY, key_holder=ikh)
         for i in range(3):
             assert dev.identify(capture(x[i], rng), top_k=1)[0][0] == f"s{i}"
-        store = servicer(s).store
+        store = s.store
         for row in store.current_he_contexts():
             assert blob_header(row.context)["kind"] == "public_context"
             assert not PublicContext.from_bytes(row.context).is_private()
@@ -287,5 +289,5 @@ def test_decommission_purges_he_contexts_and_templates(srv, vkh):
     r = srv.client("admin").decommission(reason="end of service")
     cert = json.loads(r.certificate_json)
     assert r.templates_deleted == 1 and cert["he_contexts_deleted"] == 1
-    assert not servicer(srv).he.entries() and not servicer(srv)._galleries
+    assert not srv.app.contexts.entries() and not srv.app.index.backend.keys()
     assert srv.client("operator").list_he_contexts() == []

@@ -16,8 +16,8 @@ pytest.importorskip("tenseal")
 from engine._proto.veilface.v1 import matcher_pb2 as pb  # noqa: E402
 from engine.client import DeviceClient, LocationClass, OperatorClient  # noqa: E402
 from engine.he import KeyHolder  # noqa: E402
-from engine.he.gallery import EncryptedGallery  # noqa: E402
 from engine.service.launcher import ServerProcess, write_config  # noqa: E402
+from engine.service.matching import LocalMatching  # noqa: E402
 from tests.support import NOTICE, PURPOSE, TOKENS, capture, faces, running_server  # noqa: E402
 
 IDENTIFY = "he:dim=128,mode=identify"
@@ -31,14 +31,15 @@ def ikh():
 
 @pytest.fixture
 def add_calls(monkeypatch):
-    """Counts ``EncryptedGallery.add`` calls (each one is a ~0.27 s oblivious expansion)."""
+    """Subjects added to HE galleries (each one a ~0.27 s oblivious expansion in identify mode)."""
     calls = []
-    orig = EncryptedGallery.add
+    orig = LocalMatching.add
 
-    def add(self, subject_id, template):
-        calls.append(subject_id)
-        return orig(self, subject_id, template)
-    monkeypatch.setattr(EncryptedGallery, "add", add)
+    def add(self, key, subject_ids, templates):
+        if key.encrypted:
+            calls.extend(subject_ids)
+        return orig(self, key, subject_ids, templates)
+    monkeypatch.setattr(LocalMatching, "add", add)
     return calls
 
 
@@ -90,7 +91,7 @@ def test_clean_restart_restores_snapshot_without_re_adding(tmp_path, ikh, add_ca
     t0 = time.perf_counter()
     with running_server(data, clock=clock, he_snapshot_interval_s=3600) as s:
         restart_s = time.perf_counter() - t0
-        loaded = s.server.servicer.loaded
+        loaded = s.app.loaded
         assert (loaded["he_snapshots"], loaded["he_restored"], loaded["he_added"], loaded["he_removed"]) == \
             (1, 4, 0, 0)
         assert add_calls == []                                  # nothing was expanded again
@@ -103,14 +104,14 @@ def test_clean_restart_restores_snapshot_without_re_adding(tmp_path, ikh, add_ca
     assert restart_s < 15
     del add_calls[:]
     with running_server(data, clock=clock, he_snapshot_interval_s=3600) as s:
-        loaded = s.server.servicer.loaded
+        loaded = s.app.loaded
         assert (loaded["he_restored"], loaded["he_added"], loaded["he_removed"]) == (4, 0, 0) and not add_calls
         dev = DeviceClient(s.target, TOKENS["device"], "gate-1", scheme=IDENTIFY, key_holder=ikh)
         check_identify(dev, ikh, x, {"s1": 1, "s2": 2, "s3": 3, "s5": 5}, absent=["s0", "s4"])
     # without snapshots (he_snapshot_interval_s = 0) the gallery is rebuilt and the stored one deleted
     del add_calls[:]
     with running_server(data, clock=clock, he_snapshot_interval_s=0) as s:
-        loaded = s.server.servicer.loaded
+        loaded = s.app.loaded
         assert (loaded["he_snapshots"], loaded["he_added"]) == (0, 4) and len(add_calls) == 4
     assert snapshot_rows(data / "veilface.db") == []
 
@@ -181,18 +182,18 @@ def test_snapshots_go_with_rotation_and_decommission(tmp_path):
         op.register_he_context(kh, PURPOSE)
         dev = DeviceClient(s.target, TOKENS["device"], "gate-1", scheme=IDENTIFY, key_holder=kh)
         enrol(dev, "s0", x[0])
-        assert s.server.servicer.snapshot_he_galleries(force=True) == 1
+        assert s.app.snapshots.snapshot_due(force=True) == 1
         assert [e for e, _ in snapshot_rows(db)] == [1]
         kh2 = kh.rotate()
         assert op.register_he_context(kh2, PURPOSE).templates_deleted == 1
         assert snapshot_rows(db) == []                           # the retired epoch's ciphertexts
         dev.set_he_keys(key_holder=kh2)
         enrol(dev, "s1", x[1])
-        assert s.server.servicer.snapshot_he_galleries(force=True) == 1
+        assert s.app.snapshots.snapshot_due(force=True) == 1
         assert [e for e, _ in snapshot_rows(db)] == [2]
         cert = json.loads(s.client("admin").decommission(reason="end").certificate_json)
         assert cert["he_snapshots_deleted"] == 1 and snapshot_rows(db) == []
-        assert s.server.servicer.snapshot_he_galleries(force=True) == 0
+        assert s.app.snapshots.snapshot_due(force=True) == 0
     assert snapshot_rows(db) == []                               # nothing written at shutdown either
 
 
@@ -207,15 +208,15 @@ def test_sharded_gallery_restart_and_changed_shard_layout(tmp_path, ikh):
             enrol(dev, f"s{i}", x[i])
         clock = s.clock
     with running_server(data, clock=clock, he_shards=2, he_snapshot_interval_s=3600) as s:
-        loaded = s.server.servicer.loaded
+        loaded = s.app.loaded
         assert (loaded["he_snapshots"], loaded["he_restored"], loaded["he_added"]) == (1, 3, 0)
         dev = DeviceClient(s.target, TOKENS["device"], "gate-1", scheme=IDENTIFY, key_holder=ikh)
         check_identify(dev, ikh, x, {f"s{i}": i for i in range(3)})
     # another he_shards: the stored snapshot does not fit, the gallery is rebuilt (and re-snapshotted)
     with running_server(data, clock=clock, he_shards=1, he_snapshot_interval_s=3600) as s:
-        loaded = s.server.servicer.loaded
+        loaded = s.app.loaded
         assert (loaded["he_snapshots"], loaded["he_restored"], loaded["he_added"]) == (0, 0, 3)
         dev = DeviceClient(s.target, TOKENS["device"], "gate-1", scheme=IDENTIFY, key_holder=ikh)
         check_identify(dev, ikh, x, {f"s{i}": i for i in range(3)})
     with running_server(data, clock=clock, he_snapshot_interval_s=3600) as s:
-        assert s.server.servicer.loaded["he_restored"] == 3
+        assert s.app.loaded["he_restored"] == 3

@@ -11,9 +11,9 @@ from engine.client import LocationClass
 from engine.service import policy
 from engine.service.clock import ManualClock
 from engine.service.config import load_config
-from engine.service.server import purge_expired
 from engine.service.status import BadRequest
 from engine.service.store import SQLiteStore, TemplateRow
+from engine.service.usecases.maintenance import purge_expired
 from tests.support import NOTICE, faces, running_server
 
 

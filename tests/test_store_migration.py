@@ -155,7 +155,7 @@ def test_v1_store_upgrades_and_keeps_template_numbers(tmp_path):
 def test_v1_data_dir_serves_after_upgrade(tmp_path, rng):
     x = write_v1(tmp_path / "d")
     with running_server(tmp_path / "d", ManualClock(T0 + 60)) as s:
-        assert s.server.servicer.loaded["templates"] == 4
+        assert s.app.loaded["templates"] == 4
         dev = s.device(scheme=SCHEME)
         for i in range(4):
             assert dev.verify(f"s{i}", capture(x[i], rng)).matched

@@ -149,7 +149,7 @@ def format_report(rep: dict) -> str:
 
 
 def _report(args) -> int:
-    from .server import compliance_report
+    from .usecases.maintenance import compliance_report
     cfg, store = _store(args)
     rep = compliance_report(store, cfg, store.clock.now())
     print(json.dumps(rep, indent=1, sort_keys=True) if args.json else format_report(rep))
@@ -157,7 +157,7 @@ def _report(args) -> int:
 
 
 def _purge(args) -> int:
-    from .server import purge_expired
+    from .usecases.maintenance import purge_expired
     cfg, store = _store(args)
     rows = purge_expired(store, store.clock.now(), ("operator", "cli"))
     store.checkpoint()
@@ -167,7 +167,7 @@ def _purge(args) -> int:
 
 def _decommission(args) -> int:
     from .audit import AuditEvent
-    from .server import decommission
+    from .usecases.maintenance import decommission
     if not args.yes:
         print("decommission deletes every template, key-version and consent record; re-run with --yes",
               file=sys.stderr)

@@ -353,8 +353,10 @@ class WriteTx(ABC):
 class Store(ABC):
     """Reads and lifecycle of a store; writes go through :meth:`transaction`."""
 
-    #: short description of where the data lives (e.g. the database file name)
+    #: the store's short name (e.g. the database file name; written into deletion certificates)
     name: str = ""
+    #: where the data lives, for humans (a file path; a connection string without secrets)
+    location: str = ""
 
     @abstractmethod
     def transaction(self) -> AbstractContextManager[WriteTx]: ...

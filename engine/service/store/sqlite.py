@@ -68,7 +68,7 @@ class SQLiteStore(SQLStore):
             path.mkdir(parents=True, exist_ok=True)
             path = path / DB_NAME
         self.path = path
-        self.name = path.name
+        self.name, self.location = path.name, str(path)
         self._wlock = threading.RLock()
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
