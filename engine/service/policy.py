@@ -1,7 +1,7 @@
-"""The compliance rules of DESIGN.md section 4, as plain functions the servicer calls.
+"""The compliance rules (``docs/architecture.md``, section 4) as plain functions the use cases call.
 
 Every function raises a :mod:`.status` error (FAILED_PRECONDITION / INVALID_ARGUMENT ...)
-with a machine-readable reason, or returns the value the servicer should store.
+with a machine-readable reason, or returns the value to store.
 """
 from __future__ import annotations
 

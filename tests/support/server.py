@@ -43,7 +43,7 @@ class Running:
 
 def make_config(data_dir, **settings) -> ServiceConfig:
     """A validated config: port 0, 8 workers, no background purge in the test's time, test tokens."""
-    cfg = ServiceConfig(port=0, data_dir=str(data_dir), workers=8, purge_interval_s=3600.0, **settings)
+    cfg = ServiceConfig(**{"port": 0, "data_dir": str(data_dir), "workers": 8, "purge_interval_s": 3600.0, **settings})
     for role, tok in TOKENS.items():
         cfg.add_token(role, tok, name=f"{role}-1")
     return cfg.validate()

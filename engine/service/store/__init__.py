@@ -22,6 +22,7 @@ from .base import (
     ProcessingRecord,
     RequestRow,
     Store,
+    StoreConflict,
     StoreCounts,
     StoreError,
     SubjectRow,
@@ -41,7 +42,7 @@ def open_store(data_dir: str | os.PathLike, clock: Clock | None = None) -> Store
     return SQLiteStore(data_dir, clock)
 
 
-__all__ = ["Store", "WriteTx", "StoreError", "SQLStore", "SQLiteStore", "Dialect", "open_store", "DB_NAME",
+__all__ = ["Store", "WriteTx", "StoreError", "StoreConflict", "SQLStore", "SQLiteStore", "Dialect", "open_store", "DB_NAME",
            "SCHEMA_VERSION", "ConsentRow", "DeviceRow", "FilingAlert", "HEContextRow", "HEContextSummary", "HEEpoch",
            "HESnapshotRow", "ProcessingRecord", "RequestRow", "StoreCounts", "SubjectRow", "SubjectSummary",
            "TemplateIndexRow", "TemplateKey", "TemplateRow", "WipeCounts"]

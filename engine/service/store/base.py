@@ -34,6 +34,11 @@ class StoreError(StatusError):
     code, reason = "FAILED_PRECONDITION", "STORE_VERSION"
 
 
+class StoreConflict(StatusError):
+    """A write collides with a stored row (e.g. another replica enrolled the same template first)."""
+    code, reason = "ALREADY_EXISTS", "ALREADY_EXISTS"
+
+
 # -- rows ----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class DeviceRow:

@@ -34,6 +34,7 @@ from .base import (
     ProcessingRecord,
     RequestRow,
     Store,
+    StoreConflict,
     StoreCounts,
     StoreError,
     SubjectRow,
@@ -62,6 +63,7 @@ class Dialect:
     auto_id: str = "INTEGER PRIMARY KEY AUTOINCREMENT"   # never-reused id: "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
     for_update: str = ""            # row lock on the audit head: " FOR UPDATE" (SQLite locks the file)
     extra_ddl: tuple[str, ...] = ()  # e.g. the audit log's append-only triggers
+    integrity_errors: tuple[type, ...] = ()   # the driver's unique-violation errors -> StoreConflict
 
     def sql(self, text: str) -> str:
         """``text`` with ``?`` placeholders in this dialect's style (the queries hold no literal '?')."""
@@ -158,7 +160,10 @@ class SQLTx(WriteTx):
         self._head: tuple[int, str] | None = None
 
     def _x(self, sql: str, args=()):
-        return self.conn.execute(self.d.sql(sql), tuple(args))
+        try:
+            return self.conn.execute(self.d.sql(sql), tuple(args))
+        except self.d.integrity_errors as exc:
+            raise StoreConflict(str(exc)) from None
 
     def _one(self, sql: str, args=()):
         return self._x(sql, args).fetchone()
@@ -363,6 +368,8 @@ class SQLStore(Store):
             for stmt in schema(self.dialect):
                 conn.execute(stmt)
             tx.set_meta("schema_version", str(SCHEMA_VERSION))
+            # the chain head exists from the start, so every appender locks the same row (FOR UPDATE)
+            tx._x("INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, ?) ON CONFLICT (id) DO NOTHING", (GENESIS,))
 
     @contextmanager
     def transaction(self) -> Iterator[SQLTx]:

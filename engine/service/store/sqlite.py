@@ -20,7 +20,7 @@ from .sql import TEMPLATES_DDL, Dialect, SQLStore
 
 DB_NAME = "veilface.db"
 
-SQLITE = Dialect("sqlite", extra_ddl=(
+SQLITE = Dialect("sqlite", integrity_errors=(sqlite3.IntegrityError,), extra_ddl=(
     "CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit "
     "BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END",
     "CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit "

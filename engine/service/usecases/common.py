@@ -39,6 +39,7 @@ class TemplateReader:
 
     def __init__(self, cfg: ServiceConfig, schemes: SchemeCache) -> None:
         self.cfg, self.schemes = cfg, schemes
+        self._allowed_specs: list | None = None    # the descriptors of allowed_schemes, built on first use
 
     def read(self, blob: bytes, what: str = "template") -> Parsed:
         """``what`` is "template" (Enroll) or "probe" (Verify / Identify)."""
@@ -58,10 +59,14 @@ class TemplateReader:
         return Parsed(t, scheme, spec_key, None)
 
     def check_allowed(self, spec, spec_key: str) -> None:
-        """``allowed_schemes`` (empty = any): a scheme name, a canonical spec key or a descriptor."""
+        """``allowed_schemes`` (empty = any): scheme names, canonical spec keys or descriptors
+        (``"biohash:bits=512,dim=128"``: that parameter set only)."""
         allowed = self.cfg.allowed_schemes
-        if allowed and spec.name not in allowed and spec_key not in allowed and \
-                not any(make_scheme(a).spec == spec for a in allowed if ":" in a):
+        if not allowed or spec.name in allowed or spec_key in allowed:
+            return
+        if self._allowed_specs is None:
+            self._allowed_specs = [make_scheme(a).spec for a in allowed if ":" in a and "/" not in a.partition(":")[0]]
+        if spec not in self._allowed_specs:
             raise PreconditionFailed(f"scheme {spec_key} is not enabled on this server", reason="SCHEME_NOT_ALLOWED")
 
     def threshold(self, scheme, requested: float) -> float:
