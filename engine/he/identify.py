@@ -170,11 +170,13 @@ class IdentifyGallery(EncryptedGallery):
         """1:N: encrypted scores of every stored template + the probe's encrypted norm -> ``scores``
         blob (parts: one score ciphertext per block, then the norm; header ``norm: true``)."""
         probe_ct = self._load_probe(probe)
+        if not len(self):
+            return pack_blob("scores", dict(self.ctx.header(), blocks=[]), [])
+        pieces = self.expand_probe(probe_ct)       # per query, no gallery state: outside the lock
         with self._lock:
             blocks = [blk for blk in self._blocks if blk.dims is not None]
             if not blocks:
                 return pack_blob("scores", dict(self.ctx.header(), blocks=[]), [])
-            pieces = self.expand_probe(probe_ct)
             results = self.search_cts(pieces, [blk.dims for blk in blocks])
             table = [[[j for j, s in enumerate(blk.ids) if s is not None],
                       [s for s in blk.ids if s is not None]] for blk in blocks]
