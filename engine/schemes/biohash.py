@@ -18,7 +18,7 @@ class BioHash(Scheme):
     """
 
     name = "biohash"
-    version = 2
+    version = 2   # 2: transform stream bound to the full spec (CodeMatching.stream_label)
     metric = "hamming"
 
     def __init__(self, dim: int = 128, bits: int = 256) -> None:

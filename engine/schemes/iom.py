@@ -23,7 +23,7 @@ class IoMHash(Scheme):
     """
 
     name = "iom"
-    version = 2
+    version = 2   # 2: transform stream bound to the full spec (CodeMatching.stream_label)
     metric = "iom"
 
     def __init__(self, dim: int = 128, m: int = 256, q: int = 16, variant: str = "grp",

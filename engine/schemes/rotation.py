@@ -20,7 +20,7 @@ class Rotation(Scheme):
     """
 
     name = "rotation"
-    version = 2
+    version = 2   # 2: transform stream bound to the full spec (CodeMatching.stream_label)
 
     def __init__(self, dim: int = 128, quant: str = "float32", scale: float | None = None) -> None:
         super().__init__(dim)
