@@ -281,7 +281,9 @@ class Report:
 
     def plot(self, out: str | Path) -> list[str]:
         """DET curves, genuine/impostor histograms, unlinkability plots -> PNG paths."""
-        import matplotlib
+        from .._optional import require
+        matplotlib = require("matplotlib", feature="the evaluation plots (--no-plots skips them)")
+        require("scipy", feature="the evaluation plots (--no-plots skips them)")
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
         from scipy.stats import norm
