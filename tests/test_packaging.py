@@ -154,8 +154,8 @@ def test_optional_features_fail_with_the_extra_to_install(tmp_path):
         from engine.face import embed_image  # importing the face package is cheap; using it is not
         expect("face", embed_image, np.zeros((64, 64, 3), np.uint8))
         expect("face", __import__("engine.face.pipeline", fromlist=["x"]).load_image, "photo.jpg")
-        from engine.evaluation.report import Report  # importable; the plots need [eval]
-        expect("eval", Report.plot, None, ".")
+        from engine.evaluation.plots import plot_all  # importable; drawing needs [eval]
+        expect("eval", plot_all, [], False, ".")
     """, tmp_path)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.count("OK ") == 5, r.stdout
