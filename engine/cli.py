@@ -14,7 +14,6 @@ _COMMAND_MODULES = (
     "engine.service.commands",
     "engine.evaluation.commands",
     "engine.face.commands",
-    "engine.he.commands",
 )
 
 
