@@ -29,6 +29,8 @@ import time
 
 import numpy as np
 
+from .._optional import require
+
 
 def _unit(rng, n, d):
     x = rng.standard_normal((n, d))
@@ -36,7 +38,7 @@ def _unit(rng, n, d):
 
 
 def _tenseal_context():
-    import tenseal as ts
+    ts = require("tenseal", feature="the HE benchmark (TenSEAL baseline)")
 
     ctx = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=8192, coeff_mod_bit_sizes=[60, 40, 40, 60])
     ctx.global_scale = 2 ** 40
@@ -45,8 +47,8 @@ def _tenseal_context():
 
 
 def _verify_rows(quick: bool, rng) -> tuple[list[dict], dict]:
-    import tenseal as ts
-    import tenseal.sealapi as seal
+    ts = require("tenseal", feature="the HE benchmark (TenSEAL baseline)")
+    seal = require("tenseal.sealapi")
 
     from ..he import EncryptedGallery, KeyHolder
     from ..he.sealio import seal_load

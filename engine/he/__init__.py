@@ -18,6 +18,10 @@ Module map: ``params`` (parameter sets) · ``wire`` (VFHE blobs) · ``sealio`` (
 """
 from __future__ import annotations
 
+from .._optional import require
+
+require("tenseal", extra="he", feature="encrypted matching (engine.he)")
+
 from .blobops import add_partial_scores, encrypt_block_blob, merge_scores, split_block_blob
 from .context import KeyHolder, MatcherContext, PublicContext, require_public
 from .decisions import DecisionPolicy, IdentifyDecision, VerifyDecision
