@@ -43,13 +43,15 @@ def pg_dsn() -> str:
 
 def fresh_schema(dsn: str | None = None) -> tuple[str, str]:
     """A new empty schema in the test database: (DSN whose search_path is that schema, schema name)."""
+    from urllib.parse import quote
+
     import psycopg
-    from psycopg.conninfo import make_conninfo
     dsn = dsn or pg_dsn()
     name = "vf_" + secrets.token_hex(6)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(f"CREATE SCHEMA {name}")
-    return make_conninfo(dsn, options=f"-c search_path={name}"), name
+    sep = "&" if "?" in dsn else "?"
+    return f"{dsn}{sep}options={quote(f'-c search_path={name}')}", name
 
 
 def drop_schema(name: str, dsn: str | None = None) -> None:
