@@ -14,6 +14,7 @@ from .matching import GalleryIndex, LocalMatching, MatchingBackend, SchemeCache
 from .ratelimit import IntrusionDetector
 from .scope import Scopes
 from .store import Store
+from .usecases.bulk import BulkEnrolment
 from .usecases.common import TemplateReader, audit_quietly
 from .usecases.devices import DeviceRegistry, Devices
 from .usecases.enrolment import Enrolment, FilingMonitor
@@ -74,6 +75,7 @@ class MatcherApp:
         self.he_contexts = HEContexts(store, self.clock, self.index, self.templates)
         self.maintenance = Maintenance(cfg, store, self.clock, self.index, self.retention, self.tickets)
         self.queries = Queries(store)
+        self.bulk = BulkEnrolment(cfg, store, self.clock, self.index, self.templates, self.retention)
         self.recovery = Recovery(cfg, store, self.index, self.contexts, self.device_registry, self.retention,
                                  self.snapshots)
         if cfg.matching != "local":   # pg: the Ray shards load the templates, not every replica

@@ -354,6 +354,11 @@ class WriteTx(ABC):
         """Append one hash-chained entry in this transaction; marks ``ev.written``; returns its seq."""
 
     # pg: replicas (shared filing check) and bulk enrolment
+    def lock_subjects(self, tenant: str, subjects: Sequence[str]) -> None:
+        """Hold the subjects' cross-replica locks until this transaction ends (an embedded store
+        serialises its writers already: nothing to do)."""
+        return None
+
     @abstractmethod
     def count_persons(self) -> int:
         """Distinct (tenant, subject) pairs with a stored template, read in this transaction."""

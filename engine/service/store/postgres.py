@@ -28,8 +28,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from ..clock import Clock, SystemClock
-from .base import StoreUnavailable
-from .sql import Dialect, SQLStore
+from .base import StoreConflict, StoreUnavailable, subject_hash
+from .sql import _TEMPLATE_COLS, _TEMPLATE_INSERT_COLS, Dialect, SQLStore, SQLTx
 
 log = logging.getLogger("veilface.service")
 
@@ -72,6 +72,25 @@ def lock_key(tenant: str, subject: str) -> int:
 
 #: advisory-lock key that serialises schema creation / upgrade between replicas starting together
 _SCHEMA_LOCK = 0x5645494C46414345  # "VEILFACE"
+
+
+class PostgresTx(SQLTx):
+    """:class:`SQLTx` plus what PostgreSQL does better: COPY for bulk rows, advisory locks."""
+
+    def lock_subjects(self, tenant: str, subjects) -> None:
+        # transaction-level advisory locks, in a fixed order (no deadlock between two batches);
+        # they conflict with the session-level ones of PostgresStore.subject_lock on the same key
+        keys = sorted({lock_key(tenant, s) for s in subjects})
+        if keys:
+            self.conn.execute("SELECT pg_advisory_xact_lock(k) FROM unnest(%s::bigint[]) AS k ORDER BY k", (keys,))
+
+    def insert_templates(self, rows) -> None:
+        try:
+            with self.conn.cursor() as cur, cur.copy(f"COPY templates ({', '.join(_TEMPLATE_INSERT_COLS)}) FROM STDIN") as cp:
+                for r in rows:
+                    cp.write_row([*(getattr(r, c) for c in _TEMPLATE_COLS), subject_hash(r.tenant, r.subject)])
+        except psycopg.errors.UniqueViolation as exc:
+            raise StoreConflict(str(exc)) from None
 
 
 class PostgresStore(SQLStore):
@@ -134,6 +153,11 @@ class PostgresStore(SQLStore):
         with self._unavailable(), self._pool.connection() as conn, conn.transaction():
             conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             yield conn
+
+    @contextmanager
+    def transaction(self) -> Iterator[PostgresTx]:
+        with self._writing() as conn:
+            yield PostgresTx(conn, self.dialect, self.clock)
 
     def _has_table(self, conn, table: str) -> bool:
         return conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0] is not None

@@ -401,7 +401,7 @@ class SQLTx(WriteTx):
     def insert_templates(self, rows: Sequence[TemplateRow]) -> None:
         """executemany in this transaction (the PostgreSQL store overrides this with COPY)."""
         try:
-            self.conn.executemany(self.d.sql(f"INSERT INTO templates ({', '.join(_TEMPLATE_INSERT_COLS)}) VALUES "
+            self.conn.cursor().executemany(self.d.sql(f"INSERT INTO templates ({', '.join(_TEMPLATE_INSERT_COLS)}) VALUES "
                                              f"{_in(len(_TEMPLATE_INSERT_COLS))}"), [_template_values(r) for r in rows])
         except self.d.integrity_errors as exc:
             raise StoreConflict(str(exc)) from None
@@ -409,7 +409,7 @@ class SQLTx(WriteTx):
     def put_subjects(self, rows: Sequence[SubjectRow]) -> None:
         sql = self.d.sql(self.d.upsert("subjects", ("tenant", "subject", "key_version", "revoked_upto", "updated_at"),
                                        ("tenant", "subject"), ("key_version", "revoked_upto", "updated_at")))
-        self.conn.executemany(sql, [(r.tenant, r.subject, r.key_version, r.revoked_upto, r.updated_at) for r in rows])
+        self.conn.cursor().executemany(sql, [(r.tenant, r.subject, r.key_version, r.revoked_upto, r.updated_at) for r in rows])
 
     # decommission
     def wipe(self) -> WipeCounts:
