@@ -92,6 +92,9 @@ py::tuple topk(const py::array& queries, const py::array& codes, i64 k, int n_th
 
 PYBIND11_MODULE(_kernels, m) {
     m.doc() = "Veilface native matching kernels (header-only C++ in csrc/, runtime SIMD dispatch).";
+    m.attr("MAX_INT8_DIM") = vf::kMaxInt8Dim;  // int8 kernels: int32 accumulation stays exact
+    m.attr("MAX_IOM_M") = vf::kMaxIomM;        // IoM kernels: per-byte counters must not wrap
+    m.attr("QUERY_BLOCK") = vf::kQB;           // queries scored together per gallery pass
 
     m.def("simd_level", [] { return std::string(vf::simd_name(vf::current_simd())); },
           "SIMD level the kernels currently use: 'avx512', 'avx2' or 'scalar'.");

@@ -20,6 +20,7 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -28,10 +29,25 @@ namespace vf {
 using i64 = std::int64_t;
 using u64 = std::uint64_t;
 
-// Upper bounds enforced at the boundary (see engine/kernels.py for the same numbers).
+// Upper bounds enforced at the boundary; exported to Python as engine._kernels.MAX_INT8_DIM /
+// MAX_IOM_M (engine/kernels.py reads them from there).
 constexpr i64 kMaxInt8Dim = 65536;   // 255*128*dim must fit int32 in the VNNI path
 constexpr i64 kMaxIomM = 16320;      // 255 chunks of 64 bytes: per-byte counters must not wrap
 constexpr int kQB = 4;               // max queries per register block
+constexpr i64 kPrefetchBytes = 4096; // software prefetch distance of the SIMD skeletons
+
+// The one query-block dispatch: calls f(std::integral_constant<int, QB>{}) for qb in [1, kQB].
+// Use with a generic lambda: with_qb(qb, [&](auto QB) { kernel<decltype(QB)::value>(...); });
+template <class F>
+inline void with_qb(int qb, F&& f) {
+    static_assert(kQB == 4, "with_qb covers query blocks of 1..4");
+    switch (qb) {
+        case 4: f(std::integral_constant<int, 4>{}); break;
+        case 3: f(std::integral_constant<int, 3>{}); break;
+        case 2: f(std::integral_constant<int, 2>{}); break;
+        default: f(std::integral_constant<int, 1>{}); break;
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Top-k: bounded heap keeping the k best (score, index) pairs. "Better" = larger score when

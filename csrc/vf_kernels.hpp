@@ -43,7 +43,8 @@ struct Table {
 
 #define VF_TABLE(ns) \
     Table { ns::score_hamming, ns::score_iom, ns::score_int8, ns::score_f32, \
-            ns::filter_i32_small, ns::filter_i32_large, ns::filter_f32_large }
+            ns::filter_topk<ns::Cand, std::int32_t, false>, ns::filter_topk<ns::Cand, std::int32_t, true>, \
+            ns::filter_topk<ns::Cand, float, true> }
 
 inline Table table_for(Simd s) {
     switch (s) {

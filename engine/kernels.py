@@ -44,8 +44,10 @@ __all__ = [
     "MAX_IOM_M", "MAX_INT8_DIM",
 ]
 
-MAX_IOM_M = 16320      # per-byte match counters of the AVX-512 path must not wrap
-MAX_INT8_DIM = 65536   # int32 accumulation stays exact for the whole int8 range
+#: longest IoM code (per-byte match counters of the AVX-512 path must not wrap); set in C++
+MAX_IOM_M: int = int(_native.MAX_IOM_M)
+#: largest int8 dimension (int32 accumulation stays exact for the whole int8 range); set in C++
+MAX_INT8_DIM: int = int(_native.MAX_INT8_DIM)
 
 _KIND = {
     # kind: (dtype, description)
