@@ -4,12 +4,7 @@
 
 #include "vf_common.hpp"
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,popcnt,bmi,bmi2"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,popcnt,bmi,bmi2")
-#endif
+VF_TARGET_BEGIN("avx2,fma,popcnt,bmi,bmi2")
 
 namespace vf {
 namespace avx2 {
@@ -156,8 +151,4 @@ struct Cand {
 }  // namespace avx2
 }  // namespace vf
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+VF_TARGET_END

@@ -5,15 +5,7 @@
 
 #include "vf_common.hpp"
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq,avx512vnni,avx2,fma,popcnt,bmi,bmi2"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"  // GCC's masked intrinsics start from undefined vectors
-#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq,avx512vnni,avx2,fma,popcnt,bmi,bmi2")
-#endif
+VF_TARGET_BEGIN("avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq,avx512vnni,avx2,fma,popcnt,bmi,bmi2")
 
 namespace vf {
 namespace avx512 {
@@ -195,9 +187,4 @@ struct Cand {
 }  // namespace avx512
 }  // namespace vf
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#pragma GCC diagnostic pop
-#endif
+VF_TARGET_END

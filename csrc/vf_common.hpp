@@ -24,6 +24,23 @@
 #include <utility>
 #include <vector>
 
+// Target regions: the functions between VF_TARGET_BEGIN("isa,list") and VF_TARGET_END are compiled
+// for those instruction sets (used only after run-time CPU detection). Warnings about undefined
+// vectors are off inside: GCC's masked AVX-512 intrinsics start from one on purpose.
+#define VF_PRAGMA(x) _Pragma(#x)
+#if defined(__clang__)
+#define VF_TARGET_BEGIN(isa) VF_PRAGMA(clang attribute push(__attribute__((target(isa))), apply_to = function))
+#define VF_TARGET_END VF_PRAGMA(clang attribute pop)
+#else
+#define VF_TARGET_BEGIN(isa)                                      \
+    VF_PRAGMA(GCC push_options)                                   \
+    VF_PRAGMA(GCC diagnostic push)                                \
+    VF_PRAGMA(GCC diagnostic ignored "-Wmaybe-uninitialized")     \
+    VF_PRAGMA(GCC diagnostic ignored "-Wuninitialized")           \
+    VF_PRAGMA(GCC target(isa))
+#define VF_TARGET_END VF_PRAGMA(GCC pop_options) VF_PRAGMA(GCC diagnostic pop)
+#endif
+
 namespace vf {
 
 using i64 = std::int64_t;

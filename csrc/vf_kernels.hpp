@@ -7,20 +7,11 @@
 #include "vf_scalar.hpp"
 #undef VF_SCALAR_NS
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("popcnt"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("popcnt")
-#endif
+VF_TARGET_BEGIN("popcnt")
 #define VF_SCALAR_NS scalar
 #include "vf_scalar.hpp"
 #undef VF_SCALAR_NS
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+VF_TARGET_END
 
 #include "vf_avx2.hpp"
 #include "vf_avx512.hpp"
