@@ -76,3 +76,62 @@ def test_protect_image(tmp_path):
     t = dev.protect_image(str(imgs[0]), "s1")
     assert t.key_version == 1 and t.data.shape == (32,)
     assert np.array_equal(t.data, dev.protect("s1", face.embed_image(str(imgs[0]))).data)
+
+
+def test_key_source_is_asked_for_group_or_subject_keys():
+    from engine.client import DerivedKeys, KeySource
+
+    class Recording:
+        def __init__(self):
+            self.asked = []
+
+        def key_for(self, subject, version, scheme_spec, purpose):
+            self.asked.append((subject, version, scheme_spec.name, purpose))
+            return bytes(32)
+
+    src = Recording()
+    assert isinstance(src, KeySource)
+    x = faces(1)[0]
+    grp = DeviceClient("127.0.0.1:1", TOKENS["device"], "gate-1", src, key_scope="purpose")
+    grp.protect("s1", x)
+    grp.protect(None, x, version=3, purpose="payments")
+    per = DeviceClient("127.0.0.1:1", TOKENS["device"], "gate-1", src, key_scope="subject")
+    per.protect("s1", x, version=2)
+    assert src.asked == [(None, 1, "biohash", "access_control"), (None, 3, "biohash", "payments"),
+                         ("s1", 2, "biohash", "access_control")]
+    # the local source derives exactly the keys the SDK always derived (templates stay valid)
+    d = KeyDeriver(bytes(range(32)), "default")
+    keys = DerivedKeys(d)
+    assert keys.key_for(None, 1, grp.scheme.spec, "access_control") == d.derive("group.access_control", 1, "biohash")
+    assert keys.key_for("s1", 2, grp.scheme.spec, "any") == d.derive("s1", 2, "biohash")
+    with pytest.raises(TypeError):
+        DeviceClient("127.0.0.1:1", TOKENS["device"], "gate-1", b"master secret")
+    with pytest.raises(ValueError, match="KeyDeriver"):
+        DeviceClient("127.0.0.1:1", TOKENS["device"], "gate-1")
+    with pytest.raises(ValueError, match="key_scope"):
+        DeviceClient("127.0.0.1:1", TOKENS["device"], "gate-1", d, key_scope="tenant")
+    for c in (grp, per):
+        c.close()
+
+
+def test_one_protection_strategy_per_scheme():
+    from engine.client import CancellableProtection, HEProtection
+    d = KeyDeriver(bytes(range(32)), "default")
+    dev = DeviceClient("127.0.0.1:1", TOKENS["device"], "gate-1", d)
+    assert isinstance(dev.protection, CancellableProtection) and not dev.encrypted
+    with pytest.raises(ValueError, match="he scheme"):
+        dev.set_he_keys(key_holder=object())
+    dev.close()
+    pytest.importorskip("tenseal")
+    from engine.he import KeyHolder
+    kh = KeyHolder("verify", 128, tenant="default")
+    he = DeviceClient("127.0.0.1:1", TOKENS["device"], "gate-1", scheme="he:dim=128,mode=verify", key_holder=kh)
+    assert isinstance(he.protection, HEProtection) and he.encrypted
+    assert not he.protection.context.is_private()          # the device encrypts with the public half
+    t = he.protect("s1", faces(1)[0])
+    assert t.spec.name == "he" and t.key_version == kh.epoch
+    with pytest.raises(ValueError, match="public context"):
+        HEProtection(he.scheme, he_context=kh)
+    with pytest.raises(ValueError, match="he_context"):
+        HEProtection(he.scheme).protect("s1", faces(1)[0], None, "p")
+    he.close()

@@ -1,0 +1,85 @@
+"""Operator, auditor and admin calls (what a role may call is enforced by the server)."""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from .._proto.veilface.v1 import matcher_pb2 as pb
+from .base import BaseClient, consent_request
+
+
+class OperatorClient(BaseClient):
+    """Devices, consents, subjects, audit log, HE contexts, maintenance.
+
+    ``OperatorClient(target, token, timeout=10.0, **channel_options)``; see
+    :class:`engine.client.base.BaseClient` for the target forms and channel options.
+    """
+
+    def register_device(self, device_id: str, location_class: int, location_kind: str = "",
+                        signage_declared: bool = False, tenant: str = "") -> pb.Device:
+        return self._call("RegisterDevice", pb.RegisterDeviceRequest(
+            device_id=device_id, location_class=location_class, location_kind=location_kind,
+            signage_declared=signage_declared, tenant=tenant))
+
+    def _pages(self, method: str, request, field: str) -> Iterator:
+        """Follow ``next_page_token`` until the last page, yielding the items of ``field``."""
+        while True:
+            resp = self._call(method, request)
+            yield from getattr(resp, field)
+            if not resp.next_page_token:
+                return
+            request.page_token = resp.next_page_token
+
+    def list_subjects(self, page_size: int = 100, purpose: str = "", tenant: str = "") -> Iterator[pb.SubjectInfo]:
+        return self._pages("ListSubjects", pb.ListSubjectsRequest(
+            page_size=page_size, purpose=purpose, tenant=tenant), "subjects")
+
+    def audit_log(self, page_size: int = 500, action: str = "", subject_id: str = "") -> Iterator[pb.AuditEntry]:
+        return self._pages("GetAuditLog", pb.GetAuditLogRequest(
+            page_size=page_size, action=action, subject_id=subject_id), "entries")
+
+    def verify_audit_chain(self) -> pb.VerifyAuditChainResponse:
+        return self._call("VerifyAuditChain", pb.VerifyAuditChainRequest(), timeout=max(self.timeout, 120))
+
+    def withdraw(self, subject_id: str, tenant: str = "") -> pb.WithdrawResponse:
+        return self._call("Withdraw", pb.WithdrawRequest(subject_id=subject_id, tenant=tenant))
+
+    def revoke(self, subject_id: str, key_version: int = 0, tenant: str = "") -> pb.RevokeResponse:
+        return self._call("Revoke", pb.RevokeRequest(subject_id=subject_id, key_version=key_version, tenant=tenant))
+
+    def record_consent(self, **kw) -> pb.ConsentRecord:
+        return self._call("RecordConsent", consent_request(**kw))
+
+    def purge_expired(self) -> pb.PurgeExpiredResponse:
+        return self._call("PurgeExpired", pb.PurgeExpiredRequest())
+
+    def decommission(self, reason: str = "", confirm: str = "DECOMMISSION") -> pb.DecommissionResponse:
+        return self._call("Decommission", pb.DecommissionRequest(confirm=confirm, reason=reason),
+                          timeout=max(self.timeout, 120))
+
+    def register_he_context(self, context, purpose: str, tenant: str = "",
+                            chunk_bytes: int = 256 << 10) -> pb.HEContextInfo:
+        """Register the *public* HE context of a tenant epoch for ``purpose`` (operator, admin).
+
+        ``context``: an :class:`engine.he.PublicContext`, its bytes, or a :class:`engine.he.KeyHolder`
+        (only ``key_holder.public_context(eval_keys=True)`` is sent -- never the secret key). Sent as
+        a stream of ``chunk_bytes`` pieces (an identify context is several MB). Registering epoch
+        ``e + 1`` rotates: the matcher deletes the epoch-``e`` templates and refuses its ciphertexts.
+        """
+        blob = _public_context_bytes(context, eval_keys=True)
+        if chunk_bytes < 1:
+            raise ValueError("chunk_bytes must be >= 1")
+
+        def stream():
+            for off in range(0, len(blob), chunk_bytes):
+                yield pb.RegisterHEContextRequest(tenant=tenant if off == 0 else "",
+                                                  purpose=purpose if off == 0 else "",
+                                                  chunk=blob[off:off + chunk_bytes])
+        return self._call("RegisterHEContext", stream(), timeout=max(self.timeout, 120))
+
+
+def _public_context_bytes(context, eval_keys: bool) -> bytes:
+    if isinstance(context, (bytes, bytearray, memoryview)):
+        return bytes(context)
+    if getattr(context, "is_private", lambda: False)():   # a KeyHolder: send its public half only
+        return context.public_context(eval_keys=eval_keys).to_bytes()
+    return context.to_bytes()
