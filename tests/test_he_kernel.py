@@ -23,6 +23,7 @@ from engine.he.errors import HEFormatError, HEUnsupported
 LEVELS = K.simd_levels()
 Q60 = [1152921504606683137, 1152921504606748673, 1152921504606830593]  # the identify primes
 Q61 = [(1 << 61) - 1, (1 << 61) - 31]  # largest accepted: the lazy sums fold every 31 dims
+QSMALL = [12289, 65537, 786433]  # NTT-friendly small primes: one 30-bit digit
 
 
 @pytest.fixture(params=LEVELS)
@@ -46,7 +47,8 @@ def _top(shape, q):
 # ------------------------------------------------------------------------------------------
 # against the exact reference
 @pytest.mark.parametrize("dims", [1, 3, 4, 5, 128, 129])
-@pytest.mark.parametrize("q,n", [(Q60[:2], 64), (Q60[:1], 200), (Q60, 24), (Q61, 40)])
+@pytest.mark.parametrize("q,n", [(Q60[:2], 64), (Q60[:1], 200), (Q60, 24), (Q61, 40), (QSMALL, 30),
+                                 (Q60[:2], 13)])  # n % 8 and n % 4 != 0: the vector tiles' tails
 def test_matches_reference(level, dims, q, n):
     rng = np.random.default_rng(dims * 1000 + n)
     shape = (dims, 2, len(q), n)
