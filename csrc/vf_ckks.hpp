@@ -215,8 +215,8 @@ inline MacFn mac_for(Simd level) {
 
 // out[b] (3, L, N) = the accumulated product of probe P (dims, 2, L, N) with blocks[b] (dims, 2,
 // L, N), for b < nblocks, on up to n_threads threads (0 = all cores). Work units are (limb,
-// coefficient range, block), ordered so that consecutive units share a probe slice that stays in
-// the L2 cache while the blocks stream past it.
+// coefficient range, block), ordered so that consecutive units share a probe slice (2 MiB at
+// 128-d) that stays in the last-level cache while the blocks stream past it.
 inline void block_mac(MacFn fn, const Shape& s, const u64* P, const u64* const* blocks, i64 nblocks,
                       u64* const* outs, const u64* moduli, int n_threads) {
     if (nblocks <= 0 || s.dims <= 0 || s.limbs <= 0 || s.n <= 0) return;
