@@ -13,6 +13,10 @@ Inputs are checked once, here, and again defensively in C++:
   broken by the smaller gallery index; scores are ``int32`` (``float32`` for ``ip_topk_f32``),
   indices ``int64``; an empty gallery gives ``(nq, 0)`` arrays.
 
+:func:`ckks_block_mac` is the encrypted 1:N hot loop (CKKS ciphertext x ciphertext inner products
+over NTT/RNS ``uint64`` arrays, bit-equal to SEAL; see :mod:`engine.he.raw` for the conversion)
+and checks its own inputs; :func:`engine.reference.ckks_block_mac` defines it.
+
 The heavy loops run in C++ (``engine._kernels``: header-only code in ``csrc/``, SIMD level
 chosen at run time: AVX-512, AVX2 or portable scalar) with the GIL released, on several threads.
 :func:`simd_level` tells which path is in use; :func:`set_simd` (or the ``VEILFACE_SIMD``
