@@ -12,7 +12,6 @@ _COMMAND_MODULES = (
     "engine.service.commands",
     "engine.evaluation.commands",
     "engine.face.commands",
-    "engine.he.commands",
 )
 
 

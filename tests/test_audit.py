@@ -5,14 +5,14 @@ import sqlite3
 
 import pytest
 
-from engine.service.audit import AuditEvent, clean_details, verify_chain
+from engine.service.audit import AuditEvent, clean_details
 from engine.service.clock import ManualClock
-from engine.service.store import Store
+from engine.service.store import SQLiteStore
 
 
 @pytest.fixture
 def store(tmp_path):
-    s = Store(tmp_path, ManualClock())
+    s = SQLiteStore(tmp_path, ManualClock())
     for i in range(10):
         s.audit(AuditEvent("Verify", "device", "dev-1", "default", f"s{i}", "access_control", "gate-1",
                            {"matched": i % 2 == 0}))
@@ -81,21 +81,21 @@ def test_reordering_detected(store):
     c.execute("UPDATE audit SET seq = 100 WHERE seq = 3")
     c.execute("UPDATE audit SET seq = 3 WHERE seq = 4")
     c.execute("UPDATE audit SET seq = 4 WHERE seq = 100")
-    assert not verify_chain(c).ok
+    assert not store.verify_audit().ok
 
 
 def test_chain_continues_across_reopen(tmp_path, store):
     store.close()
-    s2 = Store(store.path, ManualClock())
+    s2 = SQLiteStore(store.path, ManualClock())
     s2.audit(AuditEvent("Enroll", "device", "dev-1"))
     assert s2.verify_audit().ok and s2.verify_audit().entries == 11
     s2.close()
 
 
 def test_rolled_back_transaction_leaves_no_entry(tmp_path):
-    s = Store(tmp_path, ManualClock())
+    s = SQLiteStore(tmp_path, ManualClock())
     with pytest.raises(RuntimeError):
-        with s.write() as tx:
+        with s.transaction() as tx:
             tx.audit(AuditEvent("Enroll", "device", "d"))
             raise RuntimeError("boom")
     s.audit(AuditEvent("Enroll", "device", "d"))

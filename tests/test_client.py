@@ -6,7 +6,7 @@ import pytest
 
 from engine.client import DeviceClient, KeyVersions, LocationClass, ServiceError
 from engine.keys import KeyDeriver
-from engine.service.testing import NOTICE, TOKENS, capture, faces, running_server
+from tests.support import NOTICE, TOKENS, capture, faces, running_server
 
 
 def test_key_versions_persist_and_only_go_up(tmp_path):

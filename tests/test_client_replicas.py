@@ -30,7 +30,7 @@ from engine.client import (
 )
 from engine.client.channel import SERVICE, multi_target, service_config, split_targets
 from engine.keys import KeyDeriver
-from engine.service.testing import NOTICE, TOKENS, capture, faces, running_server
+from tests.support import NOTICE, TOKENS, capture, faces, running_server
 
 DERIVER = KeyDeriver(bytes(range(32)), "default")
 

@@ -88,11 +88,39 @@ def test_pairs_txt(tmp_path):
     parsed = D.parse_pairs_txt(pairs)
     assert parsed[0] == ("Person_0", 1, "Person_0", 2) and parsed[2] == ("Person_0", 3, "Person_1", 2)
     ds = D.load(pairs, images_root=tmp_path / "imgs", embed=_fake_embed)
-    assert ds.names == ["Person_0", "Person_1"] and len(ds) == 6
-    assert [same for _, _, same in ds.info["pairs"]] == [True, True, False]
+    assert ds.names == ["Person_0", "Person_1"] and len(ds) == 6   # the 6 images the pairs name
+    assert ds.listed.same.tolist() == [True, True, False] and ds.listed.n_folds == 0
     (tmp_path / "bad.txt").write_text("a b c d e\n")
     with pytest.raises(InvalidParameter):
         D.parse_pairs_txt(tmp_path / "bad.txt")
+
+
+def test_npz_without_labels_says_what_to_do(tmp_path):
+    x = np.random.default_rng(0).standard_normal((4, 8))
+    np.savez(tmp_path / "e.npz", embeddings=x, paths=np.array(["a/1.jpg", "a/2.jpg", "b/1.jpg", "b/2.jpg"]))
+    with pytest.raises(InvalidParameter, match="no 'labels' array: pass --labels FILE"):
+        D.load(tmp_path / "e.npz")
+    (tmp_path / "by_path.txt").write_text("# photo\tperson\na/1.jpg\tamy\na/2.jpg\tamy\nb/1.jpg\tbob\nb/2.jpg bob\n")
+    ds = D.load(tmp_path / "e.npz", labels=tmp_path / "by_path.txt")
+    assert ds.names == ["amy", "bob"] and list(ds.labels) == [0, 0, 1, 1]
+    (tmp_path / "rows.txt").write_text("x\nx\ny\ny\n")
+    assert list(D.load(tmp_path / "e.npz", labels=tmp_path / "rows.txt").labels) == [0, 0, 1, 1]
+    (tmp_path / "short.txt").write_text("x\ny\n")
+    with pytest.raises(InvalidParameter, match="2 labels for 4 embeddings"):
+        D.load(tmp_path / "e.npz", labels=tmp_path / "short.txt")
+    (tmp_path / "missing.txt").write_text("a/1.jpg amy\n")
+    with pytest.raises(InvalidParameter, match="no label for 3 photo"):
+        D.load(tmp_path / "e.npz", labels=tmp_path / "missing.txt")
+    with pytest.raises(InvalidParameter, match="--labels applies to an embeddings file"):
+        D.load(None, labels=tmp_path / "rows.txt")
+
+
+def test_embeddings_file_without_npz_suffix_is_recognised(tmp_path):
+    x = np.random.default_rng(0).standard_normal((4, 8))
+    with open(tmp_path / "emb", "wb") as fh:
+        np.savez(fh, embeddings=x, labels=np.array(["a", "a", "b", "b"]))
+    assert D.load(tmp_path / "emb").names == ["a", "b"]
+    assert D.peek_dim(tmp_path / "emb") == 8
 
 
 def test_load_dispatch_errors(tmp_path):

@@ -1,8 +1,10 @@
-"""DESIGN.md section 4, rule by rule, through the gRPC API (injected clock where time matters)."""
+"""The compliance rules (docs/architecture.md, "Compliance rules"), one behaviour per test, through the
+gRPC API (injected clock where time matters)."""
 from __future__ import annotations
 
 import datetime as dt
 import json
+import sqlite3
 from pathlib import Path
 
 import grpc
@@ -12,7 +14,7 @@ from engine.client import LocationClass, ServiceError
 from engine.service.clock import ManualClock
 from engine.service.config import ServiceConfig
 from engine.service.status import BadRequest
-from engine.service.testing import NOTICE, faces, running_server
+from tests.support import NOTICE, faces, running_server
 
 DAY = 86400.0
 # Monday 2025-01-06 12:00 UTC
@@ -33,60 +35,92 @@ def err(fn) -> ServiceError:
 
 
 def count_templates(s) -> int:
-    return s.server.store.read().execute("SELECT COUNT(*) FROM templates").fetchone()[0]
+    return s.server.store.counts().templates_stored
 
 
-def test_separate_consent_required(srv):
-    dev = srv.device()
-    x = faces(1)[0]
-    e = err(lambda: dev.enroll("s1", x, ""))
+def strip_guardian(s, consent_id: str) -> None:
+    """Simulate an imported consent row of a minor without its guardian record (raw file access)."""
+    con = sqlite3.connect(s.server.store.path, isolation_level=None, timeout=30)
+    try:
+        con.execute("UPDATE consents SET guardian_ref = '' WHERE consent_id = ?", (consent_id,))
+    finally:
+        con.close()
+
+
+def test_enrolment_without_a_consent_reference_is_refused(srv):
+    e = err(lambda: srv.device().enroll("s1", faces(1)[0], ""))
     assert e.code == grpc.StatusCode.FAILED_PRECONDITION and e.reason == "CONSENT_REQUIRED"
-    e = err(lambda: dev.enroll("s1", x, "c_doesnotexist"))
-    assert e.reason == "CONSENT_REQUIRED"
-    e = err(lambda: dev.record_consent("s1", NOTICE, 30, separate_consent=False))
+    assert count_templates(srv) == 0
+
+
+def test_enrolment_with_an_unknown_consent_is_refused(srv):
+    assert err(lambda: srv.device().enroll("s1", faces(1)[0], "c_doesnotexist")).reason == "CONSENT_REQUIRED"
+    assert count_templates(srv) == 0
+
+
+def test_bundled_consent_is_refused(srv):
+    e = err(lambda: srv.device().record_consent("s1", NOTICE, 30, separate_consent=False))
     assert e.code == grpc.StatusCode.FAILED_PRECONDITION and e.reason == "SEPARATE_CONSENT_REQUIRED"
-    other = dev.record_consent("s2", NOTICE, 30)            # someone else's consent does not count
-    e = err(lambda: dev.enroll("s1", x, other.consent_id))
-    assert e.reason == "CONSENT_REQUIRED"
-    assert count_templates(srv) == 0                         # nothing stored
+
+
+def test_someone_elses_consent_does_not_count(srv):
+    dev = srv.device()
+    other = dev.record_consent("s2", NOTICE, 30)
+    assert err(lambda: dev.enroll("s1", faces(1)[0], other.consent_id)).reason == "CONSENT_REQUIRED"
+    assert count_templates(srv) == 0
+
+
+def test_own_separate_consent_allows_enrolment(srv):
+    dev = srv.device()
     c = dev.record_consent("s1", NOTICE, 30)
     assert c.notice_version == NOTICE and c.consented_at == MONDAY
-    dev.enroll("s1", x, c.consent_id)
+    dev.enroll("s1", faces(1)[0], c.consent_id)
     assert count_templates(srv) == 1
 
 
-def test_guardian_consent_under_14(srv):
-    dev = srv.device()
-    e = err(lambda: dev.record_consent("kid-1", NOTICE, 13))
+def test_under_14_needs_a_guardian(srv):
+    e = err(lambda: srv.device().record_consent("kid-1", NOTICE, 13))
     assert e.code == grpc.StatusCode.FAILED_PRECONDITION and e.reason == "GUARDIAN_CONSENT_REQUIRED"
-    e = err(lambda: dev.record_consent("kid-1", NOTICE, 0))
+
+
+def test_consent_needs_an_age(srv):
+    e = err(lambda: srv.device().record_consent("kid-1", NOTICE, 0))
     assert e.code == grpc.StatusCode.INVALID_ARGUMENT and e.reason == "MISSING_SUBJECT_AGE"
+
+
+def test_guardian_consent_allows_a_minor(srv):
+    dev = srv.device()
     c = dev.record_consent("kid-1", NOTICE, 13, guardian_ref="g-1", guardian_relationship="parent")
     assert c.minor and c.guardian_consent
     dev.enroll("kid-1", faces(1)[0], c.consent_id)
-    teen = dev.record_consent("teen-1", NOTICE, 14)          # 14 and over: own consent suffices
-    assert not teen.minor
+    assert count_templates(srv) == 1
+
+
+def test_fourteen_and_over_consent_themselves(srv):
+    assert not srv.device().record_consent("teen-1", NOTICE, 14).minor
+
+
+def test_minor_record_without_guardian_is_refused_at_enrolment(srv):
     # a minor's consent row without guardian (e.g. imported) is still refused at enrolment
-    store = srv.server.store
-    with store.write() as tx:
-        tx.execute("UPDATE consents SET guardian_ref = '' WHERE consent_id = ?", (c.consent_id,))
-    dev.withdraw("kid-1")
-    c2 = dev.record_consent("kid-1", NOTICE, 12, guardian_ref="g-1")
-    with store.write() as tx:
-        tx.execute("UPDATE consents SET guardian_ref = '' WHERE consent_id = ?", (c2.consent_id,))
-    e = err(lambda: dev.enroll("kid-1", faces(1)[0], c2.consent_id))
+    dev = srv.device()
+    c = dev.record_consent("kid-1", NOTICE, 12, guardian_ref="g-1")
+    strip_guardian(srv, c.consent_id)
+    e = err(lambda: dev.enroll("kid-1", faces(1)[0], c.consent_id))
     assert e.reason == "GUARDIAN_CONSENT_REQUIRED"
 
 
-def test_purpose_binding(srv):
+def test_purpose_binding_at_enrolment(srv):
     dev = srv.device()
-    x = faces(2)
     c = dev.record_consent("s1", NOTICE, 30, purpose="access_control")
-    e = err(lambda: dev.enroll("s1", x[0], c.consent_id, purpose="marketing"))
+    e = err(lambda: dev.enroll("s1", faces(1)[0], c.consent_id, purpose="marketing"))
     assert e.code == grpc.StatusCode.FAILED_PRECONDITION and e.reason == "PURPOSE_NOT_CONSENTED"
-    dev.enroll("s1", x[0], c.consent_id, purpose="access_control")
-    e = err(lambda: dev.verify("s1", x[0], purpose="marketing"))
-    assert e.reason == "PURPOSE_NOT_CONSENTED"
+
+
+def test_purpose_binding_at_matching(srv):
+    dev, x = srv.device(), faces(1)
+    dev.enroll("s1", x[0], dev.record_consent("s1", NOTICE, 30, purpose="access_control").consent_id,
+               purpose="access_control")
+    assert err(lambda: dev.verify("s1", x[0], purpose="marketing")).reason == "PURPOSE_NOT_CONSENTED"
     assert dev.identify(x[0], purpose="marketing") == []     # 1:N only among those who consented
     assert dev.identify(x[0], purpose="access_control")[0][0] == "s1"
 
@@ -102,65 +136,92 @@ def test_withdrawal_logged_and_not_enrolled(srv):
     assert json.loads(w[0].details_json)["templates_deleted"] == 1
 
 
-def test_retention_expiry_purge(srv):
-    dev = srv.device()
-    x = faces(3)
-    for i, days in enumerate((1, 10, 100000)):              # the last is capped at max retention
+@pytest.fixture
+def retained(srv):
+    """s0, s1, s2 enrolled for 1, 10 and 100000 (capped) days."""
+    dev, x = srv.device(), faces(3)
+    replies = []
+    for i, days in enumerate((1, 10, 100000)):
         c = dev.record_consent(f"s{i}", NOTICE, 30)
-        r = dev.enroll(f"s{i}", x[i], c.consent_id, retention_days=days)
+        replies.append(dev.enroll(f"s{i}", x[i], c.consent_id, retention_days=days))
+    return dev, x, replies
+
+
+def test_every_template_gets_an_expiry_capped_at_the_maximum(srv, retained):
+    for r, days in zip(retained[2], (1, 10, 100000)):
         assert r.expires_at == MONDAY + min(days, srv.cfg.max_retention_days) * DAY
+
+
+def test_expired_template_is_gone_at_the_next_call(srv, retained):
+    dev, x = retained[:2]
     srv.clock.advance(2 * DAY)
-    # the first template is past its expiry: treated as gone and purged on the next call
     assert err(lambda: dev.verify("s0", x[0])).reason == "NOT_ENROLLED"
     assert dev.verify("s1", x[1]).matched
     assert count_templates(srv) == 2
     rep = srv.client("operator").compliance_report()
     assert rep["retention"]["purged_total"] == 1 and rep["retention"]["expired_pending_purge"] == 0
-    srv.clock.advance(20 * DAY)
-    assert srv.client("operator").purge_expired().templates_purged == 1
-    assert count_templates(srv) == 1
+
+
+def test_purge_on_request_and_audited_per_subject(srv, retained):
+    srv.clock.advance(22 * DAY)
+    r = srv.client("operator").purge_expired()
+    assert (r.templates_purged, r.subjects_purged) == (2, 2) and count_templates(srv) == 1
     purges = list(srv.client("auditor").audit_log(action="RETENTION_PURGE"))
     assert {p.subject_id for p in purges} == {"s0", "s1"}
 
 
-def test_private_space_devices_and_signage(srv):
-    admin = srv.client("admin")
-    e = err(lambda: admin.register_device("gate-2", LocationClass.PUBLIC_PLACE, "street"))
+def test_signage_required_in_public_places(srv):
+    e = err(lambda: srv.client("admin").register_device("gate-2", LocationClass.PUBLIC_PLACE, "street"))
     assert e.code == grpc.StatusCode.INVALID_ARGUMENT and e.reason == "SIGNAGE_REQUIRED"
-    d = admin.register_device("room-1", LocationClass.PRIVATE_SPACE, "hotel_room")
-    assert not d.can_enroll and not d.can_identify
-    # a private kind declared as something else is still a private space
-    d2 = admin.register_device("cr-1", LocationClass.RESTRICTED_AREA, "changing room")
-    assert d2.location_class == LocationClass.PRIVATE_SPACE
+
+
+def test_private_kind_declared_as_something_else_is_a_private_space(srv):
+    d = srv.client("admin").register_device("cr-1", LocationClass.RESTRICTED_AREA, "changing room")
+    assert d.location_class == LocationClass.PRIVATE_SPACE and not d.can_enroll and not d.can_identify
+
+
+def test_private_space_device_cannot_enrol_or_identify(srv):
+    srv.client("admin").register_device("room-1", LocationClass.PRIVATE_SPACE, "hotel_room")
     room = srv.device("room-1")
     c = room.record_consent("s1", NOTICE, 30)
     e = err(lambda: room.enroll("s1", faces(1)[0], c.consent_id))
     assert e.code == grpc.StatusCode.FAILED_PRECONDITION and e.reason == "PRIVATE_SPACE_DEVICE"
-    e = err(lambda: room.identify(faces(1)[0]))
-    assert e.reason == "PRIVATE_SPACE_DEVICE"
-    unknown = srv.device("not-registered")
-    e = err(lambda: unknown.enroll("s1", faces(1)[0], c.consent_id))
-    assert e.reason == "DEVICE_NOT_REGISTERED"
+    assert err(lambda: room.identify(faces(1)[0])).reason == "PRIVATE_SPACE_DEVICE"
     assert count_templates(srv) == 0
 
 
-def test_filing_alert_at_threshold_with_30_working_day_deadline(srv):
-    dev = srv.device()
-    x = faces(6)
-    for i in range(4):
+def test_unregistered_device_cannot_enrol(srv):
+    c = srv.device().record_consent("s1", NOTICE, 30)
+    e = err(lambda: srv.device("not-registered").enroll("s1", faces(1)[0], c.consent_id))
+    assert e.reason == "DEVICE_NOT_REGISTERED" and count_templates(srv) == 0
+
+
+def enrol_persons(srv, ids) -> None:
+    dev, x = srv.device(), faces(10)
+    for i in ids:
         dev.enroll(f"s{i}", x[i], dev.record_consent(f"s{i}", NOTICE, 30).consent_id)
+
+
+def test_no_filing_alert_below_the_threshold(srv):
+    enrol_persons(srv, range(4))
     assert not srv.client("operator").compliance_report()["filing"]["raised"]
-    dev.enroll("s4", x[4], dev.record_consent("s4", NOTICE, 30).consent_id)   # 5th distinct person
+    assert list(srv.client("auditor").audit_log(action="FILING_ALERT")) == []
+
+
+def test_filing_alert_at_threshold_with_30_working_day_deadline(srv):
+    enrol_persons(srv, range(5))                                       # the 5th distinct person
     rep = srv.client("auditor").compliance_report()
     f = rep["filing"]
-    assert f["raised"] and f["persons_at_alert"] == 5 and f["threshold"] == 5
+    assert f["raised"] and f["persons_at_alert"] == 5 and f["threshold"] == 5 and rep["persons_stored"] == 5
     # 30 working days after Monday 2025-01-06 (weekends skipped) is Monday 2025-02-17
     assert f["deadline"] == "2025-02-17"
     alerts = list(srv.client("auditor").audit_log(action="FILING_ALERT"))
     assert len(alerts) == 1 and alerts[0].reason == "FILING_THRESHOLD_REACHED"
-    dev.enroll("s5", x[5], dev.record_consent("s5", NOTICE, 30).consent_id)   # raised once only
+
+
+def test_filing_alert_is_raised_once(srv):
+    enrol_persons(srv, range(6))
     assert len(list(srv.client("auditor").audit_log(action="FILING_ALERT"))) == 1
-    assert rep["persons_stored"] == 5
 
 
 def test_not_the_only_method(srv):
@@ -172,16 +233,29 @@ def test_not_the_only_method(srv):
     assert r.fallback_methods == srv.cfg.fallback_methods and "alternative" in r.fallback_message
 
 
-def test_intrusion_detection_verify_burst(srv):
-    dev = srv.device()
-    x = faces(3)
+@pytest.fixture
+def burst(srv):
+    """``verify_fail_limit`` failed verifications of s1 in a row."""
+    dev, x = srv.device(), faces(3)
     dev.enroll("s1", x[0], dev.record_consent("s1", NOTICE, 30).consent_id)
     for _ in range(srv.cfg.verify_fail_limit):
         assert not dev.verify("s1", x[1]).matched
+    return dev, x
+
+
+def test_verify_burst_throttles_the_subject(srv, burst):
+    dev, x = burst
     e = err(lambda: dev.verify("s1", x[0]))                  # even the genuine face is throttled now
     assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.reason == "VERIFY_BURST"
+
+
+def test_verify_burst_raises_one_alert(srv, burst):
     alerts = list(srv.client("auditor").audit_log(action="INTRUSION_ALERT"))
     assert len(alerts) == 1 and alerts[0].subject_id == "s1" and alerts[0].reason == "VERIFY_BURST"
+
+
+def test_verify_lockout_ends(srv, burst):
+    dev, x = burst
     srv.clock.advance(srv.cfg.verify_lockout_s + 1)
     assert dev.verify("s1", x[0]).matched
 
@@ -216,37 +290,59 @@ def test_identify_rate_limit(tmp_path):
         assert [a.reason for a in s.client("auditor").audit_log(action="INTRUSION_ALERT")] == ["IDENTIFY_RATE"]
 
 
-def test_decommission_with_certificate(srv, tmp_path):
-    dev = srv.device()
-    x = faces(4)
+def test_decommission_needs_confirmation(srv):
+    e = err(lambda: srv.client("admin").decommission(confirm="yes"))
+    assert e.code == grpc.StatusCode.INVALID_ARGUMENT and e.reason == "CONFIRMATION_REQUIRED"
+
+
+@pytest.fixture
+def decommissioned(srv):
+    dev, x = srv.device(), faces(4)
     for i in range(4):
         dev.enroll(f"s{i}", x[i], dev.record_consent(f"s{i}", NOTICE, 30).consent_id)
-    e = err(lambda: srv.client("admin").decommission(confirm="yes"))
-    assert e.code == grpc.StatusCode.INVALID_ARGUMENT
-    r = srv.client("admin").decommission(reason="contract ended")
+    return dev, x, srv.client("admin").decommission(reason="contract ended")
+
+
+def test_decommission_writes_a_certificate(srv, decommissioned):
+    r = decommissioned[2]
     cert = json.loads(r.certificate_json)
     assert r.templates_deleted == 4 and cert["subjects_deleted"] == 4 and cert["type"] == "veilface-deletion-certificate"
     files = list(Path(srv.cfg.data_dir).glob("deletion-certificate-*.json"))
     assert len(files) == 1 and json.loads(files[0].read_text())["certificate_sha256"] == r.certificate_sha256
+
+
+def test_decommission_deletes_everything(srv, decommissioned):
+    dev, x = decommissioned[:2]
     assert count_templates(srv) == 0
     assert err(lambda: dev.verify("s1", x[1])).code == grpc.StatusCode.NOT_FOUND
-    e = err(lambda: dev.record_consent("s9", NOTICE, 30))
+
+
+def test_decommissioned_matcher_refuses_writes(srv, decommissioned):
+    e = err(lambda: decommissioned[0].record_consent("s9", NOTICE, 30))
     assert e.code == grpc.StatusCode.FAILED_PRECONDITION and e.reason == "DECOMMISSIONED"
+
+
+def test_decommission_is_audited_and_reported(srv, decommissioned):
     aud = srv.client("auditor")
     assert aud.verify_audit_chain().ok
     d = [a for a in aud.audit_log(action="Decommission") if a.result == "OK"]
-    assert len(d) == 1 and json.loads(d[0].details_json)["certificate_sha256"] == r.certificate_sha256
+    assert len(d) == 1 and json.loads(d[0].details_json)["certificate_sha256"] == decommissioned[2].certificate_sha256
     assert aud.compliance_report()["decommissioned"]
 
 
-def test_stays_local_by_default():
-    cfg = ServiceConfig()
-    assert cfg.host == "127.0.0.1" and cfg.validate()
+@pytest.mark.parametrize("host", ["127.0.0.1", "::1", "localhost"])
+def test_loopback_is_the_default_and_needs_nothing(host):
+    assert ServiceConfig().host == "127.0.0.1" and ServiceConfig(host=host).validate()
+
+
+def test_remote_listening_needs_the_explicit_setting():
     with pytest.raises(BadRequest) as ei:
         ServiceConfig(host="0.0.0.0").validate()
     assert ei.value.reason == "REMOTE_NOT_ALLOWED"
+
+
+def test_remote_listening_needs_tls():
     with pytest.raises(BadRequest) as ei:
         ServiceConfig(host="0.0.0.0", allow_remote=True).validate()
     assert ei.value.reason == "TLS_REQUIRED"
     ServiceConfig(host="0.0.0.0", allow_remote=True, tls_cert="c.pem", tls_key="k.pem").validate()
-    assert ServiceConfig(host="::1").validate() and ServiceConfig(host="localhost").validate()

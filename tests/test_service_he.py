@@ -5,6 +5,7 @@ retention / decommission, epoch rotation, message sizes, restart reload."""
 from __future__ import annotations
 
 import json
+import sqlite3
 from pathlib import Path
 
 import grpc
@@ -16,7 +17,7 @@ pytest.importorskip("tenseal")
 from engine._proto.veilface.v1 import matcher_pb2 as pb  # noqa: E402
 from engine.client import LocationClass, ServiceError  # noqa: E402
 from engine.he import KeyHolder, PublicContext, blob_header  # noqa: E402
-from engine.service.testing import NOTICE, PURPOSE, TOKENS, capture, faces, running_server  # noqa: E402
+from tests.support import NOTICE, PURPOSE, TOKENS, capture, faces, running_server  # noqa: E402
 
 VERIFY = "he:dim=128,mode=verify"
 IDENTIFY = "he:dim=128,mode=identify"
@@ -61,43 +62,80 @@ def he_device(s, scheme, **kw):
     return DeviceClient(s.target, TOKENS["device"], "gate-1", scheme=scheme, **kw)
 
 
-def servicer(s):
-    return s.server.servicer
+def he_galleries(s) -> list:
+    """The in-process HE gallery objects of a running server."""
+    backend = s.app.index.backend
+    return [backend.gallery(k) for k in backend.keys() if k.encrypted]
 
 
 # -- registration ---------------------------------------------------------------------------
-def test_register_public_context_refuses_private_and_bad_ones(srv, vkh, ikh):
-    op = srv.client("operator")
-    dev = he_device(srv, VERIFY, key_holder=vkh)
-    # nothing registered yet: enrolment is refused, nothing stored
-    e = err(lambda: enrol(dev, "s1", faces(1)[0]))
+def test_enrolment_before_registration_is_refused(srv, vkh):
+    e = err(lambda: enrol(he_device(srv, VERIFY, key_holder=vkh), "s1", faces(1)[0]))
     assert e.code == grpc.StatusCode.FAILED_PRECONDITION and e.reason == "HE_CONTEXT_NOT_REGISTERED"
-    # the secret context is refused with a reason (raw bytes, so the SDK cannot strip it)
-    e = err(lambda: op.register_he_context(vkh.to_bytes(), PURPOSE))
+    assert srv.store.counts().templates_stored == 0
+
+
+def test_private_context_is_refused_and_audited(srv, vkh):
+    # raw bytes of the secret context, so the SDK cannot strip it
+    e = err(lambda: srv.client("operator").register_he_context(vkh.to_bytes(), PURPOSE))
     assert e.code == grpc.StatusCode.FAILED_PRECONDITION and e.reason == "HE_PRIVATE_CONTEXT"
-    # an identify context without evaluation keys cannot compute; another tenant's is refused
-    e = err(lambda: op.register_he_context(ikh.public_context(eval_keys=False).to_bytes(), PURPOSE))
+    refused = [a for a in srv.client("auditor").audit_log(action="RegisterHEContext") if a.result != "OK"]
+    assert [a.reason for a in refused] == ["HE_PRIVATE_CONTEXT"]
+
+
+def test_identify_context_needs_evaluation_keys(srv, ikh):
+    e = err(lambda: srv.client("operator").register_he_context(ikh.public_context(eval_keys=False).to_bytes(), PURPOSE))
     assert e.code == grpc.StatusCode.INVALID_ARGUMENT and e.reason == "HE_EVAL_KEYS_REQUIRED"
-    e = err(lambda: op.register_he_context(KeyHolder("verify", 128, tenant="other").public_context(), PURPOSE))
-    assert e.reason == "HE_TENANT_MISMATCH"
-    e = err(lambda: op.register_he_context(b"VFHE garbage", PURPOSE))
+
+
+def test_another_tenants_context_is_refused(srv):
+    other = KeyHolder("verify", 128, tenant="other").public_context()
+    assert err(lambda: srv.client("operator").register_he_context(other, PURPOSE)).reason == "HE_TENANT_MISMATCH"
+
+
+def test_garbage_context_is_invalid_argument(srv):
+    e = err(lambda: srv.client("operator").register_he_context(b"VFHE garbage", PURPOSE))
     assert e.code == grpc.StatusCode.INVALID_ARGUMENT
-    # devices and auditors cannot register contexts
+
+
+def test_devices_cannot_register_contexts(srv, vkh):
     e = err(lambda: srv.client("device").register_he_context(vkh.public_context(), PURPOSE))
     assert e.code == grpc.StatusCode.PERMISSION_DENIED
-    # a KeyHolder handed to the SDK: only its public half is sent
-    info = op.register_he_context(vkh, PURPOSE)
-    assert (info.epoch, info.mode, info.dim, info.fingerprint, info.unchanged) == \
-        (1, "verify", 128, vkh.fingerprint, False)
+
+
+def test_only_the_public_half_of_a_key_holder_is_registered(srv, vkh):
+    info = srv.client("operator").register_he_context(vkh, PURPOSE)
+    assert (info.epoch, info.mode, info.dim, info.fingerprint, info.unchanged) == (1, "verify", 128, vkh.fingerprint, False)
+    (row,) = srv.store.current_he_contexts()
+    assert blob_header(row.context)["kind"] == "public_context"
+
+
+def test_registering_the_same_context_again_is_idempotent(srv, vkh):
+    op = srv.client("operator")
+    first = op.register_he_context(vkh, PURPOSE)
     again = op.register_he_context(vkh.public_context().to_bytes(), PURPOSE)
-    assert again.unchanged and again.fingerprint == vkh.fingerprint
+    assert again.unchanged and again.fingerprint == vkh.fingerprint and again.registered_at == first.registered_at
+
+
+def test_another_context_for_the_same_epoch_is_refused(srv, vkh):
+    op = srv.client("operator")
+    op.register_he_context(vkh, PURPOSE)
     other = KeyHolder("verify", 128, tenant="default")       # same epoch, other keys
     e = err(lambda: op.register_he_context(other.public_context(), PURPOSE))
     assert e.code == grpc.StatusCode.ALREADY_EXISTS and e.reason == "HE_CONTEXT_EXISTS"
-    listed = dev.list_he_contexts()
-    assert [(c.purpose, c.epoch, c.fingerprint) for c in listed] == [(PURPOSE, 1, vkh.fingerprint)]
-    refused = [a for a in srv.client("auditor").audit_log(action="RegisterHEContext") if a.result != "OK"]
-    assert any(a.reason == "HE_PRIVATE_CONTEXT" for a in refused)
+
+
+def test_registered_contexts_are_listed_without_keys(srv, vkh):
+    srv.client("operator").register_he_context(vkh, PURPOSE)
+    listed = he_device(srv, VERIFY, key_holder=vkh).list_he_contexts()
+    assert [(c.purpose, c.epoch, c.fingerprint, c.templates) for c in listed] == [(PURPOSE, 1, vkh.fingerprint, 0)]
+
+
+def test_allowed_schemes_can_exclude_he(tmp_path, vkh):
+    with running_server(tmp_path / "d", allowed_schemes=["biohash"]) as s:
+        e = err(lambda: s.client("operator").register_he_context(vkh, PURPOSE))
+        assert e.code == grpc.StatusCode.FAILED_PRECONDITION and e.reason == "SCHEME_NOT_ALLOWED"
+        assert s.store.current_he_contexts() == []
 
 
 # -- 1:1 ---------------------------------------------------------------------------------------
@@ -156,41 +194,79 @@ def test_unreported_encrypted_verifies_count_as_failures(srv, vkh, rng):
 
 
 # -- 1:N ---------------------------------------------------------------------------------------
-def test_identify_decider_top1_withdraw_revoke_retention(srv, ikh, rng):
+@pytest.fixture
+def identify(srv, ikh):
+    """An identify context; a capture device with the public device context and a decider; s0..s3
+    enrolled (s3 for one day only)."""
     srv.client("operator").register_he_context(ikh, PURPOSE)
-    # the capture device holds only the public device context; the decider holds the key
     dev = he_device(srv, IDENTIFY, he_context=ikh.public_context(eval_keys=False).to_bytes(), decider=ikh)
     x = faces(4, seed=3)
     for i in range(4):
         enrol(dev, f"s{i}", x[i], retention_days=1 if i == 3 else 0)
+    return dev, x
+
+
+def test_identify_decided_by_the_decider(identify, rng):
+    dev, x = identify
     for i in range(4):
         hits = dev.identify(capture(x[i], rng), top_k=3)
         assert hits and hits[0][0] == f"s{i}" and hits[0][1] > 0.5
     assert dev.identify(faces(1, seed=99)[0]) == []                # stranger: no match
+
+
+def test_identify_reply_is_encrypted_scores_in_id_order(identify):
+    dev, x = identify
     raw = dev._call("Identify", pb.IdentifyRequest(probe=dev.protect_probe(None, x[0]).to_bytes(),
                                                    purpose=PURPOSE, device_id="gate-1", top_k=1))
-    assert raw.encrypted and not raw.candidates and raw.gallery_size == 4
+    assert raw.encrypted and not raw.candidates and raw.gallery_size == 4 and raw.decision_ticket
     h = blob_header(raw.encrypted_scores)
-    assert h["kind"] == "scores" and sorted(h["blocks"][0][1]) == ["s0", "s1", "s2", "s3"]  # id order for the key holder
-    gal = next(g for k, g in servicer(srv)._galleries.items() if k[2].startswith("he/"))
-    # withdrawal removes the subject from the encrypted gallery and the store
-    w = dev.withdraw("s1")
-    assert w.templates_deleted == 1
+    assert h["kind"] == "scores" and sorted(h["blocks"][0][1]) == ["s0", "s1", "s2", "s3"]
+
+
+def test_identify_decisions_are_audited(srv, identify, rng):
+    dev, x = identify
+    dev.identify(capture(x[0], rng))
+    dev.identify(faces(1, seed=99)[0])
+    dec = [json.loads(a.details_json) for a in srv.client("auditor").audit_log(action="ReportDecision")]
+    assert [(d["kind"], d["matched"]) for d in dec] == [("identify", True), ("identify", False)]
+
+
+def test_withdrawal_removes_the_subject_from_the_encrypted_gallery(srv, identify, rng):
+    dev, x = identify
+    assert dev.withdraw("s1").templates_deleted == 1
+    (gal,) = he_galleries(srv)
     assert "s1" not in gal and len(gal) == 3
     assert all(h != "s1" for h, _ in dev.identify(capture(x[1], rng), top_k=3))
     assert "s1" not in {s.subject_id for s in srv.client("operator").list_subjects()}
-    # revocation of one subject deletes its HE template
-    r = dev.revoke("s2")
-    assert r.templates_deleted == 1 and "s2" not in gal
-    # retention: s3 expires after one day
+
+
+def test_revocation_deletes_the_subjects_he_template(srv, identify):
+    dev = identify[0]
+    assert dev.revoke("s2").templates_deleted == 1
+    assert "s2" not in he_galleries(srv)[0] and srv.store.templates_of("default", "s2") == []
+
+
+def test_retention_purges_encrypted_templates(srv, identify, rng):
+    dev, x = identify
     srv.clock.advance(2 * DAY)
     assert srv.client("operator").purge_expired().templates_purged == 1
-    assert "s3" not in gal and len(gal) == 1
-    assert [s.subject_id for s in srv.client("operator").list_subjects()] == ["s0"]
-    hits = dev.identify(capture(x[0], rng), top_k=3)
-    assert [h for h, _ in hits] == ["s0"]
-    dec = [json.loads(a.details_json) for a in srv.client("auditor").audit_log(action="ReportDecision")]
-    assert all(d["kind"] == "identify" for d in dec) and any(not d["matched"] for d in dec)
+    assert "s3" not in he_galleries(srv)[0] and len(he_galleries(srv)[0]) == 3
+    assert [s.subject_id for s in srv.client("operator").list_subjects()] == ["s0", "s1", "s2"]
+
+
+def test_too_large_encrypted_result_is_refused(srv, ikh, monkeypatch):
+    """A 1:N result above max_response_bytes is refused, not truncated (a real one needs ~10^4 templates:
+    the backend's reply is inflated here)."""
+    srv.client("operator").register_he_context(ikh, PURPOSE)
+    dev = he_device(srv, IDENTIFY, key_holder=ikh)
+    backend = srv.app.index.backend
+    real = backend.search
+    limit = max(srv.cfg.max_message_bytes, srv.cfg.max_response_bytes) - 4096
+    monkeypatch.setattr(backend, "search", lambda key, probe, k, thr: real(key, probe, k, thr) + b"\0" * limit)
+    e = err(lambda: dev.identify(faces(1)[0]))
+    assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.reason == "HE_RESULT_TOO_LARGE"
+    audited = [a for a in srv.client("auditor").audit_log(action="Identify")]
+    assert [(a.result, a.reason) for a in audited] == [("RESOURCE_EXHAUSTED", "HE_RESULT_TOO_LARGE")]
 
 
 # -- revocation = new epoch ------------------------------------------------------------------------
@@ -221,7 +297,9 @@ def test_epoch_rotation_refuses_old_ciphertexts(srv, rng):
     assert dev.verify("s0b", capture(x[0], rng)).matched
     assert err(lambda: dev.verify("s0", x[0])).code == grpc.StatusCode.NOT_FOUND   # old template is gone
     # the retired epoch keeps no key material in the store
-    rows = servicer(srv).store.read().execute("SELECT epoch, length(context) FROM he_contexts ORDER BY epoch").fetchall()
+    con = sqlite3.connect(f"file:{srv.store.path}?mode=ro", uri=True, timeout=30)
+    rows = con.execute("SELECT epoch, length(context) FROM he_contexts ORDER BY epoch").fetchall()
+    con.close()
     assert rows[0] == (1, 0) and rows[1][1] > 0
 
 
@@ -235,23 +313,24 @@ def test_matcher_has_no_private_context_and_restart_reloads(tmp_path, ikh, rng):
         dev = he_device(s, IDENTIFY, key_holder=ikh)
         for i in range(3):
             enrol(dev, f"s{i}", x[i])
-        for e in servicer(s).he.entries():
+        for e in s.app.contexts.entries():
             assert isinstance(e.context, PublicContext) and not e.context.is_private()
-        for g in servicer(s)._galleries.values():
+        for g in he_galleries(s):
             assert not g.ctx.is_private()
         clock = s.clock
     with running_server(data, clock=clock) as s:          # restart: galleries rebuilt from the store
-        assert servicer(s).loaded["templates"] == 3
+        assert s.app.loaded["templates"] == 3
         dev = he_device(s, IDENTIFY, key_holder=ikh)
         for i in range(3):
             assert dev.identify(capture(x[i], rng), top_k=1)[0][0] == f"s{i}"
-        store = servicer(s).store
-        for (blob,) in store.read().execute("SELECT context FROM he_contexts"):
-            assert blob_header(bytes(blob))["kind"] == "public_context"
-            assert not PublicContext.from_bytes(bytes(blob)).is_private()
-        for (blob,) in store.read().execute("SELECT template FROM templates"):
+        store = s.store
+        for row in store.current_he_contexts():
+            assert blob_header(row.context)["kind"] == "public_context"
+            assert not PublicContext.from_bytes(row.context).is_private()
+        for row in store.template_index():
             from engine.template import Template
-            assert blob_header(Template.from_bytes(bytes(blob)).data.tobytes())["kind"] == "template"
+            blob = store.template_blob(row.id)
+            assert blob_header(Template.from_bytes(blob).data.tobytes())["kind"] == "template"
         store.checkpoint()
     raw = b"".join(p.read_bytes() for p in Path(data).iterdir() if p.name.startswith("veilface.db"))
     secret_part = ikh.to_bytes()[-4096:]                    # from the SEAL-serialised secret key
@@ -283,5 +362,5 @@ def test_decommission_purges_he_contexts_and_templates(srv, vkh):
     r = srv.client("admin").decommission(reason="end of service")
     cert = json.loads(r.certificate_json)
     assert r.templates_deleted == 1 and cert["he_contexts_deleted"] == 1
-    assert not servicer(srv).he.entries() and not servicer(srv)._galleries
+    assert not srv.app.contexts.entries() and not srv.app.index.backend.keys()
     assert srv.client("operator").list_he_contexts() == []

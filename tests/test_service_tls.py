@@ -13,7 +13,7 @@ from cryptography.x509.oid import NameOID
 from engine.client import OperatorClient, ServiceError
 from engine.service.config import ServiceConfig
 from engine.service.server import VeilfaceServer
-from engine.service.testing import TOKENS, make_config
+from tests.support import TOKENS, make_config
 
 
 def _cert(name, issuer_key=None, issuer_name=None, ca=False):

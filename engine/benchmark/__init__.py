@@ -29,6 +29,7 @@ SuiteFn = Callable[[bool], list]
 SUITES: dict[str, str | SuiteFn] = {
     "kernels": "engine.benchmark.kernels:run",
     "he": "engine.benchmark.he:run",
+    "schemes": "engine.benchmark.schemes:run",
 }
 
 #: keys every record has (extra keys are allowed: "max_abs_err", "gb_per_s", "note", ...)

@@ -2,7 +2,8 @@
 
 Every loader returns a :class:`Dataset`: L2-normalised float32 embeddings ``(n, d)``, integer
 subject labels ``(n,)``, the subject names and a human-readable description of where the data
-came from (the report quotes it, and says loudly when the data are synthetic).
+came from (the report quotes it, and says loudly when the data are synthetic). A pairs file
+(:mod:`.pairsfile`) also sets :attr:`Dataset.listed`: the comparisons to make.
 """
 from __future__ import annotations
 
@@ -14,9 +15,34 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import InvalidEmbedding, InvalidParameter
+from ..progress import progress as _progress
 from ..validation import as_embeddings
+from .labels import read_labels_file
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
+_ZIP_MAGIC = b"PK\x03\x04"
+
+
+@dataclass
+class ListedPairs:
+    """Comparisons listed by a pairs file, as row indices into the dataset.
+
+    ``i``/``j``: probe and reference rows; ``same``: genuine pair; ``fold``: fold of each pair
+    (``-1`` when the file has no folds); ``n_folds``: 0 when the file has no folds.
+    """
+
+    i: np.ndarray
+    j: np.ndarray
+    same: np.ndarray
+    fold: np.ndarray
+    n_folds: int = 0
+
+    def __len__(self) -> int:
+        return int(len(self.i))
+
+    def subset(self, keep: np.ndarray, row_map: np.ndarray) -> ListedPairs:
+        """The pairs ``keep`` (bool mask) with rows renumbered through ``row_map`` (old -> new)."""
+        return ListedPairs(row_map[self.i[keep]], row_map[self.j[keep]], self.same[keep], self.fold[keep], self.n_folds)
 
 
 @dataclass
@@ -30,6 +56,7 @@ class Dataset:
         source: where the data came from (file path, ``"synthetic"``...).
         synthetic: True when the embeddings were generated, not measured.
         info: free-form facts for the report (generator parameters, skipped files...).
+        listed: the comparisons a pairs file lists (None: every pair is compared).
     """
 
     embeddings: np.ndarray
@@ -38,6 +65,7 @@ class Dataset:
     source: str
     synthetic: bool = False
     info: dict = field(default_factory=dict)
+    listed: ListedPairs | None = None
 
     def __post_init__(self) -> None:
         x = np.asarray(self.embeddings)
@@ -65,7 +93,8 @@ class Dataset:
         return np.bincount(self.labels, minlength=len(self.names))
 
     def with_min_samples(self, k: int = 2) -> Dataset:
-        """Only subjects with at least ``k`` samples (genuine pairs need two), relabelled."""
+        """Only subjects with at least ``k`` samples (genuine pairs need two), relabelled.
+        Listed pairs that name a dropped sample are dropped too."""
         counts = self.samples_per_subject()
         keep_subj = np.flatnonzero(counts >= k)
         if len(keep_subj) == len(self.names):
@@ -75,16 +104,24 @@ class Dataset:
         rows = remap[self.labels] >= 0
         info = dict(self.info, dropped_subjects_with_fewer_than=k,
                     dropped_subjects=int(len(self.names) - len(keep_subj)))
+        listed = None
+        if self.listed is not None:
+            row_map = np.cumsum(rows) - 1
+            listed = self.listed.subset(rows[self.listed.i] & rows[self.listed.j], row_map)
         return Dataset(self.embeddings[rows], remap[self.labels[rows]],
-                       [self.names[i] for i in keep_subj], self.source, self.synthetic, info)
+                       [self.names[i] for i in keep_subj], self.source, self.synthetic, info, listed)
 
     def describe(self) -> dict:
         counts = self.samples_per_subject()
-        return {"source": self.source, "synthetic": self.synthetic, "n_embeddings": len(self),
-                "n_subjects": self.n_subjects, "dim": self.dim,
-                "samples_per_subject": {"min": int(counts.min()), "max": int(counts.max()),
-                                        "mean": round(float(counts.mean()), 2)},
-                **self.info}
+        out = {"source": self.source, "synthetic": self.synthetic, "n_embeddings": len(self),
+               "n_subjects": self.n_subjects, "dim": self.dim,
+               "samples_per_subject": {"min": int(counts.min()), "max": int(counts.max()),
+                                       "mean": round(float(counts.mean()), 2)},
+               **self.info}
+        if self.listed is not None:
+            out["listed_pairs"] = {"used": len(self.listed), "genuine": int(self.listed.same.sum()),
+                                   "impostor": int((~self.listed.same).sum()), "folds": int(self.listed.n_folds)}
+        return out
 
 
 # -- synthetic --------------------------------------------------------------------------
@@ -193,45 +230,62 @@ def _score_stats(ds: Dataset, rng: np.random.Generator, max_pairs: int = 200_000
 
 
 # -- files ------------------------------------------------------------------------------
-def load_npz(path: str | Path) -> Dataset:
-    """``.npz`` with ``embeddings`` ``(n, d)`` and ``labels`` ``(n,)`` (ints or strings);
-    an optional ``names`` array maps integer labels to subject names."""
+def load_npz(path: str | Path, labels: str | Path | None = None) -> Dataset:
+    """An embeddings file: ``embeddings`` ``(n, d)`` and ``labels`` ``(n,)`` (ints or strings);
+    an optional ``names`` array maps integer labels to subject names. ``veilface embed`` output
+    qualifies (it also has ``paths``, the source photo of each row).
+
+    ``labels``: a labels file (:mod:`.labels`) used instead of the file's own ``labels`` array
+    (by photo path through ``paths``, or one label per row)."""
     path = Path(path)
-    with np.load(path, allow_pickle=False) as z:
-        if "embeddings" not in z or "labels" not in z:
-            raise InvalidParameter(f"{path}: an evaluation .npz needs 'embeddings' and 'labels' arrays "
-                                   f"(has: {', '.join(z.files)})")
-        x, raw = z["embeddings"], z["labels"]
+    try:
+        z = np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as exc:
+        raise InvalidParameter(f"{path}: not a readable .npz embeddings file ({exc})") from None
+    with z:
+        if "embeddings" not in z:
+            raise InvalidParameter(f"{path}: an evaluation .npz needs an 'embeddings' array "
+                                   f"(has: {', '.join(z.files) or 'nothing'})")
+        x = z["embeddings"]
+        raw = z["labels"] if "labels" in z else None
+        paths = [str(p) for p in z["paths"]] if "paths" in z else None
         names_arr = z["names"] if "names" in z else None
-    uniq, labels = np.unique(raw, return_inverse=True)
+    source = {"labels_from": "file"}
+    if labels is not None:
+        raw = np.asarray(read_labels_file(labels).for_rows(len(x), paths))
+        names_arr, source = None, {"labels_from": str(labels)}
+    elif raw is None:
+        raise InvalidParameter(
+            f"{path} has no 'labels' array: pass --labels FILE (lines 'PHOTO_PATH<TAB>LABEL'), or re-run "
+            "'veilface embed' on a folder with one sub-folder per person")
+    if len(raw) != len(x):
+        raise InvalidParameter(f"{path}: {len(raw)} labels for {len(x)} embeddings")
+    if len(x) == 0:
+        raise InvalidParameter(f"{path}: no embeddings")
+    uniq, lab = np.unique(raw, return_inverse=True)
     if names_arr is not None and np.issubdtype(raw.dtype, np.integer) and len(names_arr) > int(uniq.max()):
         names = [str(names_arr[int(u)]) for u in uniq]
     else:
         names = [str(u) for u in uniq]
-    return Dataset(x, labels, names, str(path))
+    return Dataset(x, lab, names, str(path), info=source)
 
 
-def _default_embedder() -> Callable[[Path], np.ndarray]:
+def default_embedder() -> Callable[[Path], np.ndarray]:
+    """``engine.face.FacePipeline().embed_image`` (the photo's largest face)."""
     try:
-        from .. import face  # type: ignore[attr-defined]
+        from ..face import FacePipeline
     except ImportError as exc:
-        face, why = None, str(exc)
-    else:
-        why = "engine.face has neither FacePipeline nor embed_image"
-    if face is not None and hasattr(face, "FacePipeline"):
-        return face.FacePipeline().embed_image
-    if face is not None and hasattr(face, "embed_image"):
-        return face.embed_image
-    raise InvalidParameter(
-        "photo folders need the face pipeline (engine.face), which is not available in this "
-        f"build ({why}); embed the photos yourself and pass an .npz with 'embeddings' and 'labels'")
+        raise InvalidParameter(
+            "photo folders need the face pipeline (engine.face), which is not available in this "
+            f"build ({exc}); embed the photos yourself and pass an .npz with 'embeddings' and 'labels'") from None
+    return FacePipeline().embed_image
 
 
-def _embed_all(paths: Sequence[Path], embed: Callable[[Path], np.ndarray], progress: bool):
-    from tqdm.auto import tqdm
-
+def embed_photos(paths: Sequence[Path], embed: Callable[[Path], np.ndarray],
+                 progress: bool | None = False) -> tuple[list[np.ndarray | None], list[str]]:
+    """Embed each photo (None where it fails: no face...) and the failures as text."""
     out, failed = [], []
-    for p in tqdm(paths, desc="embedding photos", disable=not progress, leave=False):
+    for p in _progress(paths, "embedding photos", unit="photo", enabled=progress):
         try:
             e = embed(p)
         except Exception as exc:  # noqa: BLE001 - one bad photo must not stop an evaluation
@@ -243,8 +297,13 @@ def _embed_all(paths: Sequence[Path], embed: Callable[[Path], np.ndarray], progr
     return out, failed
 
 
+def person_photos(folder: Path) -> list[Path]:
+    """The photos directly in ``folder``, sorted by name."""
+    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+
+
 def load_photo_folder(root: str | Path, embed: Callable[[Path], np.ndarray] | None = None,
-                      progress: bool = False) -> Dataset:
+                      progress: bool | None = False) -> Dataset:
     """A folder with one sub-folder of photos per person, embedded through ``embed``
     (default: ``engine.face.FacePipeline().embed_image``). Photos whose embedding fails
     (no face found...) are skipped and listed in ``info['failed']``."""
@@ -252,7 +311,7 @@ def load_photo_folder(root: str | Path, embed: Callable[[Path], np.ndarray] | No
     people = sorted(p for p in root.iterdir() if p.is_dir())
     files, labels, names = [], [], []
     for person in people:
-        imgs = sorted(f for f in person.iterdir() if f.suffix.lower() in IMAGE_SUFFIXES)
+        imgs = person_photos(person)
         if not imgs:
             continue
         for f in imgs:
@@ -261,7 +320,7 @@ def load_photo_folder(root: str | Path, embed: Callable[[Path], np.ndarray] | No
         names.append(person.name)
     if not files:
         raise InvalidParameter(f"{root}: no photos found (want one sub-folder of images per person)")
-    embs, failed = _embed_all(files, embed or _default_embedder(), progress)
+    embs, failed = embed_photos(files, embed or default_embedder(), progress)
     keep = [i for i, e in enumerate(embs) if e is not None]
     if not keep:
         raise InvalidParameter(f"{root}: no photo could be embedded ({failed[:3]})")
@@ -270,71 +329,39 @@ def load_photo_folder(root: str | Path, embed: Callable[[Path], np.ndarray] | No
     return Dataset(x, lab, names, str(root), info={"failed": failed, "n_photos": len(files)})
 
 
-def parse_pairs_txt(path: str | Path) -> list[tuple[str, int, str, int]]:
-    """LFW ``pairs.txt``: lines ``name i j`` (same person) and ``name1 i name2 j``
-    (different); a first line of one or two integers (folds, pairs per fold) is skipped."""
-    pairs = []
-    for n, line in enumerate(Path(path).read_text().splitlines()):
-        parts = line.split()
-        if not parts:
-            continue
-        if n == 0 and all(p.isdigit() for p in parts) and len(parts) <= 2:
-            continue
-        if len(parts) == 3:
-            pairs.append((parts[0], int(parts[1]), parts[0], int(parts[2])))
-        elif len(parts) == 4:
-            pairs.append((parts[0], int(parts[1]), parts[2], int(parts[3])))
-        else:
-            raise InvalidParameter(f"{path}:{n + 1}: not an LFW pairs line: {line!r}")
-    if not pairs:
-        raise InvalidParameter(f"{path}: no pairs found")
-    return pairs
+def _is_npz(path: Path) -> bool:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(4) == _ZIP_MAGIC
+    except OSError:
+        return False
 
 
-def lfw_image_path(root: Path, name: str, idx: int) -> Path:
-    for ext in (".jpg", ".png", ".jpeg"):
-        p = root / name / f"{name}_{idx:04d}{ext}"
-        if p.exists():
-            return p
-    return root / name / f"{name}_{idx:04d}.jpg"
-
-
-def load_pairs(path: str | Path, images_root: str | Path,
-               embed: Callable[[Path], np.ndarray] | None = None, progress: bool = False) -> Dataset:
-    """Every image named by an LFW-style ``pairs.txt`` under ``images_root/<name>/<name>_NNNN.jpg``,
-    embedded and labelled by person. The evaluation then uses all pairs of these images (a
-    superset of the listed pairs, which gives far more impostor comparisons); the listed pairs
-    are kept in ``info['pairs']`` as index pairs."""
-    root = Path(images_root)
-    pairs = parse_pairs_txt(path)
-    images: dict[tuple[str, int], int] = {}
-    for a, i, b, j in pairs:
-        images.setdefault((a, i), len(images))
-        images.setdefault((b, j), len(images))
-    keys = list(images)
-    missing = [lfw_image_path(root, n, i) for n, i in keys if not lfw_image_path(root, n, i).exists()]
-    if missing:
-        raise InvalidParameter(f"{len(missing)} images named in {path} are missing under {root} "
-                               f"(first: {missing[0]})")
-    embs, failed = _embed_all([lfw_image_path(root, n, i) for n, i in keys],
-                              embed or _default_embedder(), progress)
-    keep = [k for k, e in enumerate(embs) if e is not None]
-    names = sorted({n for n, _ in keys})
-    idx_of = {n: i for i, n in enumerate(names)}
-    x = np.stack([embs[k] for k in keep])
-    lab = np.asarray([idx_of[keys[k][0]] for k in keep])
-    row = {keys[k]: r for r, k in enumerate(keep)}
-    listed = [(row[(a, i)], row[(b, j)], a == b) for a, i, b, j in pairs
-              if (a, i) in row and (b, j) in row]
-    return Dataset(x, lab, names, str(path), info={"failed": failed, "pairs": listed,
-                                                   "n_listed_pairs": len(pairs)})
+def peek_dim(data) -> int | None:
+    """The embedding dimension of ``data`` when known without embedding photos (else None)."""
+    if isinstance(data, Dataset):
+        return data.dim
+    if data is None or not Path(data).is_file() or not _is_npz(Path(data)):
+        return None
+    try:
+        with np.load(data, allow_pickle=False) as z:
+            shape = z["embeddings"].shape if "embeddings" in z else ()
+    except (OSError, ValueError):
+        return None
+    return int(shape[1]) if len(shape) == 2 else None
 
 
 def load(data: str | Path | Dataset | None = None, *, images_root: str | Path | None = None,
          subjects: int = 200, samples: int = 5, dim: int = 128, seed: int = 0,
-         progress: bool = False, embed: Callable[[Path], np.ndarray] | None = None) -> Dataset:
-    """Resolve the ``--data`` argument: None -> synthetic; ``.npz``; a photo folder;
-    a ``pairs.txt`` (with ``images_root``, default its own folder); or a ready Dataset."""
+         progress: bool | None = False, embed: Callable[[Path], np.ndarray] | None = None,
+         labels: str | Path | None = None) -> Dataset:
+    """Resolve the ``--data`` argument: None -> synthetic; an embeddings file (``.npz``, or any
+    file that is one, e.g. ``veilface embed --out emb``); a photo folder; a ``pairs.txt`` (with
+    ``images_root``, default its own folder); or a ready Dataset. ``labels``: a labels file for
+    an embeddings file (see :func:`load_npz`)."""
+    if labels is not None and (data is None or isinstance(data, Dataset) or not _is_npz(Path(data))):
+        raise InvalidParameter("--labels applies to an embeddings file (.npz); photo folders are labelled by "
+                               "their sub-folder names and pairs files by the names they list")
     if data is None:
         return synthetic(subjects, samples, dim, seed=seed)
     if isinstance(data, Dataset):
@@ -344,8 +371,16 @@ def load(data: str | Path | Dataset | None = None, *, images_root: str | Path | 
         raise InvalidParameter(f"evaluation data {path} does not exist")
     if path.is_dir():
         return load_photo_folder(path, embed, progress)
-    if path.suffix == ".npz":
-        return load_npz(path)
+    if path.suffix == ".npz" or _is_npz(path):
+        return load_npz(path, labels)
     if path.suffix == ".txt":
+        from .pairsfile import load_pairs
         return load_pairs(path, images_root or path.parent, embed, progress)
-    raise InvalidParameter(f"don't know how to read {path}: want an .npz, a photo folder or a pairs.txt")
+    raise InvalidParameter(f"don't know how to read {path}: want an embeddings .npz, a photo folder or a pairs.txt")
+
+
+def __getattr__(name: str):  # pairs-file names moved to .pairsfile; kept importable from here
+    if name in ("load_pairs", "parse_pairs_txt", "lfw_image_path"):
+        from . import pairsfile
+        return getattr(pairsfile, name)
+    raise AttributeError(name)

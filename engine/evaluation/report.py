@@ -5,16 +5,21 @@ from __future__ import annotations
 import json
 import math
 import platform
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from ..errors import InvalidParameter
+from .records import to_dict
+
 PROTOCOL_MD = """\
 **Protocol.** Genuine pairs: every pair of two samples of one subject. Impostor pairs: pairs of
 samples of two different subjects; pair *(i, j)* reads "probe *i* claims the identity enrolled
-with sample *j*". Every scheme and scenario scores the same sample pairs.
+with sample *j*". Every scheme and scenario scores the same sample pairs. With a pairs file
+(LFW `pairs.txt`) the genuine and impostor pairs are exactly the listed ones.
 
 * **normal (secret key)**: each subject's samples are protected with that subject's own key.
   A genuine user holds the claimed identity's token; an impostor does **not**, so his probe is
@@ -53,23 +58,28 @@ def _num(v: Any, digits: int = 3) -> str:
     return f"{v:.{digits}f}"
 
 
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, (np.floating, float)):
-        f = float(obj)
-        return f if math.isfinite(f) else None
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, np.ndarray):
-        return _jsonable(obj.tolist())
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
+def check_out_dir(out: str | Path) -> Path:
+    """Create ``out`` if needed and make sure files can be written there -- before any work.
+    Raises :class:`InvalidParameter` with what to do instead."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise InvalidParameter(f"--out {out} is a file, not a directory; choose a directory (it is created if missing)")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".veilface-write-test-"):
+            pass
+    except OSError as exc:
+        raise InvalidParameter(f"cannot write reports to {out}: {exc.strerror or exc}; choose a writable "
+                               "directory with --out") from None
+    return out
+
+
+def _match_ms(sp: dict, gallery: str) -> str:
+    if not sp:
+        return "–"
+    if sp.get("search_1n_ms") is None and sp.get("verify_ms") is not None:
+        return f"1:1 {_num(sp['verify_ms'], 2)}"
+    return _num(sp.get("search_1n_ms"), 2) + gallery
 
 
 @dataclass
@@ -85,7 +95,7 @@ class Report:
     @property
     def records(self) -> list[dict]:
         """One JSON-serialisable dict per scheme and parameter set (first: ``unprotected``)."""
-        return [r.record for r in self.results]
+        return [r.as_dict() for r in self.results]
 
     def record(self, label: str) -> dict:
         """The record whose ``label`` or ``factory`` is ``label``."""
@@ -95,7 +105,7 @@ class Report:
         raise KeyError(label)
 
     def to_dict(self) -> dict:
-        return _jsonable({"tool": "veilface eval", "dataset": self.dataset,
+        return to_dict({"tool": "veilface eval", "dataset": self.dataset,
                           "synthetic": bool(self.dataset.get("synthetic")), "config": self.config,
                           "machine": {"python": platform.python_version(), "machine": platform.machine(),
                                       "processor": platform.processor() or None},
@@ -133,7 +143,7 @@ class Report:
                 f"{unl_s} | {inv_s} | "
                 f"{_pct(ren.get('match_rate'), 2) if ren.get('status') == 'ok' else 'n/a'} | "
                 f"{_num(sp.get('protect_us_single', (sp.get('protect_probe_ms') or 0) * 1e3), 1) if sp else '–'} | "
-                f"{_num(sp.get('search_1n_ms'), 2) + gallery if sp else '–'} |")
+                f"{_match_ms(sp, gallery)} |")
         return "\n".join(rows)
 
     def to_markdown(self, plots: list[str] | None = None) -> str:
@@ -150,7 +160,8 @@ class Report:
                   f"(d = {ds['dim']}, {ds['samples_per_subject']['min']}–{ds['samples_per_subject']['max']} "
                   f"samples each). Comparisons: {self.config['pairs']['genuine']} genuine, "
                   f"{self.config['pairs']['impostor']} impostor"
-                  f"{' (random subset)' if self.config['pairs']['impostor_sampled'] else ''}, "
+                  f"{' (random subset)' if self.config['pairs']['impostor_sampled'] else ''}"
+                  f"{self._listed_note()}, "
                   f"{self.config['pairs']['mated_linkage']} mated linkage pairs. Seed {self.config['seed']}; "
                   f"run time {self.seconds:.1f} s.", ""]
         if ds.get("failed"):
@@ -161,7 +172,7 @@ class Report:
                   "system (lower is better). Renewed match: old template vs re-keyed enrolment at the stolen-token "
                   "threshold for FMR 0.1% (impostor level ≈ 0.1%). † FMR target below the resolution of the "
                   "number of impostor comparisons (< 3/FMR).", "", PROTOCOL_MD, ""]
-        lines += self._accuracy_md() + self._privacy_md() + self._speed_md()
+        lines += self._accuracy_md() + self._folds_md() + self._privacy_md() + self._speed_md()
         skipped = [r for r in self.records if r["status"] != "ok"]
         if skipped:
             lines += ["## Skipped", ""] + [f"* `{r['factory']}`: {r.get('reason')}" for r in skipped]
@@ -174,6 +185,35 @@ class Report:
         if plots:
             lines += ["## Plots", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
         return "\n".join(lines)
+
+    def _listed_note(self) -> str:
+        pairs = self.config["pairs"]
+        if pairs.get("source") != "listed":
+            return ""
+        listed = self.dataset.get("n_listed_pairs")
+        used = pairs["genuine"] + pairs["impostor"]
+        dropped = f"; {listed - used} listed pairs dropped (image not embedded)" if listed and listed > used else ""
+        folds = f", {pairs['folds']} folds" if pairs.get("folds") else ""
+        return f" (exactly the pairs listed in the file{folds}{dropped})"
+
+    def _folds_md(self) -> list[str]:
+        rows = [r for r in self._ok() if r.get("folds")]
+        if not rows:
+            return []
+        n = rows[0]["folds"]["normal"]["n_folds"]
+        out = [f"## Pairs-file protocol: {n}-fold accuracy (LFW)", "",
+               f"Per fold, the threshold with the best accuracy on the other {n - 1} folds; accuracy = "
+               "(genuine accepted + impostors rejected) / pairs of the fold. Mean ± standard deviation over folds "
+               "(standard error = sd / √folds).", "",
+               "| scheme | scenario | accuracy mean ± sd | standard error | min / max fold |", "|---|---|--:|--:|--:|"]
+        for r in rows:
+            for scen in ("normal", "stolen_token"):
+                f = r["folds"][scen]
+                out.append(f"| {r['label']} | {scen.replace('_', '-')} | {_pct(f['mean'])} ± {_pct(f['std'])} | "
+                           f"{_pct(f['std_error'])} | {_pct(min(f['accuracy']))} / {_pct(max(f['accuracy']))} |")
+                if r["normal"] == r["stolen_token"]:
+                    break
+        return out + [""]
 
     def _ok(self):
         return [r for r in self.records if r["status"] == "ok"]
@@ -255,10 +295,12 @@ class Report:
             s = r.get("speed") or {}
             if "enrol_ms_per_template_block" in s:
                 e = r.get("decryption_error", {})
-                out += ["", f"**{r['label']}** (encrypted): enrol {s['enrol_ms_per_template_block']:.2f} ms/template "
-                        f"(block encryption), probe encryption {s['protect_probe_ms']:.1f} ms, encrypted 1:N over "
-                        f"{s['n_gallery']} templates {s['search_1n_ms']:.1f} ms ({s['search_1n_templates_per_s']:.3g} "
-                        f"templates/s, search only, decryption excluded); decrypted vs plaintext scores: max |error| "
+                match = (f"encrypted 1:N over {s['n_gallery']} templates {_num(s['search_1n_ms'], 1)} ms "
+                         f"({_num(s['search_1n_templates_per_s'], 0)} templates/s, search only, decryption excluded)"
+                         if s.get("search_1n_ms") is not None else f"encrypted 1:1 verify {_num(s.get('verify_ms'), 2)} ms")
+                out += ["", f"**{r['label']}** (encrypted): enrol {_num(s['enrol_ms_per_template_block'], 2)} ms/template "
+                        f"(block encryption), probe encryption {s['protect_probe_ms']:.1f} ms, {match}; "
+                        f"decrypted vs plaintext scores: max |error| "
                         f"{e.get('max_abs', float('nan')):.2e}, mean {e.get('mean_abs', float('nan')):.2e}; "
                         f"plaintext EER on the same pairs {_pct(r['plaintext_same_pairs']['eer'])}."]
         return out + [""]
@@ -273,7 +315,7 @@ class Report:
         pngs = self.plot(out) if plots else []
         (out / "report.json").write_text(self.to_json() + "\n")
         (out / "report.md").write_text(self.to_markdown(pngs) + "\n")
-        arrays = {f"{r.record['label']}|{k}": np.asarray(v, dtype=np.float32)
+        arrays = {f"{r.record.label}|{k}": np.asarray(v, dtype=np.float32)
                   for r in self.results for k, v in r.arrays.items()}
         np.savez_compressed(out / "scores.npz", **arrays)
         self.files = [str(out / "report.json"), str(out / "report.md"), str(out / "scores.npz"), *pngs]
@@ -281,96 +323,5 @@ class Report:
 
     def plot(self, out: str | Path) -> list[str]:
         """DET curves, genuine/impostor histograms, unlinkability plots -> PNG paths."""
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-        from scipy.stats import norm
-
-        from .metrics import det_points
-
-        out = Path(out)
-        ok = [r for r in self.results if r.record["status"] == "ok" and r.arrays]
-        linked = [r for r in ok if r.linkage is not None]
-        files = []
-        tag = " [SYNTHETIC DATA]" if self.dataset.get("synthetic") else ""
-        # DET
-        fig, axes = plt.subplots(1, 2, figsize=(12, 5.2))
-        ticks = np.array([1e-4, 1e-3, 1e-2, 5e-2, 0.2, 0.5])
-        clip = lambda v: norm.ppf(np.clip(v, 1e-6, 1 - 1e-6))  # noqa: E731
-        for ax, scen, title in ((axes[0], "impostor_normal", "normal (secret key)"),
-                                (axes[1], "impostor_stolen", "stolen token")):
-            for r in ok:
-                fmr, fnmr = det_points(r.arrays["genuine"], r.arrays[scen])
-                style = dict(color="k", lw=2.2, ls="--") if r.record["scheme"] == "unprotected" else dict(lw=1.6)
-                ax.plot(clip(fmr), clip(fnmr), label=r.record["label"], **style)
-            ax.set_xticks(clip(ticks))
-            ax.set_xticklabels([f"{t:g}" for t in ticks])
-            ax.set_yticks(clip(ticks))
-            ax.set_yticklabels([f"{t:g}" for t in ticks])
-            ax.set_xlim(clip(5e-5), clip(0.6))
-            ax.set_ylim(clip(5e-5), clip(0.6))
-            ax.grid(True, alpha=0.3)
-            ax.set_xlabel("FMR")
-            ax.set_ylabel("FNMR")
-            ax.set_title(f"DET, {title}{tag}")
-            ax.legend(fontsize=8, loc="upper right")
-        fig.tight_layout()
-        files.append(self._savefig(fig, out / "det.png"))
-        # score histograms
-        fig, axes = self._grid(plt, len(ok))
-        for ax, r in zip(axes, ok):
-            a = r.arrays
-            lo = min(a["genuine"].min(), a["impostor_normal"].min(), a["impostor_stolen"].min())
-            hi = max(a["genuine"].max(), a["impostor_normal"].max(), a["impostor_stolen"].max())
-            bins = np.linspace(lo, hi, 80)
-            ax.hist(a["impostor_normal"], bins, density=True, alpha=0.45, color="tab:red",
-                    label="impostor, normal")
-            if r.record["scheme"] != "unprotected":
-                ax.hist(a["impostor_stolen"], bins, density=True, histtype="step", lw=1.6,
-                        color="tab:orange", label="impostor, stolen token")
-            ax.hist(a["genuine"], bins, density=True, alpha=0.45, color="tab:green", label="genuine")
-            ax.set_title(f"{r.record['label']}  EER {_pct(r.record['eer'])} / {_pct(r.record['eer_stolen_token'])}",
-                         fontsize=9)
-            ax.set_xlabel("similarity")
-            ax.legend(fontsize=7)
-        fig.suptitle(f"Genuine and impostor scores{tag}")
-        fig.tight_layout()
-        files.append(self._savefig(fig, out / "scores.png"))
-        # unlinkability
-        fig, axes = self._grid(plt, len(linked))
-        for ax, r in zip(axes, linked):
-            lk, a = r.linkage, r.arrays
-            edges = lk.bin_edges
-            ax.hist(a["nonmated"], edges, density=True, alpha=0.45, color="tab:red", label="non-mated")
-            ax.hist(a["mated"], edges, density=True, alpha=0.45, color="tab:green", label="mated")
-            ax2 = ax.twinx()
-            ax2.plot(lk.bin_centers, lk.d_local, color="tab:blue", lw=1.8, label="D↔(s)")
-            ax2.set_ylim(0, 1.05)
-            ax2.set_ylabel("D↔(s)", fontsize=8)
-            u = r.record["unlinkability"]
-            ax.set_title(f"{r.record['label']}  D_sys {u['d_sys']:.3f} (null {u['d_null']:.3f})", fontsize=9)
-            ax.set_xlabel("linkage score")
-            h1, l1 = ax.get_legend_handles_labels()
-            h2, l2 = ax2.get_legend_handles_labels()
-            ax.legend(h1 + h2, l1 + l2, fontsize=7, loc="upper left")
-        fig.suptitle(f"Unlinkability: application A vs B templates{tag}")
-        fig.tight_layout()
-        files.append(self._savefig(fig, out / "unlinkability.png"))
-        return files
-
-    @staticmethod
-    def _grid(plt, n: int):
-        cols = min(3, max(1, n))
-        rows = max(1, math.ceil(n / cols))
-        fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
-        axes = axes.ravel()
-        for ax in axes[n:]:
-            ax.axis("off")
-        return fig, list(axes[:n])
-
-    @staticmethod
-    def _savefig(fig, path: Path) -> str:
-        import matplotlib.pyplot as plt
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return str(path)
+        from .plots import plot_all
+        return plot_all(self.results, bool(self.dataset.get("synthetic")), out)

@@ -1,15 +1,21 @@
-"""The Veilface matching service (matcher zone): gRPC API, embedded store, policy, audit.
+"""The Veilface matching service (matcher zone): gRPC API, store, policy, audit.
 
-Modules (none imports grpc at package import time):
+Layers, top to bottom (none imports grpc at package import time; see ``docs/architecture.md``):
 
-* :mod:`.config`    -- ServiceConfig (file + env vars + flags), role tokens (hashed)
-* :mod:`.clock`     -- Clock protocol (injectable for retention / rate-limit tests)
-* :mod:`.store`     -- SQLite store (WAL, durable commits): templates, consents, devices, audit
-* :mod:`.audit`     -- hash-chained, append-only audit log and its verifier
-* :mod:`.policy`    -- DESIGN.md section 4 rules (consent, minors, purpose, devices, filing ...)
+* :mod:`.server`    -- server construction (``VeilfaceServer``, ``serve``): TLS, interceptor, health
+* :mod:`.servicer`  -- thin RPCs: request -> use case -> response
+* :mod:`.scope`     -- the request scope (tenant / subject / purpose / device / principal checks)
+* :mod:`.app`       -- ``MatcherApp``: the use cases wired over one store and one gallery index
+* :mod:`.usecases`  -- enrolment, matching, lifecycle, devices, HE contexts, maintenance, recovery,
+  HE snapshots, queries (plain code, testable without gRPC)
+* :mod:`.matching`  -- ``GalleryIndex`` + ``GalleryKey`` over a ``MatchingBackend`` (``LocalMatching``)
+* :mod:`.store`     -- the ``Store`` interface and its SQL implementation (the only place with SQL)
+* :mod:`.policy`    -- the compliance rules (consent, minors, purpose, devices, retention, filing)
+* :mod:`.audit`     -- hash-chained audit entries and the chain verifier (pure)
 * :mod:`.ratelimit` -- intrusion detection (verify bursts, 1:N enumeration)
+* :mod:`.encrypted` -- public HE contexts, ciphertext checks, decision tickets
 * :mod:`.auth`      -- role tokens and the server interceptor
 * :mod:`.status`    -- one table mapping errors to gRPC status codes + reasons
-* :mod:`.server`    -- the servicer and server construction
-* :mod:`.commands`  -- ``veilface serve|demo|audit verify|report|purge|decommission``
+* :mod:`.config` / :mod:`.clock` -- configuration; injectable time
+* :mod:`.commands`  -- ``veilface serve|demo|audit|report|purge|decommission|token``
 """

@@ -1,17 +1,19 @@
 """Append-only, hash-chained audit log (who, what, purpose, result -- never biometric data).
 
 Each entry's hash is ``SHA-256(prev_hash || canonical JSON of the entry)``; the newest
-``(seq, hash)`` is also kept in a one-row head table updated in the same transaction.
+``(seq, hash)`` is also kept in a one-row head record updated in the same transaction.
 :func:`verify_chain` therefore detects an edited entry (hash mismatch), a deleted or
 reordered one (sequence gap / broken ``prev_hash`` link) and a truncated tail (head
-mismatch). SQLite triggers additionally refuse UPDATE and DELETE on the table.
+mismatch). The store additionally refuses UPDATE and DELETE on the table (SQLite triggers).
+
+This module is pure: the rows come from and go to :mod:`engine.service.store`.
 """
 from __future__ import annotations
 
 import hashlib
 import json
-import sqlite3
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field
 
 GENESIS = "0" * 64
 FIELDS = ("seq", "ts", "actor_role", "actor", "action", "tenant", "subject", "purpose",
@@ -21,39 +23,10 @@ FORBIDDEN_DETAIL_KEYS = {"template", "templates", "probe", "embedding", "embeddi
                          "scores", "key", "keys", "codes", "token", "image"}
 MAX_DETAIL_STRING = 200
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS audit (
-    seq INTEGER PRIMARY KEY,
-    ts REAL NOT NULL,
-    actor_role TEXT NOT NULL,
-    actor TEXT NOT NULL,
-    action TEXT NOT NULL,
-    tenant TEXT NOT NULL,
-    subject TEXT NOT NULL,
-    purpose TEXT NOT NULL,
-    device TEXT NOT NULL,
-    result TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    details TEXT NOT NULL,
-    prev_hash TEXT NOT NULL,
-    hash TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS audit_head (
-    id INTEGER PRIMARY KEY CHECK (id = 1),
-    seq INTEGER NOT NULL,
-    hash TEXT NOT NULL
-);
-CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit
-BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
-CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit
-BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END;
-CREATE INDEX IF NOT EXISTS audit_action ON audit(action);
-"""
-
 
 @dataclass
 class AuditEvent:
-    """What the servicer fills in while handling a call."""
+    """What a use case fills in while handling a call (written once, by the store)."""
 
     action: str
     actor_role: str = ""
@@ -63,6 +36,27 @@ class AuditEvent:
     purpose: str = ""
     device: str = ""
     details: dict = field(default_factory=dict)
+    written: bool = False      # set by the store once the entry is in a transaction
+
+
+@dataclass(frozen=True)
+class AuditRow:
+    """One stored entry: the :data:`FIELDS` plus the chain links."""
+
+    seq: int
+    ts: float
+    actor_role: str
+    actor: str
+    action: str
+    tenant: str
+    subject: str
+    purpose: str
+    device: str
+    result: str
+    reason: str
+    details: str
+    prev_hash: str
+    hash: str
 
 
 def clean_details(details: dict) -> str:
@@ -81,30 +75,19 @@ def clean_details(details: dict) -> str:
     return json.dumps(out, sort_keys=True, separators=(",", ":"))
 
 
-def entry_hash(prev_hash: str, row: dict) -> str:
+def entry_hash(prev_hash: str, row: Mapping) -> str:
     body = json.dumps({k: row[k] for k in FIELDS}, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256((prev_hash + "\n" + body).encode()).hexdigest()
 
 
-def read_head(conn: sqlite3.Connection) -> tuple[int, str]:
-    row = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
-    return (0, GENESIS) if row is None else (int(row[0]), str(row[1]))
-
-
-def append(conn: sqlite3.Connection, head: tuple[int, str], ts: float, ev: AuditEvent,
-           result: str, reason: str = "") -> tuple[int, str]:
-    """Append one entry inside the caller's transaction; returns the new head."""
+def next_entry(head: tuple[int, str], ts: float, ev: AuditEvent, result: str, reason: str = "") -> AuditRow:
+    """The entry that follows ``head`` = (seq, hash); the store inserts it and moves the head."""
     seq, prev = head[0] + 1, head[1]
     row = {"seq": seq, "ts": float(ts), "actor_role": ev.actor_role or "", "actor": ev.actor or "",
            "action": ev.action, "tenant": ev.tenant or "", "subject": ev.subject or "",
            "purpose": ev.purpose or "", "device": ev.device or "", "result": result,
            "reason": reason or "", "details": clean_details(ev.details)}
-    h = entry_hash(prev, row)
-    conn.execute(f"INSERT INTO audit ({', '.join(FIELDS)}, prev_hash, hash) VALUES "
-                 f"({', '.join('?' * len(FIELDS))}, ?, ?)", [row[k] for k in FIELDS] + [prev, h])
-    conn.execute("INSERT INTO audit_head (id, seq, hash) VALUES (1, ?, ?) "
-                 "ON CONFLICT(id) DO UPDATE SET seq = excluded.seq, hash = excluded.hash", (seq, h))
-    return seq, h
+    return AuditRow(**row, prev_hash=prev, hash=entry_hash(prev, row))
 
 
 @dataclass
@@ -121,12 +104,12 @@ class ChainReport:
         return f"audit chain BROKEN at seq {self.first_bad_seq}: {self.problem}"
 
 
-def verify_chain(conn: sqlite3.Connection) -> ChainReport:
-    """Walk the whole log; any edit, deletion, insertion or reordering is reported."""
+def verify_chain(rows: Iterable[AuditRow], head: tuple[int, str]) -> ChainReport:
+    """Walk the whole log (``rows`` in ``seq`` order) against the stored ``head``; any edit,
+    deletion, insertion or reordering is reported."""
     prev, expected_seq, n = GENESIS, 1, 0
-    cur = conn.execute(f"SELECT {', '.join(FIELDS)}, prev_hash, hash FROM audit ORDER BY seq")
-    for rec in cur:
-        row = dict(zip(FIELDS + ("prev_hash", "hash"), rec))
+    for rec in rows:
+        row = asdict(rec)
         seq = row["seq"]
         if seq != expected_seq:
             return ChainReport(False, n, prev, expected_seq,
@@ -136,7 +119,7 @@ def verify_chain(conn: sqlite3.Connection) -> ChainReport:
         if entry_hash(prev, row) != row["hash"]:
             return ChainReport(False, n, prev, seq, "entry content does not match its hash (edited)")
         prev, expected_seq, n = row["hash"], seq + 1, n + 1
-    head_seq, head_hash = read_head(conn)
+    head_seq, head_hash = head
     if (head_seq, head_hash) != (n, prev):
         return ChainReport(False, n, prev, n + 1 if head_seq > n else head_seq,
                            f"head record says {head_seq} entries ending {head_hash[:16]}..., "

@@ -118,7 +118,7 @@ def _with_principal(handler, principal: Principal):
 
 class AuthInterceptor(grpc.ServerInterceptor):
     """Checks the role token of every call. ``on_denied(principal, method, code, reason)``
-    is called for refused calls (the servicer audits them)."""
+    is called for refused calls (the app audits them)."""
 
     def __init__(self, tokens: TokenTable, health_requires_token: bool = False,
                  on_denied: Callable[[Principal, str, str, str], None] | None = None) -> None:

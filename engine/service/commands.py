@@ -102,11 +102,11 @@ def _store(args):
     from pathlib import Path
 
     from .status import NotFound
-    from .store import DB_NAME, Store
+    from .store import DB_NAME, open_store
     cfg = _config(args)
     if not (Path(cfg.data_dir) / DB_NAME).exists():
         raise NotFound(f"no store in {cfg.data_dir} (use --data-dir)")
-    return cfg, Store(cfg.data_dir)
+    return cfg, open_store(cfg.data_dir)
 
 
 def _audit_verify(args) -> int:
@@ -120,9 +120,9 @@ def _audit_show(args) -> int:
     _, store = _store(args)
     seq, _ = store.audit_head()
     for e in store.audit_entries(max(0, seq - args.last), args.last):
-        print(f"{e['seq']:>7} {e['ts']:.3f} {e['actor_role']}:{e['actor']} {e['action']} "
-              f"subject={e['subject'] or '-'} purpose={e['purpose'] or '-'} device={e['device'] or '-'} "
-              f"{e['result']} {e['reason']} {e['details']}")
+        print(f"{e.seq:>7} {e.ts:.3f} {e.actor_role}:{e.actor} {e.action} "
+              f"subject={e.subject or '-'} purpose={e.purpose or '-'} device={e.device or '-'} "
+              f"{e.result} {e.reason} {e.details}")
     return 0
 
 
@@ -149,7 +149,7 @@ def format_report(rep: dict) -> str:
 
 
 def _report(args) -> int:
-    from .server import compliance_report
+    from .usecases.maintenance import compliance_report
     cfg, store = _store(args)
     rep = compliance_report(store, cfg, store.clock.now())
     print(json.dumps(rep, indent=1, sort_keys=True) if args.json else format_report(rep))
@@ -157,8 +157,9 @@ def _report(args) -> int:
 
 
 def _purge(args) -> int:
+    from .usecases.maintenance import purge_expired
     cfg, store = _store(args)
-    rows = store.purge_expired(store.clock.now(), ("operator", "cli"))
+    rows = purge_expired(store, store.clock.now(), ("operator", "cli"))
     store.checkpoint()
     print(f"purged {len(rows)} expired templates of {len({(t, s) for t, s, _, _ in rows})} subjects")
     return 0
@@ -166,7 +167,7 @@ def _purge(args) -> int:
 
 def _decommission(args) -> int:
     from .audit import AuditEvent
-    from .server import decommission
+    from .usecases.maintenance import decommission
     if not args.yes:
         print("decommission deletes every template, key-version and consent record; re-run with --yes",
               file=sys.stderr)

@@ -19,9 +19,11 @@ Environment variables (all optional)::
 from __future__ import annotations
 
 import dataclasses
+import datetime as _dt
 import hashlib
 import ipaddress
 import json
+import math
 import os
 import secrets
 from dataclasses import dataclass, field
@@ -125,6 +127,12 @@ class ServiceConfig:
             return False
 
     def validate(self) -> ServiceConfig:
+        """Check every field (type and range, :data:`_CHECKS`) and the rules between fields.
+        Raises :class:`BadRequest` naming the field; returns ``self``."""
+        for f in dataclasses.fields(self):
+            problem = _CHECKS[f.name](getattr(self, f.name))
+            if problem:
+                raise BadRequest(f"config {f.name}: {problem}", reason="BAD_CONFIG")
         if not self.is_loopback():
             if not self.allow_remote:
                 raise BadRequest(f"refusing to listen on {self.host}: remote listening needs "
@@ -134,19 +142,11 @@ class ServiceConfig:
                 raise BadRequest(f"refusing to listen on {self.host} without TLS (tls_cert, tls_key)",
                                  reason="TLS_REQUIRED")
         if bool(self.tls_cert) != bool(self.tls_key):
-            raise BadRequest("tls_cert and tls_key go together")
+            raise BadRequest("tls_cert and tls_key go together", reason="BAD_CONFIG")
         if self.tls_client_ca and not self.tls_cert:
-            raise BadRequest("mTLS (tls_client_ca) needs tls_cert and tls_key")
-        if not 0 <= int(self.port) <= 65535:
-            raise BadRequest(f"bad port {self.port}")
-        if self.retention_days < 1 or self.max_retention_days < self.retention_days:
-            raise BadRequest("need 1 <= retention_days <= max_retention_days")
-        if self.filing_threshold < 1:
-            raise BadRequest("filing_threshold must be >= 1")
-        if not 1 <= int(self.he_shards) <= 64:
-            raise BadRequest("he_shards must be in [1, 64]")
-        if self.he_snapshot_interval_s < 0 or int(self.he_snapshot_batch) < 1:
-            raise BadRequest("need he_snapshot_interval_s >= 0 and he_snapshot_batch >= 1")
+            raise BadRequest("mTLS (tls_client_ca) needs tls_cert and tls_key", reason="BAD_CONFIG")
+        if self.max_retention_days < self.retention_days:
+            raise BadRequest("need 1 <= retention_days <= max_retention_days", reason="BAD_CONFIG")
         self.token_entries()
         return self
 
@@ -155,6 +155,109 @@ class ServiceConfig:
         d = dataclasses.asdict(self)
         d["tokens"] = [f"{t.role}:{t.name}" for t in self.token_entries()]
         return d
+
+
+# -- field checks: each returns a problem (str) or None ----------------------------------------------
+def _int(lo: int, hi: int = 2**62):
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, int):
+            return f"must be an integer, got {v!r}"
+        return None if lo <= v <= hi else f"must be in [{lo}, {hi}], got {v}"
+    return check
+
+
+def _num(lo: float, hi: float = math.inf, lo_open: bool = False):
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            return f"must be a finite number, got {v!r}"
+        if v < lo or (lo_open and v == lo) or v > hi:
+            return f"must be {'>' if lo_open else '>='} {lo}" + (f" and <= {hi}" if hi != math.inf else "") + f", got {v}"
+        return None
+    return check
+
+
+def _bool(v):
+    return None if isinstance(v, bool) else f"must be true or false, got {v!r}"
+
+
+def _text(required: bool = False):
+    def check(v):
+        if not isinstance(v, str):
+            return f"must be a string, got {v!r}"
+        return "is required" if required and not v.strip() else None
+    return check
+
+
+def _strings(nonempty: bool = False, item=None):
+    def check(v):
+        if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
+            return f"must be a list of non-empty strings, got {v!r}"
+        if nonempty and not v:
+            return "must not be empty"
+        for x in v:
+            problem = item(x) if item else None
+            if problem:
+                return problem
+        return None
+    return check
+
+
+def _iso_date(v: str):
+    try:
+        _dt.date.fromisoformat(v)
+    except ValueError:
+        return f"{v!r} is not an ISO date (YYYY-MM-DD)"
+    return None
+
+
+def _scheme_entry(v: str):
+    """A scheme name, a descriptor ("biohash:bits=512,dim=128") or a canonical spec key."""
+    if "/" in v.partition(":")[0]:
+        return None                                  # canonical spec key: compared as text
+    from ..schemes import parse_factory  # the syntax only: the scheme is built on first use
+    try:
+        parse_factory(v)
+    except Exception as exc:  # noqa: BLE001 - InvalidParameter
+        return f"bad scheme entry {v!r}: {exc}"
+    return None
+
+
+def _gallery_backend(v):
+    from ..gallery import GALLERY_BACKENDS
+    return None if v in GALLERY_BACKENDS else f"must be one of {', '.join(GALLERY_BACKENDS)}, got {v!r}"
+
+
+def _thresholds(v):
+    if not isinstance(v, dict) or not all(isinstance(k, str) and k for k in v):
+        return f"must be a table of scheme name -> threshold, got {v!r}"
+    for k, t in v.items():
+        problem = _num(-1e9, 1e9)(t)
+        if problem:
+            return f"{k}: {problem}"
+    return None
+
+
+def _tokens(v):
+    if not isinstance(v, list) or not all(isinstance(t, (TokenEntry, dict)) for t in v):
+        return f"must be a list of token entries, got {v!r}"
+    return None
+
+
+_CHECKS = {
+    "host": _text(required=True), "port": _int(0, 65535), "data_dir": _text(required=True),
+    "allow_remote": _bool, "tls_cert": _text(), "tls_key": _text(), "tls_client_ca": _text(), "tokens": _tokens,
+    "health_requires_token": _bool, "workers": _int(1, 1024),
+    "max_message_bytes": _int(64 * 1024, 2**31 - 1), "max_response_bytes": _int(64 * 1024, 2**31 - 1),
+    "max_he_context_bytes": _int(1024, 2**31 - 1), "he_shards": _int(1, 64), "he_decision_ttl_s": _num(0, lo_open=True),
+    "he_snapshot_interval_s": _num(0), "he_snapshot_batch": _int(1), "he_snapshot_after_removal": _bool,
+    "gallery_backend": _gallery_backend, "allowed_schemes": _strings(item=_scheme_entry), "thresholds": _thresholds,
+    "fallback_methods": _strings(nonempty=True), "retention_days": _int(1, 100 * 365),
+    "max_retention_days": _int(1, 100 * 365), "purge_interval_s": _num(0, lo_open=True), "guardian_age": _int(1, 150),
+    "filing_threshold": _int(1), "filing_working_days": _int(1, 3650), "holidays": _strings(item=_iso_date),
+    "verify_fail_limit": _int(1), "verify_fail_window_s": _num(0, lo_open=True), "verify_lockout_s": _num(0),
+    "identify_limit": _int(1), "identify_nomatch_limit": _int(1), "identify_window_s": _num(0, lo_open=True),
+    "identify_lockout_s": _num(0), "request_id_ttl_s": _num(0, lo_open=True),
+}
 
 
 _ENV = {

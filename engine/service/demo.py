@@ -72,8 +72,8 @@ def run_demo(subjects: int = 300, scheme: str = "biohash:bits=256,dim=128", keep
         with tm.step("stop server"):
             server.stop()
     if rc == 0:
-        from .store import Store
-        store = Store(data_dir)
+        from .store import open_store
+        store = open_store(data_dir)
         rep = store.verify_audit()
         store.close()
         print(f"\nafter shutdown, `veilface audit verify --data-dir {data_dir}`: {rep}")

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 from .clock import Clock
 from .status import AlreadyExists, BadRequest, NotFound, PermissionDenied, PreconditionFailed
+from .store import HEContextRow, HEEpoch
 
 HE_NAME = "he"
 
@@ -33,13 +34,11 @@ def is_he_spec(spec_key: str) -> bool:
     return spec_key.startswith(HE_NAME + "/")
 
 
-#: SQL predicate on ``templates.scheme`` selecting HE templates
-HE_SQL = "substr(scheme, 1, 3) = 'he/'"
-
-
-class HEEpochRevoked(PreconditionFailed):
-    """The ciphertext belongs to an HE key epoch that was rotated away."""
-    reason = "HE_EPOCH_REVOKED"
+def epoch_revoked(message: str) -> Exception:
+    """``engine.he.errors.HEEpochRevoked`` (FAILED_PRECONDITION ``HE_EPOCH_REVOKED`` by the status
+    table), imported only when HE is in use."""
+    from ..he.errors import HEEpochRevoked
+    return HEEpochRevoked(message)
 
 
 @dataclass
@@ -65,15 +64,15 @@ class HERegistry:
         self._cur: dict[tuple[str, str, str], HEEntry] = {}
         self._lock = threading.Lock()
 
-    def load(self, store) -> int:
-        rows = store.read().execute(
-            "SELECT tenant, purpose, scheme, epoch, mode, dim, fingerprint, eval_keys, registered_at, context "
-            "FROM he_contexts WHERE retired_at IS NULL").fetchall()
+    def load(self, rows: list[HEContextRow]) -> int:
+        """Replace the view with the stored current contexts (parsed: ``engine.he`` is loaded here)."""
         entries = {}
-        for t, p, s, e, m, d, fp, ek, at, blob in rows:
+        if rows:
             from ..he import PublicContext
-            ctx = PublicContext.from_bytes(bytes(blob))
-            entries[(t, p, s)] = HEEntry(t, p, s, int(e), m, int(d), fp, bool(ek), float(at), ctx)
+        for r in rows:
+            entries[(r.tenant, r.purpose, r.scheme)] = HEEntry(r.tenant, r.purpose, r.scheme, r.epoch, r.mode, r.dim,
+                                                               r.fingerprint, r.eval_keys, r.registered_at,
+                                                               PublicContext.from_bytes(r.context))
         with self._lock:
             self._cur = entries
         return len(entries)
@@ -103,7 +102,10 @@ def parse_public_context(buf: bytes, tenant: str):
     other number of parts is refused, so nothing else can be smuggled into the store.
     """
     from ..he import PublicContext
-    from ..he.context import unpack_blob
+    try:
+        from ..he import unpack_blob
+    except ImportError:  # until engine.he exports it at package level (PLAN.md, stable interfaces)
+        from ..he.context import unpack_blob
 
     h, parts = unpack_blob(buf)                       # HEFormatError -> INVALID_ARGUMENT
     kind = h.get("kind")
@@ -155,8 +157,8 @@ def check_blob(entry: HEEntry | None, tenant: str, header: dict, mode: str | Non
     if not isinstance(epoch, int):
         raise BadRequest("HE blob without an epoch", reason="HE_MALFORMED")
     if epoch < entry.epoch:
-        raise HEEpochRevoked(f"the ciphertext is from HE key epoch {epoch}, which was revoked (current "
-                             f"epoch {entry.epoch}); encrypt again under the current public context")
+        raise epoch_revoked(f"the ciphertext is from HE key epoch {epoch}, which was revoked (current "
+                            f"epoch {entry.epoch}); encrypt again under the current public context")
     if epoch > entry.epoch:
         raise PreconditionFailed(f"HE key epoch {epoch} is not registered (current {entry.epoch})",
                                  reason="HE_EPOCH_NOT_REGISTERED")
@@ -170,17 +172,17 @@ def check_blob(entry: HEEntry | None, tenant: str, header: dict, mode: str | Non
     return entry
 
 
-def check_registration(current: tuple | None, retired_max: int, epoch: int, fingerprint: str) -> bool:
-    """Epoch rules of RegisterHEContext. ``current`` = (epoch, fingerprint) or None.
+def check_registration(current: HEEpoch | None, retired_max: int, epoch: int, fingerprint: str) -> bool:
+    """Epoch rules of RegisterHEContext. ``current`` = the stored current (epoch, fingerprint).
 
     Returns True when the very same context is already current (idempotent re-registration).
     """
-    if current is not None and (int(current[0]), current[1]) == (epoch, fingerprint):
+    if current is not None and (current.epoch, current.fingerprint) == (epoch, fingerprint):
         return True
-    if epoch <= retired_max or (current is not None and epoch < int(current[0])):
-        raise HEEpochRevoked(f"HE key epoch {epoch} was already retired; register epoch "
-                             f"{max(retired_max, int(current[0]) if current else 0) + 1} or later")
-    if current is not None and epoch == int(current[0]):
+    if epoch <= retired_max or (current is not None and epoch < current.epoch):
+        raise epoch_revoked(f"HE key epoch {epoch} was already retired; register epoch "
+                            f"{max(retired_max, current.epoch if current else 0) + 1} or later")
+    if current is not None and epoch == current.epoch:
         raise AlreadyExists(f"another context is registered for epoch {epoch}; rotate to epoch {epoch + 1}",
                             reason="HE_CONTEXT_EXISTS")
     return False
@@ -240,6 +242,6 @@ class TicketBook:
             self._open.clear()
 
 
-__all__ = ["HE_NAME", "HE_SQL", "is_he_spec", "HEEntry", "HERegistry", "HEEpochRevoked",
+__all__ = ["HE_NAME", "is_he_spec", "epoch_revoked", "HEEntry", "HERegistry",
            "parse_public_context", "blob_kind_header", "check_blob", "check_registration",
            "Ticket", "TicketBook", "ticket_ref"]

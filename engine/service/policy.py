@@ -1,14 +1,18 @@
-"""The compliance rules of DESIGN.md section 4, as plain functions the servicer calls.
+"""The compliance rules (``docs/architecture.md``, section 4) as plain functions the use cases call.
 
 Every function raises a :mod:`.status` error (FAILED_PRECONDITION / INVALID_ARGUMENT ...)
-with a machine-readable reason, or returns the value the servicer should store.
+with a machine-readable reason, or returns the value to store.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import re
+from typing import TYPE_CHECKING
 
 from .status import BadRequest, ConsentRequired, DeviceNotAllowed, GuardianConsentRequired, PurposeNotConsented
+
+if TYPE_CHECKING:
+    from .store import ConsentRow
 
 # location classes (mirror veilface.v1.LocationClass)
 UNSPECIFIED, PUBLIC_PLACE, RESTRICTED_AREA, PRIVATE_SPACE = 0, 1, 2, 3
@@ -110,18 +114,18 @@ def check_consent_request(separate: bool, notice_version: str, age: int, guardia
     return minor
 
 
-def check_enrol_consent(row: dict | None, consent_id: str, subject: str, tenant: str,
+def check_enrol_consent(row: ConsentRow | None, consent_id: str, subject: str, tenant: str,
                         purpose: str) -> None:
     """Enrolment needs the subject's own, unwithdrawn, separate consent for this purpose."""
     if not consent_id:
         raise ConsentRequired("enrolment needs a consent reference (consent_id)")
-    if row is None or row["tenant"] != tenant or row["subject"] != subject:
+    if row is None or row.tenant != tenant or row.subject != subject:
         raise ConsentRequired(f"no consent record {consent_id!r} for this subject")
-    if row["withdrawn_at"] is not None:
+    if row.withdrawn_at is not None:
         raise ConsentRequired("the subject withdrew this consent", reason="CONSENT_WITHDRAWN")
-    if row["purpose"] != purpose:
-        raise PurposeNotConsented(f"the subject consented to {row['purpose']!r}, not {purpose!r}")
-    if row["minor"] and not row["guardian_ref"]:
+    if row.purpose != purpose:
+        raise PurposeNotConsented(f"the subject consented to {row.purpose!r}, not {purpose!r}")
+    if row.minor and not row.guardian_ref:
         raise GuardianConsentRequired("the subject is a minor without a guardian consent record")
 
 

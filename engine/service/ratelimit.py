@@ -1,7 +1,7 @@
 """Intrusion detection: bursts of failed verifications against one subject, and 1:N
 enumeration (too many identifications, or too many no-match identifications, from one
 caller) are throttled with RESOURCE_EXHAUSTED; the first hit raises an alert that the
-servicer writes to the audit log.
+matching use case writes to the audit log.
 """
 from __future__ import annotations
 
@@ -97,7 +97,7 @@ class IntrusionDetector:
     # -- 1:N ---------------------------------------------------------------------------
     def check_identify(self, caller: str) -> Alert | None:
         """Raise Throttled when ``caller`` is locked out. Returns an Alert (and locks) when
-        this call exceeds the rate; the servicer logs it and then refuses the call."""
+        this call exceeds the rate; the caller audits it and then refuses the call."""
         now = self.clock.now()
         with self._lock:
             self._sweep(now)

@@ -1,7 +1,9 @@
 """One place that maps every error the service raises to a gRPC status code + reason.
 
-Service-level errors are :class:`ServiceError` subclasses (each a ``VeilfaceError`` with a
-``reason``); engine errors (``engine.errors``) are mapped by class. The servicer puts the
+Service-level errors are :class:`StatusError` subclasses (each a ``VeilfaceError`` with a gRPC
+status code name and a ``reason``); engine errors (``engine.errors``) are mapped by class, and
+those of ``engine.he.errors`` by reason (so this module does not import the HE layer). The
+client side has its own ``engine.client.ServiceError``: a failed call as the client sees it. The servicer puts the
 reason in the trailing metadata ``veilface-reason`` and prefixes the status message with it.
 Codes are kept as names here so that this module does not import grpc.
 """
@@ -18,7 +20,7 @@ from ..errors import (
 )
 
 
-class ServiceError(VeilfaceError):
+class StatusError(VeilfaceError):
     """An error with an explicit gRPC status code name and machine-readable reason."""
 
     code = "INTERNAL"
@@ -30,12 +32,12 @@ class ServiceError(VeilfaceError):
             self.reason = reason
 
 
-class BadRequest(ServiceError):
+class BadRequest(StatusError):
     """The request is malformed."""
     code, reason = "INVALID_ARGUMENT", "BAD_REQUEST"
 
 
-class PreconditionFailed(ServiceError):
+class PreconditionFailed(StatusError):
     """The request is well-formed but a policy precondition does not hold."""
     code, reason = "FAILED_PRECONDITION", "PRECONDITION_FAILED"
 
@@ -70,32 +72,32 @@ class Decommissioned(PreconditionFailed):
     reason = "DECOMMISSIONED"
 
 
-class NotFound(ServiceError):
+class NotFound(StatusError):
     """The object does not exist."""
     code, reason = "NOT_FOUND", "NOT_FOUND"
 
 
-class AlreadyExists(ServiceError):
+class AlreadyExists(StatusError):
     """The object already exists."""
     code, reason = "ALREADY_EXISTS", "ALREADY_EXISTS"
 
 
-class Unauthenticated(ServiceError):
+class Unauthenticated(StatusError):
     """A valid role token is required."""
     code, reason = "UNAUTHENTICATED", "UNAUTHENTICATED"
 
 
-class PermissionDenied(ServiceError):
+class PermissionDenied(StatusError):
     """The caller's role may not call this method."""
     code, reason = "PERMISSION_DENIED", "ROLE_NOT_ALLOWED"
 
 
-class Throttled(ServiceError):
+class Throttled(StatusError):
     """Rate limit hit (intrusion detection)."""
     code, reason = "RESOURCE_EXHAUSTED", "RATE_LIMITED"
 
 
-class DeadlineExceeded(ServiceError):
+class DeadlineExceeded(StatusError):
     """The client's deadline expired before the work could be done."""
     code, reason = "DEADLINE_EXCEEDED", "DEADLINE_EXCEEDED"
 
@@ -121,7 +123,7 @@ _REASON_CODES: dict[str, str] = {
 
 def classify(exc: BaseException) -> tuple[str, str, str]:
     """``(status code name, reason, message)`` for any exception (unknown ones -> INTERNAL)."""
-    if isinstance(exc, ServiceError):
+    if isinstance(exc, StatusError):
         return exc.code, exc.reason, str(exc)
     if isinstance(exc, VeilfaceError) and getattr(exc, "reason", "") in _REASON_CODES:
         return _REASON_CODES[exc.reason], exc.reason, str(exc)

@@ -1,0 +1,86 @@
+"""The matcher without its transport: every use case wired over one store, one gallery index,
+one clock. The gRPC servicer (:mod:`.servicer`) translates requests into calls on it; tests can
+drive it directly."""
+from __future__ import annotations
+
+import logging
+
+from .audit import AuditEvent
+from .auth import Principal
+from .clock import Clock
+from .config import ServiceConfig
+from .encrypted import HERegistry, TicketBook
+from .matching import GalleryIndex, LocalMatching, MatchingBackend, SchemeCache
+from .ratelimit import IntrusionDetector
+from .scope import Scopes
+from .store import Store
+from .usecases.common import TemplateReader, audit_quietly
+from .usecases.devices import DeviceRegistry, Devices
+from .usecases.enrolment import Enrolment, FilingMonitor
+from .usecases.he_contexts import HEContexts
+from .usecases.he_snapshots import HESnapshots
+from .usecases.lifecycle import Lifecycle
+from .usecases.maintenance import Maintenance, Retention
+from .usecases.matching import Matching
+from .usecases.queries import Queries
+from .usecases.recovery import Recovery
+
+log = logging.getLogger("veilface.service")
+
+
+class MatcherApp:
+    """Construction and lifecycle of the use cases. ``backend``: where galleries live (default:
+    :class:`LocalMatching`, in this process). The index is rebuilt from the store on construction
+    (``loaded`` says what was loaded)."""
+
+    def __init__(self, cfg: ServiceConfig, store: Store, clock: Clock | None = None,
+                 backend: MatchingBackend | None = None) -> None:
+        self.cfg, self.store = cfg, store
+        self.clock = clock or store.clock
+        self.contexts = HERegistry()                      # current public HE contexts
+        self.index = GalleryIndex(backend or LocalMatching(cfg.gallery_backend, cfg.he_shards), self.contexts,
+                                  SchemeCache())
+        self.snapshots = HESnapshots(cfg, store, self.clock, self.index)
+        self.index.on_he_change = self.snapshots.on_change
+        self.intrusion = IntrusionDetector.from_config(self.clock, cfg)
+        self.tickets = TicketBook(self.clock, cfg.he_decision_ttl_s)
+        self.device_registry = DeviceRegistry()
+        self.scopes = Scopes(self.device_registry.location_class, store.decommissioned)
+        self.templates = TemplateReader(cfg, self.index.schemes)
+        self.retention = Retention(cfg, store, self.clock, self.index)
+
+        self.devices = Devices(store, self.clock, self.device_registry)
+        self.lifecycle = Lifecycle(cfg, store, self.clock, self.index)
+        self.enrolment = Enrolment(cfg, store, self.clock, self.index, self.templates, self.contexts, self.retention,
+                                   FilingMonitor(cfg, store.filing_alert() is not None))
+        self.matching = Matching(cfg, store, self.index, self.templates, self.contexts, self.tickets, self.intrusion,
+                                 self.retention)
+        self.he_contexts = HEContexts(store, self.clock, self.index, self.templates)
+        self.maintenance = Maintenance(cfg, store, self.clock, self.index, self.retention, self.tickets)
+        self.queries = Queries(store)
+        self.recovery = Recovery(cfg, store, self.index, self.contexts, self.device_registry, self.retention,
+                                 self.snapshots)
+        self.loaded = self.recovery.load()
+
+    def audit(self, ev: AuditEvent, result: str = "OK", reason: str = "") -> None:
+        """An audit entry of its own (a refused call); never raises."""
+        audit_quietly(self.store, ev, result, reason)
+
+    def audit_denied(self, principal: Principal, method: str, code: str, reason: str) -> None:
+        """The auth interceptor's hook: a call refused before it reached a use case."""
+        self.audit(AuditEvent(method, principal.role, principal.name), code, reason)
+
+    def start_background(self) -> None:
+        self.retention.start()
+        self.snapshots.start()
+
+    def stop_background(self) -> None:
+        self.retention.stop()
+        self.snapshots.stop()
+
+    def close(self) -> None:
+        """Stop background work, store a last snapshot of every changed HE identify gallery
+        (clean shutdown), release the galleries (processes of sharded HE galleries)."""
+        self.retention.stop()
+        self.snapshots.close()
+        self.index.backend.close()

@@ -1,0 +1,239 @@
+"""``veilface.v1.Matcher`` over gRPC: each RPC translates its request, calls a use case of
+:class:`~engine.service.app.MatcherApp` and builds the response (the shape of grpc's
+``route_guide_server.py``).
+
+Around every RPC, :func:`_rpc` checks the deadline, writes the call's audit entry when the use
+case did not write it in its own transaction, and maps any error to a status code with the
+machine-readable reason in the ``veilface-reason`` trailing metadata (one table: :mod:`.status`).
+Every call, refused or not, leaves one audit entry.
+"""
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import logging
+
+import grpc
+
+from .._proto.veilface.v1 import matcher_pb2 as pb
+from .._proto.veilface.v1 import matcher_pb2_grpc as pb_grpc
+from ..errors import REASON_KEY
+from .app import MatcherApp
+from .audit import AuditEvent
+from .auth import current_principal
+from .scope import Scope
+from .status import BadRequest, DeadlineExceeded, Decommissioned, Throttled, classify
+from .usecases.devices import DeviceRegistration
+from .usecases.enrolment import EnrolRequest
+from .usecases.he_contexts import HEContextInfo
+from .usecases.lifecycle import ConsentRequest, Guardian
+from .usecases.matching import DecisionReport, IdentifyRequest, VerifyRequest
+
+log = logging.getLogger("veilface.service")
+SERVICE_NAME = "veilface.v1.Matcher"
+
+
+def _rpc(fn):
+    """Audit + error mapping around a servicer method ``fn(self, request, context, ev)``."""
+    name = fn.__name__
+
+    @functools.wraps(fn)
+    def wrapper(self: MatcherServicer, request, context):
+        p = current_principal()
+        ev = AuditEvent(name, p.role, p.name)
+        try:
+            remaining = context.time_remaining()
+            if remaining is not None and remaining <= 0:
+                raise DeadlineExceeded("deadline expired before the call started")
+            resp = fn(self, request, context, ev)
+            if not ev.written:
+                self.app.audit(ev, "OK")
+            return resp
+        except Exception as exc:  # noqa: BLE001 - mapped to a status code below
+            code, reason, msg = classify(exc)
+            if code == "INTERNAL":
+                log.exception("internal error in %s", name)
+            ev.details = {k: v for k, v in ev.details.items() if k in ("scheme", "key_version")}
+            self.app.audit(ev, code, reason)
+            context.set_trailing_metadata(((REASON_KEY, reason),))
+            context.abort(getattr(grpc.StatusCode, code), f"{reason}: {msg}")
+    return wrapper
+
+
+def _fallback(d: dict) -> pb.Fallback:
+    return pb.Fallback(**d)
+
+
+def _he_context(i: HEContextInfo) -> pb.HEContextInfo:
+    return pb.HEContextInfo(tenant=i.tenant, purpose=i.purpose, scheme=i.scheme, mode=i.mode, dim=i.dim, epoch=i.epoch,
+                            fingerprint=i.fingerprint, eval_keys=i.eval_keys, registered_at=i.registered_at,
+                            retired_epoch=i.retired_epoch, templates_deleted=i.templates_deleted,
+                            unchanged=i.unchanged, templates=i.templates)
+
+
+def report_to_proto(rep: dict) -> pb.ComplianceReportResponse:
+    f, r = rep["filing"], rep["retention"]
+    return pb.ComplianceReportResponse(
+        persons_stored=rep["persons_stored"], templates_stored=rep["templates_stored"],
+        filing_alert=pb.FilingAlert(raised=f["raised"], raised_at=f["raised_at"], deadline=f["deadline"],
+                                    persons_at_alert=f["persons_at_alert"], threshold=f["threshold"]),
+        expired_pending_purge=r["expired_pending_purge"], next_expiry=r["next_expiry"],
+        purged_total=r["purged_total"], default_retention_days=r["default_days"],
+        max_retention_days=r["max_days"],
+        processing=[pb.ProcessingRecord(**p) for p in rep["processing"]],
+        devices=rep["devices"], private_space_devices=rep["private_space_devices"],
+        alerts=rep["intrusion_alerts"], audit_head_hash=rep["audit"]["head_hash"],
+        audit_entries=rep["audit"]["entries"], decommissioned=rep["decommissioned"],
+        generated_at=rep["generated_at"], report_json=json.dumps(rep, sort_keys=True))
+
+
+class MatcherServicer(pb_grpc.MatcherServicer):
+    """Implements ``veilface.v1.Matcher`` over a :class:`MatcherApp`."""
+
+    def __init__(self, app: MatcherApp) -> None:
+        self.app = app
+
+    def _scope(self, ev: AuditEvent, context, **parts) -> Scope:
+        return self.app.scopes.open(ev, current_principal(), time_remaining=context.time_remaining, **parts)
+
+    # -- devices and consent ------------------------------------------------------------------------
+    @_rpc
+    def RegisterDevice(self, req, context, ev):
+        scope = self._scope(ev, context, tenant=req.tenant, writes=True)
+        d = self.app.devices.register(scope, DeviceRegistration(req.device_id, int(req.location_class),
+                                                                req.location_kind, req.signage_declared))
+        return pb.Device(device_id=d.device_id, location_class=d.location_class, location_kind=d.location_kind,
+                         signage_declared=d.signage_declared, can_enroll=d.can_enroll, can_identify=d.can_identify,
+                         registered_at=d.registered_at, tenant=d.tenant)
+
+    @_rpc
+    def RecordConsent(self, req, context, ev):
+        scope = self._scope(ev, context, tenant=req.tenant, subject=req.subject_id, purpose=req.purpose,
+                            device=req.device_id, writes=True)
+        g = req.guardian if req.HasField("guardian") else None
+        c = self.app.lifecycle.record_consent(scope, ConsentRequest(
+            req.separate_consent, req.notice_version, req.subject_age, req.consented_at,
+            Guardian(g.guardian_ref, g.relationship, g.consented_at) if g is not None else None))
+        return pb.ConsentRecord(consent_id=c.consent_id, subject_id=c.subject_id, purpose=c.purpose,
+                                notice_version=c.notice_version, consented_at=c.consented_at, minor=c.minor,
+                                guardian_consent=c.guardian_consent, withdrawn=False, tenant=c.tenant)
+
+    # -- enrolment and matching ---------------------------------------------------------------------
+    @_rpc
+    def Enroll(self, req, context, ev):
+        scope = self._scope(ev, context, tenant=req.tenant, subject=req.subject_id, purpose=req.purpose,
+                            device=req.device_id, device_op="enroll", writes=True)
+        digest = hashlib.sha256(req.SerializeToString(deterministic=True)).hexdigest()
+        r = self.app.enrolment.enrol(scope, EnrolRequest(bytes(req.template), req.consent_id, req.request_id, digest,
+                                                         req.retention_days))
+        return pb.EnrollResponse(subject_id=r.subject_id, scheme=r.scheme, key_version=r.key_version,
+                                 enrolled_at=r.enrolled_at, expires_at=r.expires_at, replayed=r.replayed)
+
+    @_rpc
+    def Verify(self, req, context, ev):
+        scope = self._scope(ev, context, tenant=req.tenant, subject=req.subject_id, purpose=req.purpose,
+                            device=req.device_id, device_op="verify")
+        r = self.app.matching.verify(scope, VerifyRequest(req.probe, req.threshold))
+        return pb.VerifyResponse(matched=r.matched, score=r.score, threshold=r.threshold, fallback=_fallback(r.fallback),
+                                 encrypted=r.encrypted, encrypted_score=r.encrypted_score,
+                                 decision_ticket=r.decision_ticket)
+
+    @_rpc
+    def Identify(self, req, context, ev):
+        scope = self._scope(ev, context, tenant=req.tenant, purpose=req.purpose, device=req.device_id,
+                            device_op="identify")
+        r = self.app.matching.identify(scope, IdentifyRequest(req.probe, req.top_k, req.threshold))
+        return pb.IdentifyResponse(candidates=[pb.Candidate(subject_id=h.subject_id, score=h.score) for h in r.candidates],
+                                   threshold=r.threshold, gallery_size=r.gallery_size, fallback=_fallback(r.fallback),
+                                   encrypted=r.encrypted, encrypted_scores=r.encrypted_scores,
+                                   decision_ticket=r.decision_ticket)
+
+    @_rpc
+    def ReportDecision(self, req, context, ev):
+        scope = self._scope(ev, context, tenant=req.tenant, device=req.device_id)
+        fallback = self.app.matching.report_decision(scope, DecisionReport(req.decision_ticket, req.matched,
+                                                                           req.threshold, req.candidates))
+        return pb.ReportDecisionResponse(recorded=True, fallback=_fallback(fallback))
+
+    # -- HE contexts --------------------------------------------------------------------------------
+    @_rpc
+    def RegisterHEContext(self, request_iterator, context, ev):
+        if self.app.store.decommissioned():
+            raise Decommissioned("this matcher has been decommissioned")
+        limit = self.app.cfg.max_he_context_bytes
+        scope, buf = None, bytearray()
+        for msg in request_iterator:      # the context arrives in chunks (several MB in identify mode)
+            if scope is None:
+                scope = self._scope(ev, context, tenant=msg.tenant, purpose=msg.purpose)
+            buf += msg.chunk
+            if len(buf) > limit:
+                raise Throttled(f"HE context larger than max_he_context_bytes ({limit})", reason="HE_CONTEXT_TOO_LARGE")
+            scope.check_deadline()
+        if scope is None or not buf:
+            raise BadRequest("no HE context was sent", reason="MISSING_HE_CONTEXT")
+        return _he_context(self.app.he_contexts.register(scope, bytes(buf)))
+
+    @_rpc
+    def ListHEContexts(self, req, context, ev):
+        scope = self._scope(ev, context, tenant=req.tenant)
+        return pb.ListHEContextsResponse(contexts=[_he_context(i) for i in self.app.he_contexts.list(scope, req.purpose)])
+
+    # -- subject lifecycle --------------------------------------------------------------------------
+    @_rpc
+    def Withdraw(self, req, context, ev):
+        scope = self._scope(ev, context, tenant=req.tenant, subject=req.subject_id, device=req.device_id)
+        r = self.app.lifecycle.withdraw(scope)
+        return pb.WithdrawResponse(templates_deleted=r.templates_deleted, consents_withdrawn=r.consents_withdrawn,
+                                   destroyed_key_version=r.destroyed_key_version, withdrawn_at=r.withdrawn_at)
+
+    @_rpc
+    def Revoke(self, req, context, ev):
+        scope = self._scope(ev, context, tenant=req.tenant, subject=req.subject_id, device=req.device_id)
+        r = self.app.lifecycle.revoke(scope, req.key_version)
+        return pb.RevokeResponse(revoked_key_version=r.revoked_key_version, next_key_version=r.next_key_version,
+                                 templates_deleted=r.templates_deleted)
+
+    # -- records, reports, maintenance --------------------------------------------------------------
+    @_rpc
+    def ListSubjects(self, req, context, ev):
+        scope = self._scope(ev, context, tenant=req.tenant)
+        page = self.app.queries.list_subjects(scope, req.page_size, req.page_token, req.purpose)
+        return pb.ListSubjectsResponse(subjects=[
+            pb.SubjectInfo(subject_id=s.subject, key_version=s.key_version, schemes=s.schemes, purposes=s.purposes,
+                           enrolled_at=s.enrolled_at, expires_at=s.expires_at) for s in page.subjects],
+            next_page_token=page.next_page_token, total=page.total)
+
+    @_rpc
+    def GetAuditLog(self, req, context, ev):
+        page = self.app.queries.audit_log(ev, req.page_size, req.page_token, req.action, req.subject_id)
+        return pb.GetAuditLogResponse(entries=[
+            pb.AuditEntry(seq=r.seq, ts=r.ts, actor_role=r.actor_role, actor=r.actor, action=r.action, tenant=r.tenant,
+                          subject_id=r.subject, purpose=r.purpose, device_id=r.device, result=r.result,
+                          reason=r.reason, details_json=r.details, prev_hash=r.prev_hash, hash=r.hash)
+            for r in page.entries], next_page_token=page.next_page_token)
+
+    @_rpc
+    def VerifyAuditChain(self, req, context, ev):
+        r = self.app.queries.verify_chain(ev)
+        return pb.VerifyAuditChainResponse(ok=r.ok, entries=r.entries, head_hash=r.head_hash,
+                                           first_bad_seq=r.first_bad_seq, problem=r.problem)
+
+    @_rpc
+    def ComplianceReport(self, req, context, ev):
+        return report_to_proto(self.app.maintenance.report())
+
+    @_rpc
+    def PurgeExpired(self, req, context, ev):
+        r = self.app.maintenance.purge(ev)
+        return pb.PurgeExpiredResponse(templates_purged=r.templates_purged, subjects_purged=r.subjects_purged)
+
+    @_rpc
+    def Decommission(self, req, context, ev):
+        if req.confirm != "DECOMMISSION":
+            raise BadRequest('confirm must be "DECOMMISSION"', reason="CONFIRMATION_REQUIRED")
+        cert = self.app.maintenance.decommission(ev, req.reason)
+        return pb.DecommissionResponse(certificate_json=json.dumps(cert, indent=1, sort_keys=True),
+                                       certificate_sha256=cert["certificate_sha256"],
+                                       templates_deleted=cert["templates_deleted"],
+                                       subjects_deleted=cert["subjects_deleted"])

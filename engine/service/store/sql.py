@@ -1,0 +1,552 @@
+"""One SQL implementation of :class:`Store`, parameterised by a small :class:`Dialect`.
+
+The queries are written once, portably (explicit id columns instead of ``rowid``, ``ON CONFLICT``
+upserts, aggregation in Python instead of ``json_group_array``, ``?`` placeholders converted by
+the dialect), so a PostgreSQL store is a dialect plus connection handling, not a second copy of
+every query. Subclasses provide the connections (:meth:`SQLStore._reading`,
+:meth:`SQLStore._writing`, :meth:`SQLStore._read_tx`), the maintenance hooks and the per-dialect
+migrations.
+
+This module is long because it holds every query of the matcher (the point of the store
+package: no SQL anywhere else); :class:`SQLTx` is the write side, :class:`SQLStore` the reads.
+"""
+from __future__ import annotations
+
+import functools
+import json
+from abc import abstractmethod
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass, fields
+from typing import ClassVar
+
+from ..audit import GENESIS, AuditEvent, AuditRow, ChainReport, next_entry, verify_chain
+from ..clock import Clock
+from .base import (
+    HE_PREFIX,
+    ConsentRow,
+    DeviceRow,
+    FilingAlert,
+    HEContextRow,
+    HEContextSummary,
+    HEEpoch,
+    HESnapshotRow,
+    ProcessingRecord,
+    RequestRow,
+    Store,
+    StoreConflict,
+    StoreCounts,
+    StoreError,
+    SubjectRow,
+    SubjectSummary,
+    TemplateIndexRow,
+    TemplateKey,
+    TemplateRow,
+    WipeCounts,
+    WriteTx,
+)
+
+SCHEMA_VERSION = 2
+PRIVATE_SPACE = 3            # policy.PRIVATE_SPACE (mirrors veilface.v1.LocationClass)
+_HE = f"substr(scheme, 1, {len(HE_PREFIX)}) = '{HE_PREFIX}'"   # SQL predicate: an ``he`` template
+
+
+@dataclass(frozen=True)
+class Dialect:
+    """What differs between SQL engines, and nothing else."""
+
+    name: str
+    placeholder: str = "?"          # "?" (sqlite3) or "%s" (psycopg)
+    blob: str = "BLOB"              # "BYTEA"
+    real: str = "REAL"              # a float64 column: "DOUBLE PRECISION" (PostgreSQL REAL is float32)
+    bigint: str = "INTEGER"         # "BIGINT"
+    auto_id: str = "INTEGER PRIMARY KEY AUTOINCREMENT"   # never-reused id: "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY"
+    for_update: str = ""            # row lock on the audit head: " FOR UPDATE" (SQLite locks the file)
+    extra_ddl: tuple[str, ...] = ()  # e.g. the audit log's append-only triggers
+    integrity_errors: tuple[type, ...] = ()   # the driver's unique-violation errors -> StoreConflict
+
+    def sql(self, text: str) -> str:
+        """``text`` with ``?`` placeholders in this dialect's style (the queries hold no literal '?')."""
+        return _convert(self.placeholder, text)
+
+    def upsert(self, table: str, columns: tuple[str, ...], key: tuple[str, ...], update: tuple[str, ...]) -> str:
+        """INSERT of ``columns`` that updates ``update`` on a conflict of ``key``."""
+        sets = ", ".join(f"{c} = excluded.{c}" for c in update)
+        return (f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))}) "
+                f"ON CONFLICT ({', '.join(key)}) DO UPDATE SET {sets}")
+
+
+@functools.lru_cache(maxsize=1024)
+def _convert(placeholder: str, text: str) -> str:
+    return text if placeholder == "?" else text.replace("?", placeholder)
+
+
+META_DDL = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+
+
+def schema(d: Dialect) -> list[str]:
+    """The current schema (version :data:`SCHEMA_VERSION`), idempotent (``IF NOT EXISTS``)."""
+    r, b, big, aid = d.real, d.blob, d.bigint, d.auto_id
+    return [
+        META_DDL,
+        f"CREATE TABLE IF NOT EXISTS devices (tenant TEXT NOT NULL, device_id TEXT NOT NULL, "
+        f"location_class INTEGER NOT NULL, location_kind TEXT NOT NULL, signage INTEGER NOT NULL, "
+        f"registered_at {r} NOT NULL, PRIMARY KEY (tenant, device_id))",
+        f"CREATE TABLE IF NOT EXISTS consents (consent_id TEXT PRIMARY KEY, tenant TEXT NOT NULL, "
+        f"subject TEXT NOT NULL, purpose TEXT NOT NULL, notice_version TEXT NOT NULL, consented_at {r} NOT NULL, "
+        f"age INTEGER NOT NULL, minor INTEGER NOT NULL, guardian_ref TEXT NOT NULL, "
+        f"guardian_relationship TEXT NOT NULL, guardian_at {r} NOT NULL, device TEXT NOT NULL, withdrawn_at {r})",
+        "CREATE INDEX IF NOT EXISTS consents_subject ON consents(tenant, subject)",
+        f"CREATE TABLE IF NOT EXISTS subjects (tenant TEXT NOT NULL, subject TEXT NOT NULL, "
+        f"key_version INTEGER NOT NULL, revoked_upto INTEGER NOT NULL, updated_at {r} NOT NULL, "
+        f"PRIMARY KEY (tenant, subject))",
+        TEMPLATES_DDL.format(table="templates", auto_id=aid, real=r, blob=b),
+        "CREATE INDEX IF NOT EXISTS templates_expiry ON templates(expires_at)",
+        f"CREATE TABLE IF NOT EXISTS requests (tenant TEXT NOT NULL, request_id TEXT NOT NULL, method TEXT NOT NULL, "
+        f"principal TEXT NOT NULL, request_hash TEXT NOT NULL, response {b} NOT NULL, created_at {r} NOT NULL, "
+        f"PRIMARY KEY (tenant, method, request_id))",
+        f"CREATE TABLE IF NOT EXISTS he_contexts (tenant TEXT NOT NULL, purpose TEXT NOT NULL, scheme TEXT NOT NULL, "
+        f"epoch INTEGER NOT NULL, mode TEXT NOT NULL, dim INTEGER NOT NULL, fingerprint TEXT NOT NULL, "
+        f"eval_keys INTEGER NOT NULL, context {b} NOT NULL, registered_at {r} NOT NULL, retired_at {r}, "
+        f"PRIMARY KEY (tenant, purpose, scheme, epoch))",
+        f"CREATE TABLE IF NOT EXISTS alerts (id {aid}, kind TEXT NOT NULL, raised_at {r} NOT NULL, data TEXT NOT NULL)",
+        f"CREATE TABLE IF NOT EXISTS he_snapshots (tenant TEXT NOT NULL, purpose TEXT NOT NULL, scheme TEXT NOT NULL, "
+        f"epoch INTEGER NOT NULL, fingerprint TEXT NOT NULL, seq {big} NOT NULL, subjects TEXT NOT NULL, "
+        f"snapshot {b} NOT NULL, created_at {r} NOT NULL, PRIMARY KEY (tenant, purpose, scheme, epoch))",
+        f"CREATE TABLE IF NOT EXISTS audit (seq {big} PRIMARY KEY, ts {r} NOT NULL, actor_role TEXT NOT NULL, "
+        f"actor TEXT NOT NULL, action TEXT NOT NULL, tenant TEXT NOT NULL, subject TEXT NOT NULL, "
+        f"purpose TEXT NOT NULL, device TEXT NOT NULL, result TEXT NOT NULL, reason TEXT NOT NULL, "
+        f"details TEXT NOT NULL, prev_hash TEXT NOT NULL, hash TEXT NOT NULL)",
+        f"CREATE TABLE IF NOT EXISTS audit_head (id INTEGER PRIMARY KEY CHECK (id = 1), seq {big} NOT NULL, "
+        f"hash TEXT NOT NULL)",
+        "CREATE INDEX IF NOT EXISTS audit_action ON audit(action)",
+        *d.extra_ddl,
+    ]
+
+
+# templates.id: a never-reused id per stored template; an HE identify gallery snapshot records the
+# id of each template it holds, so a restart expands only the rows whose id is not in it
+TEMPLATES_DDL = (
+    "CREATE TABLE IF NOT EXISTS {table} (id {auto_id}, tenant TEXT NOT NULL, subject TEXT NOT NULL, "
+    "purpose TEXT NOT NULL, scheme TEXT NOT NULL, key_version INTEGER NOT NULL, template {blob} NOT NULL, "
+    "enrolled_at {real} NOT NULL, expires_at {real} NOT NULL, consent_id TEXT NOT NULL, device TEXT NOT NULL, "
+    "UNIQUE (tenant, subject, purpose, scheme))")
+
+_AUDIT_COLS = tuple(f.name for f in fields(AuditRow))
+_CONSENT_COLS = tuple(f.name for f in fields(ConsentRow))
+_DEVICE_COLS = tuple(f.name for f in fields(DeviceRow))
+_TEMPLATE_COLS = tuple(f.name for f in fields(TemplateRow) if f.name != "id")
+_HE_CONTEXT_COLS = tuple(f.name for f in fields(HEContextRow))
+_REQUEST_COLS = tuple(f.name for f in fields(RequestRow))
+_SNAPSHOT_COLS = tuple(f.name for f in fields(HESnapshotRow))
+_WIPED = ("templates", "subjects", "consents", "requests", "he_contexts", "he_snapshots")
+
+
+def _consent(r) -> ConsentRow:
+    return ConsentRow(r[0], r[1], r[2], r[3], r[4], float(r[5]), int(r[6]), bool(r[7]), r[8], r[9], float(r[10]),
+                      r[11], None if r[12] is None else float(r[12]))
+
+
+def _template(r) -> TemplateRow:
+    return TemplateRow(r[1], r[2], r[3], r[4], int(r[5]), bytes(r[6]), float(r[7]), float(r[8]), r[9], r[10], int(r[0]))
+
+
+# -- writes ------------------------------------------------------------------------------------------
+class SQLTx(WriteTx):
+    """A write transaction on one connection (opened and committed by :meth:`SQLStore.transaction`)."""
+
+    def __init__(self, conn, dialect: Dialect, clock: Clock) -> None:
+        self.conn, self.d, self.clock = conn, dialect, clock
+        self._head: tuple[int, str] | None = None
+
+    def _x(self, sql: str, args=()):
+        try:
+            return self.conn.execute(self.d.sql(sql), tuple(args))
+        except self.d.integrity_errors as exc:
+            raise StoreConflict(str(exc)) from None
+
+    def _one(self, sql: str, args=()):
+        return self._x(sql, args).fetchone()
+
+    def _meta(self, key: str) -> str | None:
+        row = self._one("SELECT value FROM meta WHERE key = ?", (key,))
+        return None if row is None else row[0]
+
+    def set_meta(self, key: str, value: str) -> None:
+        self._x(self.d.upsert("meta", ("key", "value"), ("key",), ("value",)), (key, str(value)))
+
+    # meta
+    def decommissioned(self) -> bool:
+        return self._meta("decommissioned") == "1"
+
+    def mark_decommissioned(self) -> None:
+        self.set_meta("decommissioned", "1")
+
+    def add_purged(self, n: int) -> None:
+        self._x("INSERT INTO meta (key, value) VALUES ('purged_total', ?) ON CONFLICT (key) DO UPDATE SET "
+                "value = CAST(CAST(meta.value AS BIGINT) + CAST(excluded.value AS BIGINT) AS TEXT)", (str(int(n)),))
+
+    # devices
+    def insert_device(self, row: DeviceRow) -> bool:
+        cur = self._x(f"INSERT INTO devices ({', '.join(_DEVICE_COLS)}) VALUES ({', '.join('?' * len(_DEVICE_COLS))}) "
+                      f"ON CONFLICT (tenant, device_id) DO NOTHING",
+                      (row.tenant, row.device_id, int(row.location_class), row.location_kind, int(row.signage),
+                       row.registered_at))
+        return cur.rowcount == 1
+
+    # consents
+    def insert_consent(self, row: ConsentRow) -> None:
+        vals = [getattr(row, c) for c in _CONSENT_COLS]
+        vals[_CONSENT_COLS.index("minor")] = int(row.minor)
+        self._x(f"INSERT INTO consents ({', '.join(_CONSENT_COLS)}) VALUES ({', '.join('?' * len(_CONSENT_COLS))})", vals)
+
+    def consent(self, consent_id: str) -> ConsentRow | None:
+        r = self._one(f"SELECT {', '.join(_CONSENT_COLS)} FROM consents WHERE consent_id = ?", (consent_id,))
+        return None if r is None else _consent(r)
+
+    def withdraw_consents(self, tenant: str, subject: str, at: float) -> int:
+        return self._x("UPDATE consents SET withdrawn_at = ? WHERE tenant = ? AND subject = ? AND withdrawn_at IS NULL",
+                       (at, tenant, subject)).rowcount
+
+    # subjects
+    def subject(self, tenant: str, subject: str) -> SubjectRow | None:
+        r = self._one("SELECT key_version, revoked_upto, updated_at FROM subjects WHERE tenant = ? AND subject = ?",
+                      (tenant, subject))
+        return None if r is None else SubjectRow(tenant, subject, int(r[0]), int(r[1]), float(r[2]))
+
+    def put_subject(self, row: SubjectRow) -> None:
+        self._x(self.d.upsert("subjects", ("tenant", "subject", "key_version", "revoked_upto", "updated_at"),
+                              ("tenant", "subject"), ("key_version", "revoked_upto", "updated_at")),
+                (row.tenant, row.subject, row.key_version, row.revoked_upto, row.updated_at))
+
+    # templates
+    def has_template(self, tenant: str, subject: str, purpose: str, scheme: str) -> bool:
+        return self._one("SELECT 1 FROM templates WHERE tenant = ? AND subject = ? AND purpose = ? AND scheme = ?",
+                         (tenant, subject, purpose, scheme)) is not None
+
+    def insert_template(self, row: TemplateRow) -> int:
+        return int(self._one(f"INSERT INTO templates ({', '.join(_TEMPLATE_COLS)}) VALUES "
+                             f"({', '.join('?' * len(_TEMPLATE_COLS))}) RETURNING id",
+                             [getattr(row, c) for c in _TEMPLATE_COLS])[0])
+
+    def delete_subject_templates(self, tenant: str, subject: str) -> int:
+        return self._x("DELETE FROM templates WHERE tenant = ? AND subject = ?", (tenant, subject)).rowcount
+
+    def delete_he_templates(self, tenant: str, subject: str) -> int:
+        return self._x(f"DELETE FROM templates WHERE tenant = ? AND subject = ? AND {_HE}", (tenant, subject)).rowcount
+
+    def delete_templates_upto(self, tenant: str, subject: str, key_version: int) -> int:
+        return self._x(f"DELETE FROM templates WHERE tenant = ? AND subject = ? AND key_version <= ? AND NOT {_HE}",
+                       (tenant, subject, key_version)).rowcount
+
+    def delete_epoch_templates(self, tenant: str, purpose: str, scheme: str, before_epoch: int) -> list[str]:
+        where = "tenant = ? AND purpose = ? AND scheme = ? AND key_version < ?"
+        args = (tenant, purpose, scheme, before_epoch)
+        gone = [r[0] for r in self._x(f"SELECT subject FROM templates WHERE {where}", args).fetchall()]
+        self._x(f"DELETE FROM templates WHERE {where}", args)
+        return gone
+
+    def expired_templates(self, now: float) -> list[TemplateKey]:
+        return [TemplateKey(*r) for r in self._x(
+            "SELECT tenant, subject, purpose, scheme FROM templates WHERE expires_at <= ? ORDER BY id", (now,)).fetchall()]
+
+    def delete_expired(self, now: float) -> int:
+        return self._x("DELETE FROM templates WHERE expires_at <= ?", (now,)).rowcount
+
+    # idempotent requests
+    def request(self, tenant: str, method: str, request_id: str) -> RequestRow | None:
+        r = self._one(f"SELECT {', '.join(_REQUEST_COLS)} FROM requests WHERE tenant = ? AND method = ? AND request_id = ?",
+                      (tenant, method, request_id))
+        return None if r is None else RequestRow(r[0], r[1], r[2], r[3], r[4], bytes(r[5]), float(r[6]))
+
+    def insert_request(self, row: RequestRow) -> None:
+        self._x(f"INSERT INTO requests ({', '.join(_REQUEST_COLS)}) VALUES ({', '.join('?' * len(_REQUEST_COLS))})",
+                [getattr(row, c) for c in _REQUEST_COLS])
+
+    # HE contexts
+    def current_he_epoch(self, tenant: str, purpose: str, scheme: str) -> HEEpoch | None:
+        r = self._one("SELECT epoch, fingerprint FROM he_contexts WHERE tenant = ? AND purpose = ? AND scheme = ? "
+                      "AND retired_at IS NULL", (tenant, purpose, scheme))
+        return None if r is None else HEEpoch(int(r[0]), r[1])
+
+    def max_retired_he_epoch(self, tenant: str, purpose: str, scheme: str) -> int:
+        return int(self._one("SELECT COALESCE(MAX(epoch), 0) FROM he_contexts WHERE tenant = ? AND purpose = ? AND "
+                             "scheme = ? AND retired_at IS NOT NULL", (tenant, purpose, scheme))[0])
+
+    def insert_he_context(self, row: HEContextRow) -> None:
+        vals = [getattr(row, c) for c in _HE_CONTEXT_COLS]
+        vals[_HE_CONTEXT_COLS.index("eval_keys")] = int(row.eval_keys)
+        self._x(f"INSERT INTO he_contexts ({', '.join(_HE_CONTEXT_COLS)}) VALUES "
+                f"({', '.join('?' * len(_HE_CONTEXT_COLS))})", vals)
+
+    def retire_he_contexts(self, tenant: str, purpose: str, scheme: str, before_epoch: int, at: float) -> int:
+        return self._x("UPDATE he_contexts SET context = ?, retired_at = ? WHERE tenant = ? AND purpose = ? AND "
+                       "scheme = ? AND epoch < ? AND retired_at IS NULL",
+                       (b"", at, tenant, purpose, scheme, before_epoch)).rowcount
+
+    # HE snapshots
+    def put_he_snapshot(self, row: HESnapshotRow) -> None:
+        vals = [getattr(row, c) for c in _SNAPSHOT_COLS]
+        vals[_SNAPSHOT_COLS.index("subjects")] = json.dumps(row.subjects, separators=(",", ":"))
+        self._x(self.d.upsert("he_snapshots", _SNAPSHOT_COLS, ("tenant", "purpose", "scheme", "epoch"),
+                              ("fingerprint", "seq", "subjects", "snapshot", "created_at")), vals)
+
+    def delete_he_snapshots(self, tenant: str, purpose: str, scheme: str, before_epoch: int) -> int:
+        return self._x("DELETE FROM he_snapshots WHERE tenant = ? AND purpose = ? AND scheme = ? AND epoch < ?",
+                       (tenant, purpose, scheme, before_epoch)).rowcount
+
+    def delete_he_snapshot(self, tenant: str, purpose: str, scheme: str, epoch: int) -> int:
+        return self._x("DELETE FROM he_snapshots WHERE tenant = ? AND purpose = ? AND scheme = ? AND epoch = ?",
+                       (tenant, purpose, scheme, epoch)).rowcount
+
+    def delete_all_he_snapshots(self) -> int:
+        return self._x("DELETE FROM he_snapshots").rowcount
+
+    # alerts
+    def insert_filing_alert(self, alert: FilingAlert) -> None:
+        data = json.dumps({"deadline": alert.deadline, "persons": alert.persons, "threshold": alert.threshold})
+        self._x("INSERT INTO alerts (kind, raised_at, data) VALUES ('filing', ?, ?)", (alert.raised_at, data))
+
+    # audit
+    def audit(self, ev: AuditEvent, result: str = "OK", reason: str = "") -> int:
+        if self._head is None:   # read (and lock) the head once per transaction: other writers may share the store
+            r = self._one("SELECT seq, hash FROM audit_head WHERE id = 1" + self.d.for_update)
+            self._head = (0, GENESIS) if r is None else (int(r[0]), str(r[1]))
+        row = next_entry(self._head, self.clock.now(), ev, result, reason)
+        self._x(f"INSERT INTO audit ({', '.join(_AUDIT_COLS)}) VALUES ({', '.join('?' * len(_AUDIT_COLS))})",
+                [getattr(row, c) for c in _AUDIT_COLS])
+        self._x(self.d.upsert("audit_head", ("id", "seq", "hash"), ("id",), ("seq", "hash")), (1, row.seq, row.hash))
+        self._head = (row.seq, row.hash)
+        ev.written = True
+        return row.seq
+
+    # decommission
+    def wipe(self) -> WipeCounts:
+        return WipeCounts(*(self._x(f"DELETE FROM {t}").rowcount for t in _WIPED))
+
+
+# -- reads -------------------------------------------------------------------------------------------
+class SQLStore(Store):
+    """Reads, transactions and schema versioning over DB-API connections of one :class:`Dialect`.
+
+    Subclasses implement the connection hooks; ``migrations[v](conn)`` upgrades a store of schema
+    version ``v`` to ``v + 1`` inside the opening transaction.
+    """
+
+    dialect: Dialect
+    migrations: ClassVar[Mapping[int, Callable]] = {}
+
+    def __init__(self, clock: Clock) -> None:
+        self.clock = clock
+
+    # connection hooks ------------------------------------------------------------------------------
+    @abstractmethod
+    def _reading(self) -> AbstractContextManager:
+        """A connection for single-statement reads."""
+
+    @abstractmethod
+    def _writing(self) -> AbstractContextManager:
+        """A connection inside an open write transaction, committed on normal exit."""
+
+    @abstractmethod
+    def _read_tx(self) -> AbstractContextManager:
+        """A connection inside a read transaction (consistent across statements)."""
+
+    def _open_schema(self) -> None:
+        """Create or upgrade the schema (call once from the subclass constructor)."""
+        with self._writing() as conn:
+            tx = SQLTx(conn, self.dialect, self.clock)
+            tx._x(META_DDL)
+            found = tx._meta("schema_version")
+            version = SCHEMA_VERSION if found is None else int(found)
+            if version > SCHEMA_VERSION:
+                raise StoreError(f"the store has schema version {version}; this code knows up to {SCHEMA_VERSION}: "
+                                 "upgrade Veilface before opening it")
+            while version < SCHEMA_VERSION:
+                self.migrations[version](conn)
+                version += 1
+            for stmt in schema(self.dialect):
+                conn.execute(stmt)
+            tx.set_meta("schema_version", str(SCHEMA_VERSION))
+            # the chain head exists from the start, so every appender locks the same row (FOR UPDATE)
+            tx._x("INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, ?) ON CONFLICT (id) DO NOTHING", (GENESIS,))
+
+    @contextmanager
+    def transaction(self) -> Iterator[SQLTx]:
+        with self._writing() as conn:
+            yield SQLTx(conn, self.dialect, self.clock)
+
+    def _all(self, sql: str, args=()) -> list:
+        with self._reading() as conn:
+            return conn.execute(self.dialect.sql(sql), tuple(args)).fetchall()
+
+    def _one(self, sql: str, args=()):
+        with self._reading() as conn:
+            return conn.execute(self.dialect.sql(sql), tuple(args)).fetchone()
+
+    def _scalar(self, sql: str, args=()) -> int:
+        row = self._one(sql, args)
+        return int(row[0] or 0) if row is not None else 0
+
+    def _meta(self, key: str) -> str | None:
+        row = self._one("SELECT value FROM meta WHERE key = ?", (key,))
+        return None if row is None else row[0]
+
+    # meta
+    def schema_version(self) -> int:
+        return int(self._meta("schema_version") or 0)
+
+    def decommissioned(self) -> bool:
+        return self._meta("decommissioned") == "1"
+
+    def purged_total(self) -> int:
+        return int(self._meta("purged_total") or 0)
+
+    # devices / subjects
+    def devices(self) -> list[DeviceRow]:
+        return [DeviceRow(r[0], r[1], int(r[2]), r[3], bool(r[4]), float(r[5]))
+                for r in self._all(f"SELECT {', '.join(_DEVICE_COLS)} FROM devices")]
+
+    def subjects(self) -> list[SubjectRow]:
+        return [SubjectRow(r[0], r[1], int(r[2]), int(r[3]), float(r[4])) for r in
+                self._all("SELECT tenant, subject, key_version, revoked_upto, updated_at FROM subjects")]
+
+    # templates
+    def template_index(self) -> list[TemplateIndexRow]:
+        rows = self._all(f"SELECT id, tenant, subject, purpose, scheme, key_version, expires_at, "
+                         f"CASE WHEN {_HE} THEN NULL ELSE template END FROM templates ORDER BY id")
+        return [TemplateIndexRow(int(r[0]), r[1], r[2], r[3], r[4], int(r[5]), float(r[6]),
+                                 None if r[7] is None else bytes(r[7])) for r in rows]
+
+    def template_blob(self, template_id: int) -> bytes | None:
+        row = self._one("SELECT template FROM templates WHERE id = ?", (template_id,))
+        return None if row is None else bytes(row[0])
+
+    def templates_of(self, tenant: str, subject: str) -> list[TemplateRow]:
+        return [_template(r) for r in self._all(
+            f"SELECT id, {', '.join(_TEMPLATE_COLS)} FROM templates WHERE tenant = ? AND subject = ? ORDER BY id",
+            (tenant, subject))]
+
+    def list_subjects(self, tenant: str, after: str, limit: int, purpose: str = "") -> list[SubjectSummary]:
+        if purpose:
+            page = "SELECT DISTINCT subject FROM templates WHERE tenant = ? AND subject > ? AND purpose = ?"
+            rest, args = " AND t.purpose = ?", [tenant, after, purpose, int(limit), tenant, purpose]
+        else:
+            page = "SELECT DISTINCT subject FROM templates WHERE tenant = ? AND subject > ?"
+            rest, args = "", [tenant, after, int(limit), tenant]
+        rows = self._all(
+            f"SELECT t.subject, t.key_version, t.scheme, t.purpose, t.enrolled_at, t.expires_at FROM templates t "
+            f"JOIN ({page} ORDER BY subject LIMIT ?) page ON t.subject = page.subject WHERE t.tenant = ?{rest} "
+            f"ORDER BY t.subject", args)
+        out: dict[str, list] = {}
+        for subject, kv, scheme, purp, enrolled, expires in rows:
+            out.setdefault(subject, []).append((int(kv), scheme, purp, float(enrolled), float(expires)))
+        return [SubjectSummary(s, max(r[0] for r in rs), sorted({r[1] for r in rs}), sorted({r[2] for r in rs}),
+                               min(r[3] for r in rs), min(r[4] for r in rs)) for s, rs in out.items()]
+
+    def count_subjects(self, tenant: str, purpose: str = "") -> int:
+        if purpose:
+            return self._scalar("SELECT COUNT(DISTINCT subject) FROM templates WHERE tenant = ? AND purpose = ?",
+                                (tenant, purpose))
+        return self._scalar("SELECT COUNT(DISTINCT subject) FROM templates WHERE tenant = ?", (tenant,))
+
+    # HE contexts and snapshots
+    def current_he_contexts(self) -> list[HEContextRow]:
+        return [HEContextRow(r[0], r[1], r[2], int(r[3]), r[4], int(r[5]), r[6], bool(r[7]), bytes(r[8]),
+                             float(r[9]), None)
+                for r in self._all(f"SELECT {', '.join(_HE_CONTEXT_COLS)} FROM he_contexts WHERE retired_at IS NULL")]
+
+    def he_context_registered_at(self, tenant: str, purpose: str, scheme: str, epoch: int) -> float | None:
+        row = self._one("SELECT registered_at FROM he_contexts WHERE tenant = ? AND purpose = ? AND scheme = ? AND "
+                        "epoch = ?", (tenant, purpose, scheme, epoch))
+        return None if row is None else float(row[0])
+
+    def list_he_contexts(self, tenant: str, purpose: str = "") -> list[HEContextSummary]:
+        where, args = "c.tenant = ? AND c.retired_at IS NULL", [tenant]
+        if purpose:
+            where += " AND c.purpose = ?"
+            args.append(purpose)
+        rows = self._all(
+            "SELECT c.purpose, c.scheme, c.mode, c.dim, c.epoch, c.fingerprint, c.eval_keys, c.registered_at, "
+            "(SELECT COUNT(*) FROM templates t WHERE t.tenant = c.tenant AND t.purpose = c.purpose AND "
+            "t.scheme = c.scheme AND t.key_version = c.epoch) FROM he_contexts c WHERE " + where +
+            " ORDER BY c.purpose, c.scheme", args)
+        return [HEContextSummary(r[0], r[1], r[2], int(r[3]), int(r[4]), r[5], bool(r[6]), float(r[7]), int(r[8]))
+                for r in rows]
+
+    def he_snapshot(self, tenant: str, purpose: str, scheme: str, epoch: int) -> HESnapshotRow | None:
+        r = self._one(f"SELECT {', '.join(_SNAPSHOT_COLS)} FROM he_snapshots WHERE tenant = ? AND purpose = ? AND "
+                      f"scheme = ? AND epoch = ?", (tenant, purpose, scheme, epoch))
+        if r is None:
+            return None
+        return HESnapshotRow(r[0], r[1], r[2], int(r[3]), r[4], int(r[5]), {str(k): int(v) for k, v in json.loads(r[6]).items()},
+                             bytes(r[7]), float(r[8]))
+
+    def he_snapshot_keys(self) -> list[tuple[str, str, str, int]]:
+        return [(r[0], r[1], r[2], int(r[3])) for r in self._all("SELECT tenant, purpose, scheme, epoch FROM he_snapshots")]
+
+    # audit
+    def audit_head(self) -> tuple[int, str]:
+        r = self._one("SELECT seq, hash FROM audit_head WHERE id = 1")
+        return (0, GENESIS) if r is None else (int(r[0]), str(r[1]))
+
+    def audit_entries(self, after_seq: int = 0, limit: int = 100, action: str = "", subject: str = "") -> list[AuditRow]:
+        sql, args = f"SELECT {', '.join(_AUDIT_COLS)} FROM audit WHERE seq > ?", [after_seq]
+        if action:
+            sql += " AND action = ?"
+            args.append(action)
+        if subject:
+            sql += " AND subject = ?"
+            args.append(subject)
+        return [AuditRow(*r) for r in self._all(sql + " ORDER BY seq LIMIT ?", [*args, int(limit)])]
+
+    def verify_audit(self) -> ChainReport:
+        with self._read_tx() as conn:
+            r = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
+            head = (0, GENESIS) if r is None else (int(r[0]), str(r[1]))
+            rows = (AuditRow(*rec) for rec in conn.execute(f"SELECT {', '.join(_AUDIT_COLS)} FROM audit ORDER BY seq"))
+            return verify_chain(rows, head)
+
+    # retention
+    def next_expiry(self) -> float | None:
+        row = self._one("SELECT MIN(expires_at) FROM templates")
+        return None if row is None or row[0] is None else float(row[0])
+
+    def expired_pending(self, now: float) -> int:
+        return self._scalar("SELECT COUNT(*) FROM templates WHERE expires_at <= ?", (now,))
+
+    def purge_requests(self, older_than: float) -> int:
+        with self.transaction() as tx:
+            return tx._x("DELETE FROM requests WHERE created_at < ?", (older_than,)).rowcount
+
+    # reporting
+    def counts(self) -> StoreCounts:
+        one = self._scalar
+        return StoreCounts(
+            persons_stored=one("SELECT COUNT(*) FROM (SELECT DISTINCT tenant, subject FROM templates) AS persons"),
+            templates_stored=one("SELECT COUNT(*) FROM templates"),
+            devices=one("SELECT COUNT(*) FROM devices"),
+            private_space_devices=one("SELECT COUNT(*) FROM devices WHERE location_class = ?", (PRIVATE_SPACE,)),
+            consents_active=one("SELECT COUNT(*) FROM consents WHERE withdrawn_at IS NULL"),
+            alerts=one("SELECT COUNT(*) FROM audit WHERE action = 'INTRUSION_ALERT'"),
+            purged_total=self.purged_total())
+
+    def processing_records(self) -> list[ProcessingRecord]:
+        out: dict[str, dict] = {}
+        for purpose, subjects, templates in self._all(
+                "SELECT purpose, COUNT(DISTINCT tenant || '/' || subject), COUNT(*) FROM templates GROUP BY purpose"):
+            out.setdefault(purpose, {}).update(subjects=int(subjects), templates=int(templates))
+        names = {"Enroll": "enrolments", "Verify": "verifications", "Identify": "identifications",
+                 "Withdraw": "withdrawals"}
+        for action, purpose, n in self._all(
+                "SELECT action, purpose, COUNT(*) FROM audit WHERE result = 'OK' AND action IN "
+                "('Enroll', 'Verify', 'Identify', 'Withdraw') AND purpose != '' GROUP BY action, purpose"):
+            out.setdefault(purpose, {})[names[action]] = int(n)
+        return [ProcessingRecord(p, **v) for p, v in sorted(out.items())]
+
+    def filing_alert(self) -> FilingAlert | None:
+        row = self._one("SELECT raised_at, data FROM alerts WHERE kind = 'filing' ORDER BY id LIMIT 1")
+        if row is None:
+            return None
+        data = json.loads(row[1])
+        return FilingAlert(float(row[0]), data["deadline"], int(data["persons"]), int(data["threshold"]))

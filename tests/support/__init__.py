@@ -1,0 +1,8 @@
+"""Test helpers (not part of the engine package): an in-process server with fixed role tokens,
+synthetic faces. ``bench/`` uses them too."""
+from __future__ import annotations
+
+from .faces import capture, faces
+from .server import NOTICE, PURPOSE, TOKENS, Running, make_config, running_server
+
+__all__ = ["NOTICE", "PURPOSE", "TOKENS", "Running", "make_config", "running_server", "faces", "capture"]
