@@ -85,6 +85,29 @@ def test_many_blocks_threads_and_out(level, n_threads):
     np.testing.assert_array_equal(out, want)
 
 
+def test_concurrent_calls():
+    # several Python threads at once (the GIL is released; the pool is shared or bypassed)
+    import threading
+    rng = np.random.default_rng(8)
+    shape = (5, 2, 2, 1024)
+    probes = [_rand(rng, shape, Q60[:2]) for _ in range(4)]
+    blocks = [_rand(rng, shape, Q60[:2]) for _ in range(3)]
+    want = [R.ckks_block_mac(blocks, p, Q60[:2]) for p in probes]
+    got = [None] * len(probes)
+
+    def work(t):
+        for _ in range(3):
+            got[t] = K.ckks_block_mac(blocks, probes[t], Q60[:2], n_threads=2)
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(len(probes))]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    for g, w in zip(got, want):
+        np.testing.assert_array_equal(g, w)
+
+
 def test_no_blocks():
     probe = np.zeros((2, 2, 1, 8), np.uint64)
     assert K.ckks_block_mac([], probe, Q60[:1]).shape == (0, 3, 1, 8)
