@@ -181,3 +181,33 @@ def test_newer_schema_is_refused(tmp_path):
 def rng():
     import numpy as np
     return np.random.default_rng(2)
+
+
+def test_column_steps_apply_once_to_old_stores_and_never_to_fresh_ones(tmp_path, monkeypatch):
+    """A named AddColumn step adds its column to a store made before it, exactly once; a fresh store
+    gets the column from schema() and records the step as done."""
+    from engine.service.store import sql as sqlmod
+
+    old = tmp_path / "old"
+    SQLiteStore(old).close()                         # made before the step existed
+    step = sqlmod.AddColumn("test_note", "devices", "note", "TEXT NOT NULL DEFAULT ''")
+    monkeypatch.setattr(sqlmod, "COLUMN_STEPS", (step,))
+    real_schema = sqlmod.schema
+
+    def schema_with_note(d):
+        return [s.replace(f"registered_at {d.real} NOT NULL, PRIMARY",
+                          f"registered_at {d.real} NOT NULL, note TEXT NOT NULL DEFAULT '', PRIMARY")
+                for s in real_schema(d)]
+    monkeypatch.setattr(sqlmod, "schema", schema_with_note)
+    for _ in range(2):                               # the second open must not add it again
+        store = SQLiteStore(old)
+        store.close()
+    con = sqlite3.connect(old / "veilface.db")
+    cols = [r[1] for r in con.execute("PRAGMA table_info(devices)")]
+    assert cols.count("note") == 1
+    assert con.execute("SELECT value FROM meta WHERE key = 'column_step:test_note'").fetchone() == ("1",)
+    fresh = tmp_path / "fresh"
+    SQLiteStore(fresh).close()
+    con = sqlite3.connect(fresh / "veilface.db")
+    assert [r[1] for r in con.execute("PRAGMA table_info(devices)")].count("note") == 1
+    assert con.execute("SELECT value FROM meta WHERE key = 'column_step:test_note'").fetchone() == ("1",)

@@ -84,6 +84,31 @@ def _convert(placeholder: str, text: str) -> str:
 META_DDL = "CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
 
 
+@dataclass(frozen=True)
+class AddColumn:
+    """A named, additive schema step: ``table`` gains ``column`` (``ddl`` = its type and default,
+    dialect fields as in :func:`schema`, e.g. ``"{real} NOT NULL DEFAULT 0"``).
+
+    New tables need no step (:func:`schema` creates them with ``IF NOT EXISTS``); a new column of an
+    existing table goes into its ``CREATE TABLE`` in :func:`schema` (fresh stores) **and** into
+    :data:`COLUMN_STEPS` (stores made before it). Steps are recorded by name in ``meta``, so
+    features developed in parallel each append their own step without renumbering anything.
+    """
+
+    name: str
+    table: str
+    column: str
+    ddl: str
+
+    def statement(self, d: Dialect) -> str:
+        return (f"ALTER TABLE {self.table} ADD COLUMN {self.column} "
+                + self.ddl.format(real=d.real, blob=d.blob, bigint=d.bigint))
+
+
+#: every additive column step, in the order they were introduced (append only; names never reused)
+COLUMN_STEPS: tuple[AddColumn, ...] = ()
+
+
 def schema(d: Dialect) -> list[str]:
     """The current schema (version :data:`SCHEMA_VERSION`), idempotent (``IF NOT EXISTS``)."""
     r, b, big, aid = d.real, d.blob, d.bigint, d.auto_id
@@ -362,14 +387,29 @@ class SQLStore(Store):
             if version > SCHEMA_VERSION:
                 raise StoreError(f"the store has schema version {version}; this code knows up to {SCHEMA_VERSION}: "
                                  "upgrade Veilface before opening it")
+            fresh = found is None
             while version < SCHEMA_VERSION:
                 self.migrations[version](conn)
                 version += 1
+            for step in COLUMN_STEPS:   # columns added since the store was made (fresh: in schema())
+                key = f"column_step:{step.name}"
+                if fresh or tx._meta(key) is not None:
+                    continue
+                if self._has_table(conn, step.table):
+                    conn.execute(step.statement(self.dialect))
+                tx.set_meta(key, "1")
             for stmt in schema(self.dialect):
                 conn.execute(stmt)
+            if fresh:
+                for step in COLUMN_STEPS:
+                    tx.set_meta(f"column_step:{step.name}", "1")
             tx.set_meta("schema_version", str(SCHEMA_VERSION))
             # the chain head exists from the start, so every appender locks the same row (FOR UPDATE)
             tx._x("INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, ?) ON CONFLICT (id) DO NOTHING", (GENESIS,))
+
+    @abstractmethod
+    def _has_table(self, conn, table: str) -> bool:
+        """Whether ``table`` exists (for :data:`COLUMN_STEPS` on stores made before the table)."""
 
     @contextmanager
     def transaction(self) -> Iterator[SQLTx]:

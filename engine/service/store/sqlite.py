@@ -123,6 +123,9 @@ class SQLiteStore(SQLStore):
             conn.execute("COMMIT")
 
     # -- maintenance -------------------------------------------------------------------------------
+    def _has_table(self, conn, table: str) -> bool:
+        return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)).fetchone() is not None
+
     def checkpoint(self) -> None:
         """Fold the WAL into the database and truncate it (so deleted pages leave the WAL)."""
         with self._wlock:
