@@ -22,6 +22,10 @@ BAD = {
     "verify_fail_limit": [0], "verify_fail_window_s": [0], "verify_lockout_s": [-1], "identify_limit": [0],
     "identify_nomatch_limit": [0], "identify_window_s": [0], "identify_lockout_s": [-1], "request_id_ttl_s": [0],
 }
+# pg
+BAD.update({"store": [1, "mysql://x", "/tmp/x.db"], "matching": ["ray", "ray://nohost", "ray://h:0", "ray://h:x", 2],
+            "ray_shards": [0, 1.5], "ray_namespace": [""], "ray_node_ip": [1], "ray_timeout_s": [0],
+            "bulk_batch_rows": [0]})
 
 
 def test_every_field_has_a_bad_value():
