@@ -17,6 +17,10 @@
 #     the temp dir, inherited by every node, driver and replica) -- docs/deployment.md.
 # Nothing is started twice; services_stop kills only what services_start started (by pid/pgid).
 VF_SVC_DIR="${VF_SVC_DIR:-}"
+# pg2: the two loopback addresses of the Ray nodes (another cluster already on this machine, e.g. a
+# second checkout's services: pick two other 127.0.0.x addresses)
+VF_RAY_HEAD_IP="${VF_RAY_HEAD_IP:-127.0.0.2}"
+VF_RAY_WORKER_IP="${VF_RAY_WORKER_IP:-127.0.0.3}"
 
 _vf_log() { echo "services: $*" >&2; }
 
@@ -77,18 +81,21 @@ _vf_start_ray() {
     (umask 077; python3 -c 'import secrets; print(secrets.token_hex(32))' >"$RAY_AUTH_TOKEN_PATH")
     # node death noticed within seconds (the failure tests kill -9 a node)
     export RAY_health_check_period_ms=1000 RAY_health_check_timeout_ms=1000 RAY_health_check_failure_threshold=3
-    setsid "$ray" start --head --block --node-ip-address=127.0.0.2 --port="$gcs" --include-dashboard=false \
+    # the client server and the dashboard agent have fixed default ports: free ones instead (pg2)
+    setsid "$ray" start --head --block --node-ip-address="$VF_RAY_HEAD_IP" --port="$gcs" --include-dashboard=false \
+        --ray-client-server-port="$(_vf_free_port)" --dashboard-agent-listen-port="$(_vf_free_port)" \
         --num-cpus=2 --disable-usage-stats --temp-dir="$VF_SVC_DIR/ray" >"$VF_SVC_DIR/ray-head.log" 2>&1 &
     echo $! >"$VF_SVC_DIR/ray-head.pgid"
-    _vf_wait_ray "$py" "127.0.0.2:$gcs" 1 || { tail -30 "$VF_SVC_DIR/ray-head.log" >&2; return 1; }
-    setsid "$ray" start --block --address="127.0.0.2:$gcs" --node-ip-address=127.0.0.3 --num-cpus=2 \
-        --disable-usage-stats >"$VF_SVC_DIR/ray-worker.log" 2>&1 &
+    _vf_wait_ray "$py" "$VF_RAY_HEAD_IP:$gcs" 1 || { tail -30 "$VF_SVC_DIR/ray-head.log" >&2; return 1; }
+    setsid "$ray" start --block --address="$VF_RAY_HEAD_IP:$gcs" --node-ip-address="$VF_RAY_WORKER_IP" --num-cpus=2 \
+        --dashboard-agent-listen-port="$(_vf_free_port)" --disable-usage-stats >"$VF_SVC_DIR/ray-worker.log" 2>&1 &
     echo $! >"$VF_SVC_DIR/ray-worker.pgid"
-    _vf_wait_ray "$py" "127.0.0.2:$gcs" 2 || { tail -30 "$VF_SVC_DIR/ray-worker.log" >&2; return 1; }
-    export VEILFACE_TEST_RAY_ADDRESS="127.0.0.2:$gcs" VEILFACE_TEST_RAY_NODE_IP=127.0.0.2
+    _vf_wait_ray "$py" "$VF_RAY_HEAD_IP:$gcs" 2 || { tail -30 "$VF_SVC_DIR/ray-worker.log" >&2; return 1; }
+    export VEILFACE_TEST_RAY_ADDRESS="$VF_RAY_HEAD_IP:$gcs" VEILFACE_TEST_RAY_NODE_IP="$VF_RAY_HEAD_IP"
+    export VEILFACE_TEST_RAY_WORKER_IP="$VF_RAY_WORKER_IP"
     VEILFACE_TEST_RAY_WORKER="$(cat "$VF_SVC_DIR/ray-worker.pgid")"
     export VEILFACE_TEST_RAY_WORKER
-    _vf_log "Ray head 127.0.0.2:$gcs + worker node 127.0.0.3 (pgid $VEILFACE_TEST_RAY_WORKER)"
+    _vf_log "Ray head $VF_RAY_HEAD_IP:$gcs + worker node $VF_RAY_WORKER_IP (pgid $VEILFACE_TEST_RAY_WORKER)"
 }
 
 _vf_wait_ray() {  # python, gcs address, expected alive nodes

@@ -75,7 +75,8 @@ class MatcherApp:
         self.he_contexts = HEContexts(store, self.clock, self.index, self.templates)
         self.maintenance = Maintenance(cfg, store, self.clock, self.index, self.retention, self.tickets)
         self.queries = Queries(store)
-        self.bulk = BulkEnrolment(cfg, store, self.clock, self.index, self.templates, self.retention)
+        self.bulk = BulkEnrolment(cfg, store, self.clock, self.index, self.templates, self.retention,
+                                  filing=filing)   # pg2: the filing rule applies to bulk rows too
         self.recovery = Recovery(cfg, store, self.index, self.contexts, self.device_registry, self.retention,
                                  self.snapshots)
         if cfg.matching != "local":   # pg: the Ray shards load the templates, not every replica

@@ -73,6 +73,9 @@ def register(sub) -> None:
     p.add_argument("--device-id", default="")
     p.set_defaults(func=_token)
 
+    # pg2: store dumps
+    _register_dump(sub)
+
 
 def _config(args, **extra):
     from .config import load_config
@@ -190,3 +193,118 @@ def _token(args) -> int:
     print(f"token (give to the client, shown once): {tok}")
     print("config entry:", json.dumps(entry))
     return 0
+
+
+# -- pg2: veilface export / import (store dumps: docs/deployment.md, engine/service/dump.py) -------------
+def _register_dump(sub) -> None:
+    p = sub.add_parser("export", help="write a store dump (protected templates, consents, devices; JSON lines)")
+    _common(p)
+    p.add_argument("--out", required=True, help="dump file (.gz: gzip-compressed; - = standard output)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("import", help="load a store dump through the bulk path (every row policy-checked)")
+    _common(p)
+    p.add_argument("dump", help="dump file written by veilface export (- = standard input: no pre-check)")
+    p.add_argument("--matching", help="ray://HOST:PORT: also add the rows to the running Ray gallery shards")
+    p.add_argument("--no-precheck", action="store_true",
+                   help="skip reading the whole dump once before importing (checksum, counts, every line)")
+    p.add_argument("--rejects", help="write every refused row here (JSON lines: line, id, reason)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    p.set_defaults(func=_import)
+
+
+def _open_for_dump(args, create: bool):
+    from .store import open_store
+    cfg = _config(args, **({"matching": args.matching} if getattr(args, "matching", None) else {}))
+    if cfg.store:
+        return cfg, open_store(cfg.data_dir, url=cfg.store, pool_size=4)
+    if not create:
+        return _store(args)
+    return cfg, open_store(cfg.data_dir)
+
+
+def _export(args) -> int:
+    import gzip
+
+    from ..progress import Progress
+    from .usecases.export import export_store
+    _, store = _open_for_dump(args, create=False)
+    try:
+        with store.export_view() as v:
+            total = sum(n for _, _, n in v.template_groups())
+        bar = Progress("export", total, "rows", enabled=False if args.quiet else None)
+        if args.out == "-":
+            out = sys.stdout.buffer
+        else:
+            out = gzip.open(args.out, "wb", compresslevel=5) if args.out.endswith(".gz") else open(args.out, "wb")
+        try:
+            res = export_store(store, out, store.clock.now(), progress=bar)
+        finally:
+            bar.close()
+            if out is not sys.stdout.buffer:
+                out.close()
+    finally:
+        store.close()
+    print(f"exported {res.templates} templates, {res.devices} devices (skipped: {res.skipped['he']} HE, "
+          f"{res.skipped['no_consent']} without consent); sha256 {res.sha256}", file=sys.stderr)
+    return 0
+
+
+def _import(args) -> int:
+    from ..progress import Progress
+    from .dump import open_dump, precheck
+    from .status import StatusError
+    from .usecases.importing import Importer
+    total = None
+    if args.dump != "-" and not args.no_precheck:
+        try:
+            summary = precheck(args.dump)      # nothing is written when this fails
+        except (StatusError, OSError) as exc:
+            print(f"veilface: import refused: {getattr(exc, 'reason', 'UNREADABLE')}: {exc}; nothing was imported",
+                  file=sys.stderr)
+            return 1
+        total = summary.end.templates
+        if not args.quiet:
+            print(f"veilface: dump checked: {summary.end.templates} templates, {summary.end.devices} devices, "
+                  f"sha256 {summary.end.sha256[:16]}...", file=sys.stderr)
+    try:
+        stream = open_dump(args.dump)
+    except OSError as exc:
+        print(f"veilface: import refused: UNREADABLE: {exc}; nothing was imported", file=sys.stderr)
+        return 1
+    cfg, store = _open_for_dump(args, create=True)
+    index = None
+    if cfg.matching != "local":
+        from .encrypted import HERegistry
+        from .matching import GalleryIndex, SchemeCache
+        from .replicas import make_backend
+        index = GalleryIndex(make_backend(cfg, store), HERegistry(), SchemeCache())
+    rejects = open(args.rejects, "w") if args.rejects else None   # noqa: SIM115 - closed below
+
+    def on_reject(line: int, what: str, reason: str) -> None:
+        if rejects is not None:
+            rejects.write(json.dumps({"line": line, "id": what, "reason": reason}) + "\n")
+    bar = Progress("import", total, "rows", enabled=False if args.quiet else None)
+    try:
+        res = Importer(cfg, store, store.clock, index).run(stream, progress=bar, on_reject=on_reject)
+    except StatusError as exc:
+        bar.close()
+        r = getattr(exc, "import_result", None)
+        done = (f"; committed before it: {r.enrolled} templates in {r.batches} batches, lines 1-{r.lines_done} "
+                f"finished; fix the dump and run the same import again to resume (stored rows are skipped)"
+                if r is not None else "")
+        print(f"veilface: import stopped: {exc.reason}: {exc}{done}", file=sys.stderr)
+        return 1
+    finally:
+        bar.close()
+        stream.close()
+        if rejects is not None:
+            rejects.close()
+        if index is not None:
+            index.backend.close()
+        store.close()
+    print(f"imported {res.enrolled} templates in {res.batches} batches ({res.unchanged} already there, "
+          f"{res.rejected_total} refused); devices: {res.devices_added} added, {res.devices_present} already "
+          f"registered, {res.devices_refused} refused", file=sys.stderr)
+    return 2 if res.rejected_total or res.devices_refused else 0

@@ -15,6 +15,7 @@ from ..clock import Clock
 from .base import (
     ConsentRow,
     DeviceRow,
+    ExportView,
     FilingAlert,
     HEContextRow,
     HEContextSummary,
@@ -55,6 +56,6 @@ def open_store(data_dir: str | os.PathLike, clock: Clock | None = None, url: str
 
 __all__ = ["Store", "WriteTx", "StoreError", "StoreConflict", "StoreUnavailable", "shard_of", "subject_hash",
            "SQLStore", "SQLiteStore", "Dialect", "open_store", "DB_NAME",
-           "SCHEMA_VERSION", "ConsentRow", "DeviceRow", "FilingAlert", "HEContextRow", "HEContextSummary", "HEEpoch",
+           "SCHEMA_VERSION", "ConsentRow", "DeviceRow", "ExportView", "FilingAlert", "HEContextRow", "HEContextSummary", "HEEpoch",
            "HESnapshotRow", "ProcessingRecord", "RequestRow", "StoreCounts", "SubjectRow", "SubjectSummary",
            "TemplateIndexRow", "TemplateKey", "TemplateRow", "WipeCounts"]

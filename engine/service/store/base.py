@@ -387,11 +387,43 @@ class WriteTx(ABC):
     def put_subjects(self, rows: Sequence[SubjectRow]) -> None:
         """:meth:`put_subject` for many rows."""
 
+    # pg2: veilface import (resuming a partly imported dump)
+    @abstractmethod
+    def stored_templates(self, tenant: str, subjects: Sequence[str]) -> dict[tuple[str, str, str], bytes]:
+        """{(subject, purpose, scheme): template bytes} of the given subjects' stored templates."""
+
     # decommission
     @abstractmethod
     def wipe(self) -> WipeCounts:
         """Delete every template, subject, consent, request record, HE context and snapshot
         (the audit log, devices and alerts stay)."""
+
+
+# pg2: what ``veilface export`` reads ------------------------------------------------------------------
+class ExportView(ABC):
+    """Reads of one consistent snapshot of a store (:meth:`Store.export_view`), paged so an export
+    of any size holds one page in memory."""
+
+    @abstractmethod
+    def devices(self) -> list[DeviceRow]: ...
+
+    @abstractmethod
+    def template_groups(self) -> list[tuple[str, str, int]]:
+        """(tenant, purpose, templates) of every group of stored templates, in a fixed order."""
+
+    @abstractmethod
+    def templates(self, tenant: str, purpose: str, after_id: int, limit: int) -> list[TemplateRow]:
+        """A page of one group's templates (``id > after_id``, id order, at most ``limit``)."""
+
+    @abstractmethod
+    def consents(self, consent_ids: Sequence[str]) -> dict[str, ConsentRow]: ...
+
+    @abstractmethod
+    def subject_states(self, tenant: str, subjects: Sequence[str]) -> dict[str, SubjectRow]: ...
+
+    @abstractmethod
+    def audit_head(self) -> tuple[int, str]:
+        """The audit chain head when the snapshot was taken (the dump records its provenance)."""
 
 
 # -- the store -------------------------------------------------------------------------------------
@@ -526,12 +558,11 @@ class Store(ABC):
         """A page (``id > after_id``, id order, at most ``limit``) of the templates whose subject
         hashes to ``shard`` of ``shards`` (:func:`shard_of`), blobs included."""
 
+    # pg2: store dumps (veilface export)
     @abstractmethod
-    def export_templates(self, after_id: int, limit: int) -> list[TemplateRow]:
-        """A page of every stored template (``id > after_id``, id order): ``veilface export``."""
-
-    @abstractmethod
-    def export_consents(self, consent_ids: Sequence[str]) -> list[ConsentRow]: ...
+    def export_view(self) -> AbstractContextManager[ExportView]:
+        """A read-only view of the whole store inside one read transaction (a consistent snapshot:
+        a withdrawal committed while an export runs is either wholly in the dump or not at all)."""
 
     # maintenance
     @abstractmethod

@@ -26,6 +26,7 @@ from .base import (
     HE_PREFIX,
     ConsentRow,
     DeviceRow,
+    ExportView,
     FilingAlert,
     HEContextRow,
     HEContextSummary,
@@ -411,6 +412,15 @@ class SQLTx(WriteTx):
                                        ("tenant", "subject"), ("key_version", "revoked_upto", "updated_at")))
         self.conn.cursor().executemany(sql, [(r.tenant, r.subject, r.key_version, r.revoked_upto, r.updated_at) for r in rows])
 
+    # pg2: veilface import
+    def stored_templates(self, tenant: str, subjects: Sequence[str]) -> dict[tuple[str, str, str], bytes]:
+        out: dict[tuple[str, str, str], bytes] = {}
+        for part in _chunks(list(dict.fromkeys(subjects))):
+            for r in self._x(f"SELECT subject, purpose, scheme, template FROM templates WHERE tenant = ? "
+                             f"AND subject IN {_in(len(part))}", [tenant, *part]).fetchall():
+                out[(r[0], r[1], r[2])] = bytes(r[3])
+        return out
+
     # decommission
     def wipe(self) -> WipeCounts:
         return WipeCounts(*(self._x(f"DELETE FROM {t}").rowcount for t in _WIPED))
@@ -691,14 +701,38 @@ class SQLStore(Store):
         return [TemplateIndexRow(int(r[0]), r[1], r[2], r[3], r[4], int(r[5]), float(r[6]), bytes(r[7]))
                 for r in rows if r[8] is not None or subject_hash(r[1], r[2]) % shards == shard]
 
-    def export_templates(self, after_id: int, limit: int) -> list[TemplateRow]:
-        return [_template(r) for r in self._all(
-            f"SELECT id, {', '.join(_TEMPLATE_COLS)} FROM templates WHERE id > ? ORDER BY id LIMIT ?",
-            (int(after_id), int(limit)))]
+    # pg2: store dumps
+    @contextmanager
+    def export_view(self) -> Iterator[SQLExportView]:
+        with self._read_tx() as conn:
+            yield SQLExportView(SQLTx(conn, self.dialect, self.clock))
 
-    def export_consents(self, consent_ids: Sequence[str]) -> list[ConsentRow]:
-        out: list[ConsentRow] = []
-        for part in _chunks(list(dict.fromkeys(consent_ids))):
-            out += [_consent(r) for r in self._all(
-                f"SELECT {', '.join(_CONSENT_COLS)} FROM consents WHERE consent_id IN {_in(len(part))}", part)]
-        return out
+
+class SQLExportView(ExportView):
+    """:class:`ExportView` over a connection inside a read transaction (reuses the tx's reads)."""
+
+    def __init__(self, tx: SQLTx) -> None:
+        self.tx = tx
+
+    def consents(self, consent_ids: Sequence[str]) -> dict[str, ConsentRow]:
+        return self.tx.consents(consent_ids)
+
+    def subject_states(self, tenant: str, subjects: Sequence[str]) -> dict[str, SubjectRow]:
+        return self.tx.subject_states(tenant, subjects)
+
+    def devices(self) -> list[DeviceRow]:
+        return [DeviceRow(r[0], r[1], int(r[2]), r[3], bool(r[4]), float(r[5]))
+                for r in self.tx._x(f"SELECT {', '.join(_DEVICE_COLS)} FROM devices ORDER BY tenant, device_id")]
+
+    def template_groups(self) -> list[tuple[str, str, int]]:
+        return [(r[0], r[1], int(r[2])) for r in self.tx._x(
+            "SELECT tenant, purpose, COUNT(*) FROM templates GROUP BY tenant, purpose ORDER BY tenant, purpose")]
+
+    def templates(self, tenant: str, purpose: str, after_id: int, limit: int) -> list[TemplateRow]:
+        return [_template(r) for r in self.tx._x(
+            f"SELECT id, {', '.join(_TEMPLATE_COLS)} FROM templates WHERE tenant = ? AND purpose = ? AND id > ? "
+            f"ORDER BY id LIMIT ?", (tenant, purpose, int(after_id), int(limit))).fetchall()]
+
+    def audit_head(self) -> tuple[int, str]:
+        r = self.tx._one("SELECT seq, hash FROM audit_head WHERE id = 1")
+        return (0, GENESIS) if r is None else (int(r[0]), str(r[1]))

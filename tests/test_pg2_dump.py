@@ -1,0 +1,374 @@
+"""``veilface export`` / ``veilface import``: store dumps round-trip SQLite -> PostgreSQL -> SQLite
+through the CLI (every row re-checked, consents / devices / revocations / retention carried, the
+audit chains verify), and hostile dumps get a typed error with nothing imported beyond committed
+batches, resumable by re-running the import."""
+from __future__ import annotations
+
+import base64
+import gzip
+import hashlib
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.client import LocationClass
+from engine.service.clock import ManualClock
+from engine.service.dump import MAX_LINE_BYTES, DumpError, DumpTruncated, open_dump, precheck
+from engine.service.store import SQLiteStore
+from engine.service.usecases.export import export_store
+from engine.service.usecases.importing import Importer
+from engine.template import Template
+from tests.support import NOTICE, capture, faces, make_config, running_server
+from tests.support.services import drop_schema, fresh_schema
+
+N = 6
+
+
+def _source(tmp: Path, clock: ManualClock) -> dict[str, np.ndarray]:
+    """A SQLite store made through the API: N subjects (s3 re-keyed to v2, s4 a minor with a guardian,
+    s5 withdrawn), a private-space device, a second purpose."""
+    x = faces(N + 1, seed=5)
+    with running_server(tmp, clock=clock, retention_days=30) as srv:
+        op = srv.client("admin")
+        op.register_device("gate-1", LocationClass.PUBLIC_PLACE, "lobby", True)
+        op.register_device("room-9", LocationClass.RESTRICTED_AREA, "hotel_room", False)   # private kind
+        dev = srv.device()
+        for i in range(N):
+            sid = f"s{i}"
+            kw = {"guardian_ref": "g-77", "guardian_relationship": "parent"} if i == 4 else {}
+            c = dev.record_consent(sid, NOTICE, 12 if i == 4 else 30, **kw)
+            dev.enroll(sid, x[i], c.consent_id)
+        dev.revoke("s3")                                          # v1 revoked: re-enrol under v2
+        dev.enroll("s3", x[3], dev.record_consent("s3", NOTICE, 30).consent_id)
+        dev.withdraw("s5")
+        other = srv.device()
+        c = other.record_consent("s0", NOTICE, 30, purpose="attendance")
+        other.enroll("s0", x[0], c.consent_id, purpose="attendance")
+        assert srv.client("auditor").verify_audit_chain().ok
+        versions = dev.versions
+    return {"x": x, "versions": versions}
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def _body(path: Path) -> list[str]:
+    """The device and template lines of a dump (header and end differ between stores)."""
+    with open_dump(str(path)) as f:
+        lines = f.read().decode().splitlines()
+    return lines[1:-1]
+
+
+@pytest.fixture
+def pg_schema():
+    dsn, name = fresh_schema()
+    yield dsn
+    drop_schema(name)
+
+
+def test_round_trip_sqlite_postgres_sqlite(tmp_path, pg_schema):
+    clock = ManualClock(time.time())
+    src = _source(tmp_path / "src", clock)
+    d1, d2, d3 = tmp_path / "a.jsonl.gz", tmp_path / "b.jsonl", tmp_path / "c.jsonl"
+
+    r = _cli("export", "--data-dir", str(tmp_path / "src"), "--out", str(d1), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert gzip.open(d1).read(2) == b'{"'                           # .gz: gzip-compressed
+    body = _body(d1)
+    recs = [json.loads(line) for line in body]
+    assert [r["kind"] for r in recs].count("device") == 2
+    tpl = [r for r in recs if r["kind"] == "template"]
+    assert sorted((r["subject"], r["purpose"]) for r in tpl) == sorted(
+        [(f"s{i}", "access_control") for i in range(5)] + [("s0", "attendance")])     # s5 withdrawn
+    for r in tpl:                                                  # protected templates only, nothing else
+        assert set(r) == {"kind", "tenant", "subject", "purpose", "template", "enrolled_at", "expires_at", "device",
+                          "consent", "subject_state"}
+        assert Template.from_bytes(base64.b64decode(r["template"])).spec.name == "biohash"
+    s3 = next(r for r in tpl if r["subject"] == "s3")
+    assert s3["subject_state"] == {"key_version": 2, "revoked_upto": 1}
+
+    # SQLite -> PostgreSQL (CLI), then serve from PostgreSQL: every subject verifies, nothing else changed
+    r = _cli("import", str(d1), "--store", pg_schema, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "imported 6 templates" in r.stderr and "2 added" in r.stderr
+    r = _cli("export", "--store", pg_schema, "--out", str(d2), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert _body(d2) == body                                        # same rows, times, consents, states
+
+    rng = np.random.default_rng(1)
+    with running_server(tmp_path / "pgsrv", clock=clock, store=pg_schema, retention_days=30) as srv:
+        dev = srv.device(versions=src["versions"])
+        for i in range(5):
+            assert dev.verify(f"s{i}", capture(src["x"][i], rng)).matched
+        assert dev.identify(capture(src["x"][2], rng), top_k=1)[0][0] == "s2"
+        with pytest.raises(Exception, match="NOT_ENROLLED"):
+            dev.verify("s5", capture(src["x"][5], rng))
+        with pytest.raises(Exception, match="KEY_VERSION_REVOKED"):  # the revocation came along
+            dev.enroll("s3", template=dev.protect("s3", src["x"][3], version=1),
+                       consent_id=s3["consent"]["consent_id"])
+        with pytest.raises(Exception, match="PRIVATE_SPACE"):       # the private-space device stays one
+            srv.device("room-9").identify(capture(src["x"][1], rng))
+        assert srv.client("auditor").verify_audit_chain().ok
+        batches = list(srv.client("auditor").audit_log(action="EnrollBatch"))
+        assert sum(json.loads(b.details_json)["rows"] for b in batches) == 6
+
+    # re-running the import is harmless: every row is already there
+    r = _cli("import", str(d1), "--store", pg_schema, "--quiet")
+    assert r.returncode == 0 and "imported 0 templates" in r.stderr and "6 already there" in r.stderr, r.stderr
+
+    # PostgreSQL -> SQLite
+    r = _cli("import", str(d2), "--data-dir", str(tmp_path / "back"), "--quiet")
+    assert r.returncode == 0, r.stderr
+    r = _cli("export", "--data-dir", str(tmp_path / "back"), "--out", str(d3), "--quiet")
+    assert r.returncode == 0 and _body(d3) == body
+    for where in (("--store", pg_schema), ("--data-dir", str(tmp_path / "back"))):
+        r = _cli("audit", "verify", *where)
+        assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
+        r = _cli("audit", "show", "--last", "40", *where)
+        assert " Import " in r.stdout and " Export " in r.stdout, r.stdout
+
+
+# -- hostile dumps (in process, SQLite) -------------------------------------------------------------------
+@pytest.fixture
+def dump(tmp_path):
+    """A valid dump of the source store (uncompressed) and the clock it was made with."""
+    clock = ManualClock(time.time())
+    _source(tmp_path / "src", clock)
+    store = SQLiteStore(tmp_path / "src", clock)
+    path = tmp_path / "src.jsonl"
+    with open(path, "wb") as f:
+        export_store(store, f, clock.now())
+    store.close()
+    return path, clock
+
+
+def _rewrite(path: Path, out: Path, edit) -> Path:
+    """``edit(records) -> records`` over the body, with a valid end record (counts, checksum) again,
+    so only the import's own checks can catch what was changed."""
+    lines = path.read_bytes().decode().splitlines()
+    head, body = lines[0], [json.loads(x) for x in lines[1:-1]]
+    body = edit(body)
+    text = head + "\n" + "".join(json.dumps(r, separators=(",", ":")) + "\n" for r in body)
+    end = {"kind": "end", "devices": sum(r.get("kind") == "device" for r in body),
+           "templates": sum(r.get("kind") == "template" for r in body), "skipped": {"he": 0},
+           "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    out.write_text(text + json.dumps(end) + "\n")
+    return out
+
+
+def _target(tmp: Path, clock, **settings):
+    cfg = make_config(tmp, **settings)
+    return cfg, SQLiteStore(tmp, clock)
+
+
+def _import(tmp: Path, clock, path: Path, **settings):
+    cfg, store = _target(tmp, clock, **settings)
+    try:
+        with open_dump(str(path)) as f:
+            return Importer(cfg, store, clock).run(f)
+    finally:
+        store.close()
+
+
+def _stored(tmp: Path, clock) -> tuple[int, int]:
+    store = SQLiteStore(tmp, clock)
+    try:
+        c = store.counts()
+        return c.templates_stored, c.consents_active
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("damage", ["garbage", "empty", "not_a_dump", "cut_mid_line", "cut_before_end",
+                                    "bit_flip", "huge_line", "after_end", "version"])
+def test_damaged_dump_refused_before_anything_is_written(dump, tmp_path, damage):
+    path, clock = dump
+    data = path.read_bytes()
+    bad = tmp_path / "bad.jsonl"
+    lines = data.split(b"\n")
+    bad.write_bytes({
+        "garbage": b"\x00\xff garbage \x13\n" * 40,
+        "empty": b"",
+        "not_a_dump": b'{"kind":"device"}\n',
+        "cut_mid_line": data[: len(data) // 2],
+        "cut_before_end": b"\n".join(lines[:-2]) + b"\n",
+        "bit_flip": data.replace(b'"s2"', b'"s9"', 1),
+        "huge_line": lines[0] + b"\n" + b'{"kind":"device","pad":"' + b"A" * (MAX_LINE_BYTES + 10) + b'"}\n',
+        "after_end": data + lines[1] + b"\n",
+        "version": data.replace(b'"version":1', b'"version":99', 1),
+    }[damage])
+    with pytest.raises(DumpError) as err:
+        precheck(bad)
+    assert err.value.reason in {"BAD_DUMP", "DUMP_TRUNCATED", "DUMP_CHECKSUM", "DUMP_LINE_TOO_LONG", "DUMP_VERSION"}
+    # through the CLI: one line, typed, nothing imported
+    r = _cli("import", str(bad), "--data-dir", str(tmp_path / "t"), "--quiet")
+    assert r.returncode == 1 and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert "nothing was imported" in r.stderr and err.value.reason in r.stderr
+    assert not (tmp_path / "t" / "veilface.db").exists()
+
+
+@pytest.mark.parametrize("smuggle", ["extra_field", "raw_embedding", "extra_consent_field", "duplicate_key",
+                                     "nan_time", "bool_as_int", "huge_count", "nested", "wrong_type",
+                                     "bad_base64", "unknown_kind"])
+def test_smuggled_or_malformed_fields_are_refused(dump, tmp_path, smuggle):
+    path, clock = dump
+
+    def edit(body):
+        t = next(r for r in body if r["kind"] == "template")
+        if smuggle == "extra_field":
+            t["note"] = "x"
+        elif smuggle == "raw_embedding":
+            t["embedding"] = [0.1] * 128
+        elif smuggle == "extra_consent_field":
+            t["consent"]["subject"] = "someone-else"
+        elif smuggle == "nan_time":
+            t["expires_at"] = float("nan")
+        elif smuggle == "bool_as_int":
+            t["subject_state"]["key_version"] = True
+        elif smuggle == "huge_count":
+            t["subject_state"]["revoked_upto"] = 10 ** 30
+        elif smuggle == "nested":
+            t["consent"] = [[[[{"a": 1}]]]]
+        elif smuggle == "wrong_type":
+            t["subject"] = 12345
+        elif smuggle == "bad_base64":
+            t["template"] = "!!!not base64!!!"
+        elif smuggle == "unknown_kind":
+            t["kind"] = "audit"
+        return body
+    bad = _rewrite(path, tmp_path / "bad.jsonl", edit)
+    if smuggle == "duplicate_key":
+        text = bad.read_text().replace('"kind":"template",', '"kind":"template","subject":"x",', 1)
+        bad = tmp_path / "dup.jsonl"
+        lines = text.splitlines()
+        body = "\n".join(lines[:-1]) + "\n"
+        end = json.loads(lines[-1]) | {"sha256": hashlib.sha256(body.encode()).hexdigest()}
+        bad.write_text(body + json.dumps(end) + "\n")
+    with pytest.raises(DumpError) as err:
+        precheck(bad)
+    assert err.value.line > 1
+    # without the pre-check the import stops at that line: nothing of it (or after it) is stored
+    with pytest.raises(DumpError):
+        _import(tmp_path / "t", clock, bad, bulk_batch_rows=100)
+    assert _stored(tmp_path / "t", clock)[0] == 0
+
+
+def test_end_record_claiming_huge_counts(dump, tmp_path):
+    path, _ = dump
+    lines = path.read_text().splitlines()
+    end = json.loads(lines[-1])
+    for field, value in (("templates", 10 ** 12), ("devices", -1), ("skipped", {"he": 10 ** 40})):
+        bad = tmp_path / f"bad-{field}.jsonl"
+        bad.write_text("\n".join(lines[:-1]) + "\n" + json.dumps(end | {field: value}) + "\n")
+        with pytest.raises(DumpError):
+            precheck(bad)
+
+
+def test_truncated_stream_keeps_committed_batches_and_resumes(dump, tmp_path):
+    """No pre-check (a pipe): the import stops at the damage, keeps its committed batches (whole
+    ones), says how far it got; the same import of the complete dump then finishes the job."""
+    path, clock = dump
+    lines = path.read_bytes().split(b"\n")
+    cut = tmp_path / "cut.jsonl"
+    cut.write_bytes(b"\n".join(lines[:-3]) + b"\n" + lines[-3][:20])   # mid-line, before the end record
+    with pytest.raises(DumpTruncated) as err:
+        _import(tmp_path / "t", clock, cut, bulk_batch_rows=2)
+    res = err.value.import_result
+    assert not res.complete and res.batches >= 1 and res.enrolled == 2 * res.batches
+    assert _stored(tmp_path / "t", clock)[0] == res.enrolled          # whole batches only
+    full = _import(tmp_path / "t", clock, path, bulk_batch_rows=2)
+    assert full.complete and full.unchanged == res.enrolled and full.enrolled == 6 - res.enrolled
+    assert full.rejected_total == 0 and _stored(tmp_path / "t", clock)[0] == 6
+    store = SQLiteStore(tmp_path / "t", clock)
+    try:
+        assert store.verify_audit().ok
+        outcomes = [e for e in store.audit_entries(0, 1000, action="Import")]
+        assert [json.loads(e.details)["complete"] for e in outcomes] == [False, True]
+        assert outcomes[0].result == "INCOMPLETE"
+    finally:
+        store.close()
+
+
+def test_every_row_is_policy_checked(dump, tmp_path):
+    """Well-formed rows (valid checksum) that a matcher must refuse: each refused with the reason
+    Enroll would give, nothing of it stored; the good rows go in."""
+    path, clock = dump
+    now = clock.now()
+
+    def edit(body):
+        tpl = [r for r in body if r["kind"] == "template"]
+        by = {(r["subject"], r["purpose"]): r for r in tpl}
+        base = by[("s1", "access_control")]
+
+        def clone(subject, **changes):
+            r = json.loads(json.dumps(base))
+            r["subject"] = subject
+            r["consent"]["consent_id"] = "c_" + subject
+            for k, v in changes.items():
+                if k.startswith("consent."):
+                    r["consent"][k[8:]] = v
+                elif k.startswith("state."):
+                    r["subject_state"][k[6:]] = v
+                else:
+                    r[k] = v
+            return r
+        body += [
+            clone("m1", **{"consent.age": 9, "consent.guardian_ref": ""}),        # minor, no guardian
+            clone("e1", expires_at=now - 10),                                       # retention over
+            clone("d1", device="nowhere"),                                          # unregistered device
+            clone("d2", device="room-9"),                                           # private space
+            clone("bad id!"),                                                       # not pseudonymous
+            clone("w1", **{"consent.withdrawn_at": now - 100}),                     # withdrawn consent
+            clone("r1", **{"state.revoked_upto": 5, "state.key_version": 6}),       # revoked key version
+            clone("t1", template=base64.b64encode(b"\x00junk").decode()),           # not a template
+            clone("n1", **{"consent.notice_version": ""}),                          # no notice version
+            clone("f1", **{"consent.consented_at": now + 86400}),                   # consent in the future
+            clone("k1", **{"consent.consent_id": by[("s2", "access_control")]["consent"]["consent_id"]}),
+            clone("x1", purpose="Bad Purpose"),                                     # bad purpose
+            clone("l1", expires_at=now + 40 * 365 * 86400),                         # capped, not refused
+        ]
+        return body
+    bad = _rewrite(path, tmp_path / "rows.jsonl", edit)
+    precheck(bad)                                                  # well-formed: the checks are the import's
+    res = _import(tmp_path / "t", clock, bad, bulk_batch_rows=4)
+    reasons = {subject: reason for _, subject, reason in res.rejected}
+    assert reasons == {
+        "m1": "GUARDIAN_CONSENT_REQUIRED", "e1": "TEMPLATE_EXPIRED", "d1": "DEVICE_NOT_REGISTERED",
+        "d2": "PRIVATE_SPACE_DEVICE", "bad id!": "BAD_SUBJECT_ID", "w1": "CONSENT_WITHDRAWN",
+        "r1": "KEY_VERSION_REVOKED", "t1": reasons.get("t1"), "n1": "MISSING_NOTICE_VERSION",
+        "f1": "BAD_CONSENT_TIME", "k1": "CONSENT_CONFLICT", "x1": "BAD_PURPOSE"}
+    assert reasons["t1"] and reasons["t1"] != "OK"
+    assert res.enrolled == 7 and res.rejected_total == 12           # 6 good + l1
+    store = SQLiteStore(tmp_path / "t", clock)
+    try:
+        subjects = {r.subject for r in store.template_index()}
+        assert subjects == {"s0", "s1", "s2", "s3", "s4", "l1"}
+        l1 = store.templates_of("default", "l1")[0]
+        assert l1.expires_at <= now + 3 * 365 * 86400 + 1             # capped at max_retention_days
+    finally:
+        store.close()
+
+
+def test_scheme_not_allowed_on_target_and_consent_conflict(dump, tmp_path):
+    path, clock = dump
+    res = _import(tmp_path / "t", clock, path, allowed_schemes=["iom"])
+    assert res.enrolled == 0 and {r for _, _, r in res.rejected} == {"SCHEME_NOT_ALLOWED"}
+    # a consent id already used here for another record: the row is refused, the record untouched
+
+    def edit(body):
+        for r in body:
+            if r["kind"] == "template" and r["subject"] == "s1":
+                r["consent"]["notice_version"] = "notice-v2"
+        return body
+    other = _rewrite(path, tmp_path / "other.jsonl", edit)
+    ok = _import(tmp_path / "u", clock, path)
+    assert ok.enrolled == 6
+    again = _import(tmp_path / "u", clock, other)
+    assert {s: r for _, s, r in again.rejected} == {"s1": "CONSENT_CONFLICT"}
+    assert again.unchanged == 5
