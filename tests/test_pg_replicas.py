@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import secrets
-import signal
 import subprocess
 import sys
 import threading
@@ -25,8 +24,17 @@ import pytest
 
 from engine.client import DeviceClient, LocationClass, OperatorClient
 from engine.keys import KeyDeriver
+from engine.service.store import shard_of
 from tests.support import NOTICE, TOKENS, capture, faces
-from tests.support.services import drop_schema, fresh_schema, pg_dsn, ray_address
+from tests.support.services import (
+    drop_schema,
+    fresh_schema,
+    kill_tree,
+    pg_dsn,
+    ray_address,
+    remove_namespace,
+    shard_places,
+)
 from tests.support.waiting import wait_until
 
 DERIVER = KeyDeriver(bytes(range(32)), "default")
@@ -52,15 +60,8 @@ def cluster(tmp_path):
 
 
 def _kill_actors(addr: str, node_ip: str, ns: str) -> None:
-    """Detached shards outlive the replicas by design: the test removes its own."""
-    code = ("import ray, sys\n"
-            "ray.init(address=sys.argv[1], namespace=sys.argv[3], logging_level='ERROR', "
-            "**({'_node_ip_address': sys.argv[2]} if sys.argv[2] else {}))\n"
-            "for a in ray.util.list_named_actors(all_namespaces=True):\n"
-            "    if a['namespace'] == sys.argv[3]:\n"
-            "        ray.kill(ray.get_actor(a['name'], namespace=a['namespace']))\n")
-    subprocess.run([sys.executable, "-c", code, addr, node_ip, ns], timeout=120, check=False,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    """Detached shards (and their placement group) outlive the replicas by design: the test removes its own."""
+    remove_namespace(addr, node_ip, ns)
 
 
 def _replica(c, name: str):
@@ -119,9 +120,13 @@ def test_read_your_writes_across_replicas(cluster):
         assert on_a.verify("s1", capture(x[1], rng)).matched
 
 
+def _worker_ip() -> str:
+    return os.environ.get("VEILFACE_TEST_RAY_WORKER_IP", "127.0.0.3")
+
+
 def _restart_ray_worker(addr: str) -> None:
     ray_bin = str(Path(sys.executable).with_name("ray"))
-    proc = subprocess.Popen([ray_bin, "start", "--block", f"--address={addr}", "--node-ip-address=127.0.0.3",
+    proc = subprocess.Popen([ray_bin, "start", "--block", f"--address={addr}", f"--node-ip-address={_worker_ip()}",
                              "--num-cpus=2", "--disable-usage-stats"], start_new_session=True,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     svc = os.environ.get("VF_SVC_DIR")
@@ -140,6 +145,12 @@ def test_failures_ray_node_replica_and_postgres(cluster):
     targets = [a.target, b.target]
     dev = DeviceClient(targets, TOKENS["device"], "gate-1", DERIVER, timeout=120.0)
     rng = np.random.default_rng(33)
+    # shards are placed round-robin over the nodes by address (soft node affinity): with 4 shards on
+    # 2 nodes, some shards run on the node about to be killed -- asserted, not assumed
+    where = (cluster["addr"], cluster["node_ip"], cluster["ns"], cluster["settings"]["ray_shards"])
+    before = shard_places(*where)
+    doomed = {s for s, (_, ip) in before.items() if ip == _worker_ip()}
+    assert doomed and len(doomed) < len(before), before
     try:
         # 1. kill -9 the second Ray node under Identify / Verify load
         errors, ok, halfway = [], Counter(), threading.Barrier(4)
@@ -163,12 +174,15 @@ def test_failures_ray_node_replica_and_postgres(cluster):
         for t in threads:
             t.start()
         halfway.wait()
-        os.killpg(pgid, signal.SIGKILL)                       # the node's raylet, workers and shards
+        assert kill_tree(pgid) >= 3                           # the node: ray start, raylet, workers + shards
         for t in threads:
             t.join()
         assert errors == [] and sum(ok.values()) == 90
         for sid, e in subjects.items():                       # nothing acknowledged is lost
             assert dev.verify(sid, capture(e, rng)).matched
+        after = shard_places(*where)                          # the killed node's shards were restarted elsewhere
+        assert all(after[s][1] != _worker_ip() and after[s][0] != before[s][0] for s in doomed), (before, after)
+        assert {shard_of("default", sid, len(before)) for sid in subjects} & doomed   # and they held subjects
 
         # 2. kill -9 replica A: B serves
         a.kill()

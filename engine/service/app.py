@@ -82,6 +82,7 @@ class MatcherApp:
         if cfg.matching != "local":   # pg: the Ray shards load the templates, not every replica
             from .replicas import startup_state
             self.loaded = startup_state(cfg, store, self.clock)
+            self.contexts.load(store.current_he_contexts())   # pg2: HE galleries live on the shards too
             if self.loaded["next_expiry"] is not None:
                 self.retention.note_expiry(self.loaded["next_expiry"])
         else:

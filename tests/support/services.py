@@ -84,3 +84,75 @@ def ray_address() -> tuple[str, str]:
     except ImportError:
         _missing("ray is not installed (pip install -e '.[scale]')")
     return addr, os.environ.get(RAY_NODE_ENV, "")
+
+
+# pg2: a short-lived Ray driver (the test process itself stays out of Ray) ---------------------------------
+def ray_driver(addr: str, node_ip: str, ns: str, body: str, shards: int = 0, timeout: float = 300.0) -> str:
+    """Run the Python ``body`` in a fresh driver attached to namespace ``ns`` (``ray`` and ``sys`` are
+    imported; ``shard(i)`` is the handle of gallery shard ``i`` of ``shards``); returns its stdout."""
+    import subprocess
+    import sys
+    code = ("import ray, sys\n"
+            "ray.init(address=sys.argv[1], namespace=sys.argv[3], logging_level='ERROR', log_to_driver=False, "
+            "**({'_node_ip_address': sys.argv[2]} if sys.argv[2] else {}))\n"
+            f"def shard(i): return ray.get_actor(f'veilface-shard-{{i}}-of-{shards}', namespace=sys.argv[3])\n" + body)
+    out = subprocess.run([sys.executable, "-c", code, addr, node_ip, ns], capture_output=True, text=True,
+                         timeout=timeout)
+    if out.returncode != 0:
+        raise RuntimeError(f"ray driver failed: {out.stderr[-2000:]}")
+    return out.stdout
+
+
+def shard_places(addr: str, node_ip: str, ns: str, shards: int) -> dict[int, tuple[int, str]]:
+    """{shard: (process id, node address)} of a deployment's gallery shards."""
+    import json
+    out = ray_driver(addr, node_ip, ns, "import json\n"
+                     f"print(json.dumps([ray.get(shard(i).ping.remote()) for i in range({shards})]))\n", shards)
+    return {int(s): (int(pid), str(ip)) for s, _, pid, ip in json.loads(out.strip().splitlines()[-1])}
+
+
+def remove_namespace(addr: str, node_ip: str, ns: str) -> None:
+    """Kill the named actors (gallery shards, intrusion detector) and remove the placement groups of
+    a deployment's Ray namespace: they are detached, so they outlive the replicas by design."""
+    try:
+        ray_driver(addr, node_ip, ns, (
+            "from ray.util.placement_group import get_placement_group, placement_group_table, "
+            "remove_placement_group\n"
+            "for a in ray.util.list_named_actors(all_namespaces=True):\n"
+            "    if a['namespace'] == sys.argv[3]:\n"
+            "        ray.kill(ray.get_actor(a['name'], namespace=a['namespace']))\n"
+            "for t in placement_group_table().values():\n"
+            "    if t.get('name', '').startswith('veilface-shards-') and t.get('state') != 'REMOVED':\n"
+            "        try:\n"
+            "            remove_placement_group(get_placement_group(t['name']))\n"
+            "        except ValueError:\n"
+            "            pass\n"), timeout=120)
+    except (RuntimeError, OSError):
+        pass
+
+
+def kill_tree(pid: int) -> int:
+    """SIGKILL ``pid`` and every process descended from it, at once (a Ray node: ``ray start``, its
+    raylet and the raylet's workers, which run in sessions of their own, so killing the node's
+    process group would leave its actors running). Returns how many processes were signalled."""
+    import signal
+    kids: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            kids.setdefault(ppid, []).append(int(entry))
+    tree, todo = [], [int(pid)]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo += kids.get(p, [])
+    for p in tree:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return len(tree)
