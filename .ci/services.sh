@@ -116,18 +116,26 @@ sys.exit(1)
 PY
 }
 
+_vf_tree() {  # a pid and all its descendants (Ray workers run in sessions of their own: not in the group)
+    local kid
+    echo "$1"
+    for kid in $(ps -o pid= --ppid "$1" 2>/dev/null); do _vf_tree "$kid"; done
+}
+
 services_stop() {
     [ -n "$VF_SVC_DIR" ] && [ -d "$VF_SVC_DIR" ] || return 0
-    local f pgid
+    local f pgid pids=""
     for f in ray-worker.pgid ray-head.pgid; do
         [ -f "$VF_SVC_DIR/$f" ] || continue
         pgid="$(cat "$VF_SVC_DIR/$f")"
+        pids="$pids $(_vf_tree "$pgid")"
         kill -TERM -- "-$pgid" 2>/dev/null || true
     done
     sleep 2
     for f in ray-worker.pgid ray-head.pgid; do
         [ -f "$VF_SVC_DIR/$f" ] && kill -KILL -- "-$(cat "$VF_SVC_DIR/$f")" 2>/dev/null || true
     done
+    for pgid in $pids; do kill -KILL "$pgid" 2>/dev/null || true; done
     if [ -n "${VF_PG_DATA:-}" ] && [ -d "$VF_PG_DATA" ]; then
         ${VF_PG_RUN:-} "$VF_PG_BIN/pg_ctl" -D "$VF_PG_DATA" -m fast -w stop >/dev/null 2>&1 || true
     fi

@@ -1,52 +1,80 @@
-"""Scale-out benchmark (issue 12): Identify through gRPC over BioHash-256 galleries in Ray shards,
-bulk loading into PostgreSQL, Verify with one and two replicas.
+"""Scale-out benchmark (issue 12): Identify through gRPC over galleries in Ray shards (BioHash-256 and
+HE-128), bulk loading into PostgreSQL, Verify with one and two replicas.
 
 Needs a PostgreSQL database and a Ray cluster (``.ci/services.sh`` starts both on loopback):
 
-    source .ci/services.sh && services_start && \\
+    source .ci/services.sh && services_start .venv/bin/python && \\
     python -m bench.scale --pg "$VEILFACE_TEST_PG_DSN" --ray "$VEILFACE_TEST_RAY_ADDRESS" \\
-        --node-ip "$VEILFACE_TEST_RAY_NODE_IP" --sizes 100000,1000000,10000000 --shards 2 --json scale.json
+        --node-ip "$VEILFACE_TEST_RAY_NODE_IP" --sizes 1000000,10000000 --he-sizes 1048576 --json scale.json
 
-Records (one JSON object each): ``name, n, shards, p50_ms, p99_ms, baseline, speedup`` (+ details):
+Records (one JSON object each, printed as they are measured): ``name, n, shards, p50_ms, p99_ms,
+baseline, speedup`` (+ details). Every baseline is measured in the same run:
 
 * ``scale_identify_biohash256_<n>``: Identify (top-5) through ``veilface serve`` with the gallery in
   ``--shards`` Ray actors; ``baseline`` = p50 of the in-process native gallery (one query, same
-  codes) at min(n, 1M) measured in the same run, ``speedup`` = baseline / p50 (< 1: the price of
-  gRPC + scatter/merge; at 10M the baseline stays the 1M in-process number: how cost grows);
-* ``scale_enroll_stream``: rows/s of EnrollStream into PostgreSQL with every policy check
-  (``p50_ms`` / ``p99_ms`` per 5,000-row batch message);
-* ``scale_verify_replicas``: Verify throughput and p99 with two replicas vs one (load from
-  ``bench.load``): ``speedup`` = rps(2) / rps(1).
+  code size) at min(n, 1M); ``speedup`` = baseline / p50 (< 1: the price of gRPC + scatter/merge; at
+  10M the baseline stays the 1M in-process number: how cost grows);
+* ``scale_identify_he128_<n>``: encrypted Identify (HE-128, identify mode, probe encrypted) through
+  ``veilface serve`` over HE galleries on the Ray shards (blocks of 8,192 templates bulk-loaded with
+  ``add_he_block``: the store cannot hold 1M uploads of ~256 KB), the reply = the shards' encrypted
+  scores concatenated; ``baseline`` = p50 of one in-process ``IdentifyGallery`` search at
+  ``baseline_n`` templates, ``speedup`` = templates/s through gRPC over shards / templates/s of that
+  baseline; ``decide_ms`` = the decider's decryption + decision on one reply (not in p50);
+* ``scale_enroll_stream``: rows/s of EnrollStream into PostgreSQL with every policy check (consent,
+  device, key version, retention, filing); ``p50_ms`` / ``p99_ms`` per call of ``--stream-batch``
+  rows; ``baseline`` = rows/s of the same EnrollStream into SQLite, ``speedup`` = PostgreSQL / SQLite;
+  ``enroll_rows_per_s`` = per-row unary Enroll into PostgreSQL (4 clients);
+* ``scale_verify_replicas``: Verify throughput and p99 with two replicas vs one over the same store
+  and shards (load driver of ``bench.load``): ``baseline`` = req/s of one replica, ``speedup`` =
+  req/s(2) / req/s(1).
 
-The gallery is random BioHash-256 codes written with COPY through the store's bulk path (the
-consents are real rows); memory: ~32 B of codes + ~90 B of ids/bookkeeping per template per shard
-process, i.e. ~1.3 GB of actor memory at 10M, plus PostgreSQL ~2.5 GB on disk.
+Memory: ~32 B of codes + ~120 B of ids/bookkeeping per BioHash template per shard process (~1.5 GB
+at 10M, plus PostgreSQL ~3 GB on disk); HE: 4 KiB of ciphertext per template (4.1 GB at 1M).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import secrets
+import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 SCHEME = "biohash:bits=256,dim=128"
-TENANT, PURPOSE, DEVICE = "default", "access_control", "gate-1"
+HE_SCHEME = "he:dim=128,mode=identify"
+TENANT, PURPOSE, DEVICE, NOTICE = "default", "access_control", "gate-1", "notice-bench"
+LOAD_BATCH = 100_000
 
 
-def _templates(scheme, n: int, seed: int):
+def _label(n: int) -> str:
+    return f"{n // 1_000_000}M" if n >= 1_000_000 and n % 1_000_000 == 0 else str(n)
+
+
+def _pct(lat_ms: list[float]) -> tuple[float, float]:
+    a = np.asarray(lat_ms)
+    return round(float(np.percentile(a, 50)), 3), round(float(np.percentile(a, 99)), 3)
+
+
+def _codes(start: int, m: int, seed: int = 1) -> np.ndarray:
+    """The BioHash codes of subjects ``p<start> .. p<start+m-1>`` (reproducible per load batch)."""
+    assert start % LOAD_BATCH == 0 and m <= LOAD_BATCH
+    return np.random.default_rng(seed + start).integers(0, 256, size=(m, 32), dtype=np.uint8)
+
+
+def _template_bytes(scheme, code: np.ndarray, key_version: int = 1) -> bytes:
     from engine.template import Template
-    rng = np.random.default_rng(seed)
-    codes = rng.integers(0, 256, size=(n, 32), dtype=np.uint8)
-    return codes, [Template(scheme.spec, codes[i], 1) for i in range(n)]
+    return Template(scheme.spec, code, key_version).to_bytes()
 
 
-def load_gallery(store_dsn: str, n: int, batch: int = 100_000, seed: int = 1) -> float:
-    """n templates straight into the store through its bulk path (COPY); returns seconds."""
+def load_gallery(store_dsn: str, n: int, seed: int = 1) -> float:
+    """n BioHash templates straight into the store (COPY; a gallery to search, not an enrolment
+    benchmark: see scale_enroll_stream); returns seconds."""
     from engine.schemes import make_scheme
     from engine.service.clock import SystemClock
     from engine.service.store import DeviceRow, TemplateRow
@@ -56,14 +84,15 @@ def load_gallery(store_dsn: str, n: int, batch: int = 100_000, seed: int = 1) ->
     t0, now = time.perf_counter(), time.time()
     with store.transaction() as tx:
         tx.insert_device(DeviceRow(TENANT, DEVICE, 1, "lobby", True, now))
-    for start in range(0, n, batch):
-        m = min(batch, n - start)
-        _, ts = _templates(scheme, m, seed + start)
+    key = scheme.spec.key()
+    for start in range(0, n, LOAD_BATCH):
+        m = min(LOAD_BATCH, n - start)
+        codes = _codes(start, m, seed)
+        rows = [TemplateRow(TENANT, f"p{start + i:09d}", PURPOSE, key, 1, _template_bytes(scheme, codes[i]), now,
+                            now + 365 * 86400, f"c{start + i}", DEVICE) for i in range(m)]
         with store.transaction() as tx:
-            rows = [TemplateRow(TENANT, f"p{start + i:09d}", PURPOSE, scheme.spec.key(), 1, ts[i].to_bytes(), now,
-                                now + 365 * 86400, f"c{start + i}", DEVICE) for i in range(m)]
             tx.insert_templates(rows)
-            del rows
+        del rows
     store.close()
     return time.perf_counter() - t0
 
@@ -73,7 +102,6 @@ def baseline_p50(n: int, queries: int = 50) -> tuple[float, float]:
     from engine.gallery import make_gallery
     from engine.schemes import make_scheme
     scheme = make_scheme(SCHEME)
-    codes, _ = _templates(scheme, 1, 0)
     g = make_gallery(scheme, "native")
     rng = np.random.default_rng(7)
     g.add_codes([f"p{i}" for i in range(n)], rng.integers(0, 256, size=(n, 32), dtype=np.uint8))
@@ -83,80 +111,401 @@ def baseline_p50(n: int, queries: int = 50) -> tuple[float, float]:
         t0 = time.perf_counter()
         g.search_codes(q, 5)
         lat.append((time.perf_counter() - t0) * 1e3)
-    return float(np.percentile(lat, 50)), float(np.percentile(lat, 99))
+    return _pct(lat)
 
 
 def _serve(tmp: Path, name: str, tokens: dict, **settings):
     from engine.service.launcher import ServerProcess, write_config
-    return ServerProcess(write_config(tmp / name, tokens=tokens, identify_limit=10**9, identify_nomatch_limit=10**9,
-                                      verify_fail_limit=10**9, **settings)[0], timeout=3600)
+    settings = {"identify_limit": 10**9, "identify_nomatch_limit": 10**9, "verify_fail_limit": 10**9,
+                "filing_threshold": 10**9, **settings}
+    return ServerProcess(write_config(tmp / name, tokens=tokens, **settings)[0], timeout=3600)
 
 
-def identify_requests(count: int, token_device: str = DEVICE) -> list[bytes]:
+def _ray_settings(ray_addr: str, node_ip: str, ns: str, shards: int) -> dict:
+    return {"matching": f"ray://{ray_addr}", "ray_node_ip": node_ip, "ray_namespace": ns, "ray_shards": shards,
+            "ray_timeout_s": 600.0}
+
+
+def identify_requests(count: int) -> list[bytes]:
     from engine._proto.veilface.v1 import matcher_pb2 as pb
     from engine.schemes import make_scheme
     scheme = make_scheme(SCHEME)
-    _, ts = _templates(scheme, count, 99)
-    return [pb.IdentifyRequest(probe=t.to_bytes(), top_k=5, purpose=PURPOSE, device_id=token_device,
-                               threshold=0.5).SerializeToString() for t in ts]
+    codes = np.random.default_rng(99).integers(0, 256, size=(count, 32), dtype=np.uint8)
+    return [pb.IdentifyRequest(probe=_template_bytes(scheme, c), top_k=5, purpose=PURPOSE, device_id=DEVICE,
+                               threshold=0.5).SerializeToString() for c in codes]
 
 
-def run(pg: str, ray_addr: str, node_ip: str, sizes: list[int], shards: int, seconds: float, clients: int) -> list[dict]:
+def _drive_many(targets: list[str], token: str, method: str, requests: list[bytes], clients: int,
+                duration: float) -> dict:
+    """bench.load's driver over several replicas at once (clients split evenly), merged."""
+    import grpc
+
     from bench.load import _drive
-    from engine.service.config import ROLES, new_token
-    from tests.support.services import drop_schema, fresh_schema
-    tokens = {r: new_token(r) for r in ROLES}
-    out: list[dict] = []
+    from engine._proto.veilface.v1 import matcher_pb2 as pb
+    out: list[dict] = [{} for _ in targets]
+    failed: list[BaseException] = []
+    per = max(1, clients // len(targets))
+    resp = {"Verify": pb.VerifyResponse, "Identify": pb.IdentifyResponse}[method]
+    for target in targets:            # warm up (shards loading, connections) without a deadline of 10 s
+        with grpc.insecure_channel(target) as ch:
+            ch.unary_unary(f"/veilface.v1.Matcher/{method}", request_serializer=lambda b: b,
+                           response_deserializer=resp.FromString)(
+                requests[0], metadata=(("authorization", f"Bearer {token}"),), timeout=1800)
+
+    def run(i: int, target: str) -> None:
+        try:
+            out[i] = _drive(target, token, method, requests, per, duration, 10**7)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, in the caller's thread
+            failed.append(exc)
+    ts = [threading.Thread(target=run, args=(i, t)) for i, t in enumerate(targets)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    if failed:
+        raise failed[0]
+    # percentiles of the union are not derivable from per-target ones: weight by requests (reported as such)
+    reqs = sum(r["requests"] for r in out)
+    return {"requests": reqs, "errors": sum(r["errors"] for r in out), "rps": round(sum(r["rps"] for r in out), 1),
+            "p50_ms": round(sum(r["p50_ms"] * r["requests"] for r in out) / max(reqs, 1), 3),
+            "p99_ms": max(r["p99_ms"] for r in out)}
+
+
+# -- scale_identify_biohash256_<n> -------------------------------------------------------------------------
+def identify_biohash(pg: str, ray_addr: str, node_ip: str, sizes: list[int], shards: int, seconds: float,
+                     clients: int, tokens: dict, tmp: Path) -> list[dict]:
+    from tests.support.services import drop_schema, fresh_schema, remove_namespace
+    out = []
     base50, base99 = baseline_p50(min(max(sizes), 1_000_000))
-    with tempfile.TemporaryDirectory() as d:
-        tmp = Path(d)
-        for n in sizes:
-            dsn, schema = fresh_schema(pg)
-            ns = "vfbench_" + secrets.token_hex(4)
+    for n in sizes:
+        dsn, schema = fresh_schema(pg)
+        ns = "vfbench_" + secrets.token_hex(4)
+        try:
+            load_s = load_gallery(dsn, n)
+            t0 = time.perf_counter()
+            srv = _serve(tmp, f"id{n}", tokens, store=dsn, workers=16, **_ray_settings(ray_addr, node_ip, ns, shards))
+            ready_s = time.perf_counter() - t0
             try:
-                load_s = load_gallery(dsn, n)
-                t0 = time.perf_counter()
-                srv = _serve(tmp, f"id{n}", tokens, store=dsn, matching=f"ray://{ray_addr}", ray_node_ip=node_ip,
-                             ray_namespace=ns, ray_shards=shards, workers=16)
-                ready_s = time.perf_counter() - t0
-                try:
-                    r = _drive(srv.target, tokens["device"], "Identify", identify_requests(64), clients, seconds, 10**6)
-                finally:
-                    srv.stop()
-                    _kill_namespace(ray_addr, node_ip, ns)
-                label = f"{n // 1_000_000}M" if n >= 1_000_000 and n % 1_000_000 == 0 else str(n)
-                out.append({"name": f"scale_identify_biohash256_{label}", "n": n, "shards": shards,
-                            "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"], "baseline": round(base50, 3),
-                            "baseline_p99_ms": round(base99, 3), "speedup": round(base50 / r["p50_ms"], 3),
-                            "rps": r["rps"], "errors": r["errors"], "load_s": round(load_s, 1),
-                            "shards_ready_s": round(ready_s, 1), "clients": clients})
-                print(json.dumps(out[-1]), flush=True)
+                r = _drive_many([srv.target], tokens["device"], "Identify", identify_requests(64), clients, seconds)
             finally:
-                drop_schema(schema, pg)
+                srv.stop()
+                remove_namespace(ray_addr, node_ip, ns)
+            out.append({"name": f"scale_identify_biohash256_{_label(n)}", "n": n, "shards": shards,
+                        "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"], "baseline": base50,
+                        "baseline_p99_ms": base99, "baseline_n": min(max(sizes), 1_000_000),
+                        "speedup": round(base50 / r["p50_ms"], 3), "rps": r["rps"], "errors": r["errors"],
+                        "load_s": round(load_s, 1), "shards_ready_s": round(ready_s, 1), "clients": clients})
+            _emit(out[-1])
+        finally:
+            drop_schema(schema, pg)
     return out
 
 
-def _kill_namespace(addr: str, node_ip: str, ns: str) -> None:
-    import subprocess
-    code = ("import ray, sys\n"
-            "ray.init(address=sys.argv[1], logging_level='ERROR', **({'_node_ip_address': sys.argv[2]} if sys.argv[2] else {}))\n"
-            "for a in ray.util.list_named_actors(all_namespaces=True):\n"
-            "    if a['namespace'] == sys.argv[3]: ray.kill(ray.get_actor(a['name'], namespace=a['namespace']))\n")
-    subprocess.run([sys.executable, "-c", code, addr, node_ip, ns], timeout=300, check=False)
+# -- scale_enroll_stream -------------------------------------------------------------------------------------
+def _seed_consents(store, subjects: list[str], now: float) -> list[str]:
+    """One consent record per subject, written straight into the store (the bench's setup)."""
+    from engine.service.store import ConsentRow
+    ids = [f"c_{s}" for s in subjects]
+    for k in range(0, len(subjects), 10_000):
+        with store.transaction() as tx:
+            for s, c in zip(subjects[k:k + 10_000], ids[k:k + 10_000]):
+                tx.insert_consent(ConsentRow(c, TENANT, s, PURPOSE, NOTICE, now, 30, False, "", "", 0.0, DEVICE))
+    return ids
+
+
+def _stream_rate(target: str, token: str, scheme, subjects: list[str], consents: list[str], batch: int,
+                 message_rows: int = 500) -> tuple[float, list[float], int]:
+    """EnrollStream calls of ``batch`` rows each; returns (rows/s, per-call ms, rejected)."""
+    import grpc
+
+    from engine._proto.veilface.v1 import matcher_pb2 as pb
+    from engine._proto.veilface.v1 import matcher_pb2_grpc as pb_grpc
+    stub = pb_grpc.MatcherStub(grpc.insecure_channel(target, options=[("grpc.max_send_message_length", 64 << 20)]))
+    md = (("authorization", f"Bearer {token}"),)
+    rng = np.random.default_rng(5)
+    lat, rejected, t_all = [], 0, time.perf_counter()
+    for k in range(0, len(subjects), batch):
+        part = list(zip(subjects[k:k + batch], consents[k:k + batch]))
+        codes = rng.integers(0, 256, size=(len(part), 32), dtype=np.uint8)
+        rows = [pb.BulkEnrollRow(subject_id=s, template=_template_bytes(scheme, codes[i]), consent_id=c)
+                for i, (s, c) in enumerate(part)]
+        msgs = [pb.EnrollStreamRequest(purpose=PURPOSE, device_id=DEVICE, rows=rows[j:j + message_rows])
+                for j in range(0, len(rows), message_rows)]
+        t0 = time.perf_counter()
+        r = stub.EnrollStream(iter(msgs), metadata=md, timeout=3600)
+        lat.append((time.perf_counter() - t0) * 1e3)
+        rejected += r.rejected_total
+    return len(subjects) / (time.perf_counter() - t_all), lat, rejected
+
+
+def _per_row_rate(target: str, token: str, scheme, subjects: list[str], consents: list[str], clients: int = 4) -> float:
+    import grpc
+
+    from engine._proto.veilface.v1 import matcher_pb2 as pb
+    rng = np.random.default_rng(6)
+    codes = rng.integers(0, 256, size=(len(subjects), 32), dtype=np.uint8)
+    reqs = [pb.EnrollRequest(subject_id=s, template=_template_bytes(scheme, codes[i]), consent_id=c, purpose=PURPOSE,
+                             device_id=DEVICE, request_id=f"r{s}").SerializeToString()
+            for i, (s, c) in enumerate(zip(subjects, consents))]
+    ch = grpc.insecure_channel(target)
+    call = ch.unary_unary("/veilface.v1.Matcher/Enroll", request_serializer=lambda b: b,
+                          response_deserializer=pb.EnrollResponse.FromString)
+    md = (("authorization", f"Bearer {token}"),)
+
+    def work(c: int) -> None:
+        for i in range(c, len(reqs), clients):
+            call(reqs[i], metadata=md, timeout=60)
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=work, args=(c,)) for c in range(clients)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    ch.close()
+    return len(reqs) / (time.perf_counter() - t0)
+
+
+def _register_device(target: str, token: str) -> None:
+    from engine.client import LocationClass, OperatorClient
+    with OperatorClient(target, token) as op:
+        op.register_device(DEVICE, LocationClass.PUBLIC_PLACE, "lobby", True)
+
+
+def enroll_stream(pg: str, rows: int, batch: int, per_row: int, tokens: dict, tmp: Path) -> dict:
+    from engine.schemes import make_scheme
+    from engine.service.clock import SystemClock
+    from engine.service.store import SQLiteStore
+    from engine.service.store.postgres import PostgresStore
+    from tests.support.services import drop_schema, fresh_schema
+    scheme = make_scheme(SCHEME)
+    subjects = [f"b{i:09d}" for i in range(rows)]
+    extra = [f"u{i:09d}" for i in range(per_row)]
+    res = {}
+    dsn, schema = fresh_schema(pg)
+    try:
+        for kind in ("sqlite", "postgres"):
+            data = tmp / f"stream-{kind}"
+            settings = {"store": dsn} if kind == "postgres" else {}
+            srv = _serve(tmp, f"stream-{kind}", tokens, workers=8, bulk_batch_rows=batch, **settings)
+            try:
+                _register_device(srv.target, tokens["admin"])
+                store = PostgresStore(dsn, SystemClock(), max_size=2) if kind == "postgres" else SQLiteStore(data)
+                try:
+                    consents = _seed_consents(store, subjects + extra, time.time())
+                finally:
+                    store.close()
+                rate, lat, rejected = _stream_rate(srv.target, tokens["operator"], scheme, subjects,
+                                                   consents[:rows], batch)
+                per_row_rate = (_per_row_rate(srv.target, tokens["device"], scheme, extra, consents[rows:])
+                                if kind == "postgres" and per_row else 0.0)
+            finally:
+                srv.stop()
+            res[kind] = (rate, lat, rejected, per_row_rate)
+    finally:
+        drop_schema(schema, pg)
+    rate, lat, rejected, per_row_rate = res["postgres"]
+    p50, p99 = _pct(lat)
+    rec = {"name": "scale_enroll_stream", "n": rows, "shards": 0, "p50_ms": p50, "p99_ms": p99,
+           "rows_per_s": round(rate, 1), "baseline": round(res["sqlite"][0], 1),
+           "baseline_kind": "EnrollStream into SQLite (rows/s)", "speedup": round(rate / res["sqlite"][0], 3),
+           "per_call_rows": batch, "rejected": rejected + res["sqlite"][2],
+           "enroll_rows_per_s": round(per_row_rate, 1), "enroll_rows": per_row}
+    _emit(rec)
+    return rec
+
+
+# -- scale_verify_replicas -----------------------------------------------------------------------------------
+def verify_replicas(pg: str, ray_addr: str, node_ip: str, gallery: int, shards: int, seconds: float, clients: int,
+                    tokens: dict, tmp: Path) -> dict:
+    from engine._proto.veilface.v1 import matcher_pb2 as pb
+    from engine.schemes import make_scheme
+    from tests.support.services import drop_schema, fresh_schema, remove_namespace
+    scheme = make_scheme(SCHEME)
+    dsn, schema = fresh_schema(pg)
+    ns = "vfbench_" + secrets.token_hex(4)
+    try:
+        load_gallery(dsn, gallery)
+        codes = _codes(0, min(gallery, LOAD_BATCH))
+        m = min(512, len(codes))
+        reqs = [pb.VerifyRequest(subject_id=f"p{i:09d}", probe=_template_bytes(scheme, codes[i]), purpose=PURPOSE,
+                                 device_id=DEVICE).SerializeToString() for i in range(m)]
+        settings = {"store": dsn, "workers": 16, **_ray_settings(ray_addr, node_ip, ns, shards)}
+        a = _serve(tmp, "rep-a", tokens, **settings)
+        b = _serve(tmp, "rep-b", tokens, **settings)
+        try:
+            one = _drive_many([a.target], tokens["device"], "Verify", reqs, clients, seconds)
+            two = _drive_many([a.target, b.target], tokens["device"], "Verify", reqs, clients, seconds)
+        finally:
+            a.stop()
+            b.stop()
+            remove_namespace(ray_addr, node_ip, ns)
+    finally:
+        drop_schema(schema, pg)
+    rec = {"name": "scale_verify_replicas", "n": gallery, "shards": shards, "p50_ms": two["p50_ms"],
+           "p99_ms": two["p99_ms"], "rps": two["rps"], "baseline": one["rps"], "baseline_kind": "req/s of one replica",
+           "baseline_p50_ms": one["p50_ms"], "baseline_p99_ms": one["p99_ms"],
+           "speedup": round(two["rps"] / max(one["rps"], 1e-9), 3), "errors": one["errors"] + two["errors"],
+           "clients": clients, "cores": os.cpu_count()}
+    _emit(rec)
+    return rec
+
+
+# -- scale_identify_he128_<n> ---------------------------------------------------------------------------------
+def _he_blocks(n: int, shards: int, block: int, rng: np.random.Generator):
+    """Subject ids grouped into blocks of ``block`` ids that all hash to one shard: [(ids, shard)]."""
+    from engine.service.store import shard_of
+    buckets: list[list[str]] = [[] for _ in range(shards)]
+    out, made, j = [], 0, 0
+    while made < n:
+        sid = f"h{j:09d}"
+        j += 1
+        s = shard_of(TENANT, sid, shards)
+        buckets[s].append(sid)
+        if len(buckets[s]) == min(block, n - made):
+            out.append((buckets[s], s))
+            made += len(buckets[s])
+            buckets[s] = []
+    return out
+
+
+def identify_he(pg: str, ray_addr: str, node_ip: str, sizes: list[int], shards: int, queries: int, tokens: dict,
+                tmp: Path, baseline_blocks: int = 16) -> list[dict]:
+    import grpc
+
+    from engine._proto.veilface.v1 import matcher_pb2 as pb
+    from engine.client import DeviceClient, OperatorClient
+    from engine.he import IdentifyGallery, KeyHolder, encrypt_block_blob
+    from engine.schemes import make_scheme
+    from engine.service.matching import GalleryKey
+    from engine.service.matching.ray_backend import RayMatching
+    from tests.support.services import drop_schema, fresh_schema, remove_namespace
+    kh = KeyHolder("identify", 128, tenant=TENANT)
+    pub = kh.public_context()
+    scheme = make_scheme(HE_SCHEME)
+    N = pub.params.poly_degree
+    out = []
+    for n in sizes:
+        dsn, schema = fresh_schema(pg)
+        ns = "vfbench_" + secrets.token_hex(4)
+        rng = np.random.default_rng(n)
+        try:
+            srv = _serve(tmp, f"he{n}", tokens, store=dsn, workers=8, max_message_bytes=512 << 20,
+                         max_response_bytes=512 << 20, **_ray_settings(ray_addr, node_ip, ns, shards))
+            try:
+                _register_device(srv.target, tokens["admin"])
+                with OperatorClient(srv.target, tokens["admin"]) as op:
+                    info = op.register_he_context(kh, PURPOSE)
+                key = GalleryKey(TENANT, PURPOSE, scheme.spec.key(), info.epoch)
+                backend = RayMatching(f"ray://{ray_addr}", "", shards, ns, node_ip, timeout_s=3600.0)
+                backend.open(key, scheme, pub)
+                target_emb, t0, base_blobs = None, time.perf_counter(), []
+                for ids, _ in _he_blocks(n, shards, N, rng):
+                    emb = rng.standard_normal((len(ids), 128))
+                    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+                    if target_emb is None:
+                        target_emb, target_id = emb[0].copy(), ids[0]
+                    blob = encrypt_block_blob(pub, emb)
+                    backend.add_he_block(key, ids, blob)
+                    if len(base_blobs) < baseline_blocks:
+                        base_blobs.append((ids, blob))
+                load_s = time.perf_counter() - t0
+                dev = DeviceClient(srv.target, tokens["device"], DEVICE, scheme=HE_SCHEME,
+                                   he_context=kh.public_context(eval_keys=False).to_bytes(), decider=kh)
+                probe = dev.protect_probe(None, target_emb + 0.3 * rng.standard_normal(128) / np.sqrt(128))
+                req = pb.IdentifyRequest(probe=probe.to_bytes(), purpose=PURPOSE, device_id=DEVICE, top_k=5)
+                ch = grpc.insecure_channel(srv.target, options=[("grpc.max_receive_message_length", 512 << 20)])
+                call = ch.unary_unary("/veilface.v1.Matcher/Identify", request_serializer=pb.IdentifyRequest.SerializeToString,
+                                      response_deserializer=pb.IdentifyResponse.FromString)
+                md = (("authorization", f"Bearer {tokens['device']}"),)
+                lat, reply = [], None
+                for q in range(queries + 1):                       # the first one warms up
+                    t1 = time.perf_counter()
+                    reply = call(req, metadata=md, timeout=3600)
+                    if q:
+                        lat.append((time.perf_counter() - t1) * 1e3)
+                ch.close()
+                t1 = time.perf_counter()
+                decision = kh.decide_identify(reply.encrypted_scores, threshold=0.5, k=5)
+                decide_ms = (time.perf_counter() - t1) * 1e3
+                backend.close()
+            finally:
+                srv.stop()
+                remove_namespace(ray_addr, node_ip, ns)
+            # baseline: one in-process gallery (one core) over the first blocks, same probe
+            g = IdentifyGallery(pub)
+            for ids, blob in base_blobs:
+                g.add_block(ids, blob)
+            del base_blobs
+            g.search(probe)
+            blat = []
+            for _ in range(max(3, queries)):
+                t1 = time.perf_counter()
+                g.search(probe)
+                blat.append((time.perf_counter() - t1) * 1e3)
+            bn, b50 = len(g), statistics.median(blat)
+            del g
+            p50, p99 = _pct(lat)
+            rec = {"name": f"scale_identify_he128_{_label(n) if n % 1_000_000 else _label(n)}", "n": n,
+                   "shards": shards, "p50_ms": p50, "p99_ms": p99, "baseline": round(b50, 1), "baseline_n": bn,
+                   "baseline_kind": "one in-process IdentifyGallery search (ms) at baseline_n",
+                   "speedup": round((n / p50) / (bn / b50), 3), "templates_per_s": round(n / p50 * 1e3),
+                   "baseline_templates_per_s": round(bn / b50 * 1e3), "decide_ms": round(decide_ms, 1),
+                   "top1_is_target": bool(decision.subject_ids and decision.subject_ids[0] == target_id),
+                   "result_mb": round(len(reply.encrypted_scores) / 1e6, 1), "load_s": round(load_s, 1),
+                   "queries": queries}
+            out.append(rec)
+            _emit(rec)
+        finally:
+            drop_schema(schema, pg)
+    return out
+
+
+def _emit(rec: dict) -> None:
+    print(json.dumps(rec), flush=True)
+
+
+def run(pg: str, ray_addr: str, node_ip: str, sizes: list[int], shards: int, seconds: float, clients: int,
+        stream_rows: int = 0, stream_batch: int = 5000, per_row: int = 2000, replica_gallery: int = 0,
+        he_sizes: list[int] | None = None, he_queries: int = 5) -> list[dict]:
+    from engine.service.config import ROLES, new_token
+    tokens = {r: new_token(r) for r in ROLES}
+    out: list[dict] = []
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        if stream_rows:
+            out.append(enroll_stream(pg, stream_rows, stream_batch, per_row, tokens, tmp))
+        if replica_gallery:
+            out.append(verify_replicas(pg, ray_addr, node_ip, replica_gallery, shards, seconds, clients, tokens, tmp))
+        if he_sizes:
+            out += identify_he(pg, ray_addr, node_ip, he_sizes, shards, he_queries, tokens, tmp)
+        if sizes:
+            out += identify_biohash(pg, ray_addr, node_ip, sizes, shards, seconds, clients, tokens, tmp)
+    return out
+
+
+def _sizes(text: str) -> list[int]:
+    return [int(float(s)) for s in text.split(",") if s.strip()]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__.split("\n")[0])
-    ap.add_argument("--pg", required=True, help="PostgreSQL DSN (a schema per size is created and dropped)")
+    ap.add_argument("--pg", required=True, help="PostgreSQL DSN (a schema per measurement is created and dropped)")
     ap.add_argument("--ray", required=True, help="Ray GCS address HOST:PORT")
     ap.add_argument("--node-ip", default="", help="this machine's Ray node address")
-    ap.add_argument("--sizes", default="100000", help="gallery sizes, comma separated (e.g. 1000000,10000000)")
+    ap.add_argument("--sizes", default="1000000", help="BioHash gallery sizes for Identify (e.g. 1000000,10000000; '' = skip)")
+    ap.add_argument("--he-sizes", default="", help="HE-128 gallery sizes for encrypted Identify (e.g. 1048576)")
+    ap.add_argument("--he-queries", type=int, default=5)
+    ap.add_argument("--stream-rows", type=int, default=200_000, help="rows of scale_enroll_stream (0 = skip)")
+    ap.add_argument("--stream-batch", type=int, default=5000, help="rows per EnrollStream call (= bulk_batch_rows)")
+    ap.add_argument("--per-row", type=int, default=2000, help="rows of the per-row Enroll comparison")
+    ap.add_argument("--replica-gallery", type=int, default=100_000, help="gallery of scale_verify_replicas (0 = skip)")
     ap.add_argument("--shards", type=int, default=2)
     ap.add_argument("--seconds", type=float, default=20.0)
-    ap.add_argument("--clients", type=int, default=4)
+    ap.add_argument("--clients", type=int, default=8)
     ap.add_argument("--json", help="write the records here")
     a = ap.parse_args(argv)
-    recs = run(a.pg, a.ray, a.node_ip, [int(s) for s in a.sizes.split(",")], a.shards, a.seconds, a.clients)
+    recs = run(a.pg, a.ray, a.node_ip, _sizes(a.sizes), a.shards, a.seconds, a.clients, a.stream_rows, a.stream_batch,
+               a.per_row, a.replica_gallery, _sizes(a.he_sizes), a.he_queries)
     if a.json:
         Path(a.json).write_text(json.dumps(recs, indent=1))
     return 0
