@@ -27,7 +27,7 @@ from engine.framing import canonical_json, pack_frame, unpack_frame
 from engine.schemes import make_scheme
 from engine.service.clock import ManualClock
 from engine.service.config import TokenEntry, hash_token
-from engine.template import SchemeSpec, Template
+from engine.template import Template
 from tests.support import NOTICE, PURPOSE, TOKENS, Running, faces, make_config
 
 BIOHASH = "biohash:bits=256,dim=128"

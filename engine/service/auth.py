@@ -84,7 +84,7 @@ def normalise_method(method: str) -> str:
     if (method or "").startswith(f"/{SERVICE}/") and short in METHOD_ROLES:
         return short
     if (method or "").startswith(HEALTH_PREFIX):
-        return "Health"
+        return short if short in ("Check", "Watch") else "Health"
     if (method or "").startswith(REFLECTION_PREFIX):
         return "Reflection"
     return "UNKNOWN_METHOD"
