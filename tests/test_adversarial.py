@@ -14,21 +14,19 @@ import os
 import sqlite3
 import stat
 import struct
-from pathlib import Path
 
 import grpc
 import numpy as np
 import pytest
 
 from engine._proto.veilface.v1 import matcher_pb2 as pb
-from engine._proto.veilface.v1 import matcher_pb2_grpc as pb_grpc
 from engine.client import LocationClass, ServiceError
 from engine.framing import canonical_json, pack_frame, unpack_frame
 from engine.schemes import make_scheme
-from engine.service.clock import ManualClock
 from engine.service.config import TokenEntry, hash_token
 from engine.template import Template
-from tests.support import NOTICE, PURPOSE, TOKENS, Running, faces, make_config
+from tests.support import NOTICE, PURPOSE, TOKENS, faces
+from tests.support.world import World
 
 BIOHASH = "biohash:bits=256,dim=128"
 ROTATION = "rotation:dim=128"
@@ -36,51 +34,6 @@ HE_MAGIC = b"VFHE"
 OK_HEADER = {"dtype": "uint8", "key_version": 1, "params": {"bits": 256, "dim": 128}, "scheme": "biohash",
              "shape": [32], "version": 1}
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
-
-
-# -- the world: a server that can be restarted on its data dir -----------------------------------------
-class World:
-    """A running server plus what every case checks: refused -> nothing stored -> restart works."""
-
-    def __init__(self, data_dir: Path, **settings) -> None:
-        self.data_dir, self.settings = data_dir, settings
-        self.clock = ManualClock()
-        self.cfg = make_config(data_dir, **settings)
-        self.srv: Running | None = None
-        self.start()
-
-    def start(self) -> None:
-        from engine.service.server import VeilfaceServer
-        server = VeilfaceServer(self.cfg, clock=self.clock).start()
-        self.srv = Running(server, server.target, self.clock, self.cfg)
-
-    def stop(self) -> None:
-        if self.srv is not None:
-            self.srv.server.stop(0)
-            self.srv = None
-
-    def restart(self) -> dict:
-        """Stop and start again on the same data dir; returns what the new server loaded."""
-        self.stop()
-        self.start()
-        return self.srv.app.loaded
-
-    @property
-    def store(self):
-        return self.srv.store
-
-    def templates(self) -> int:
-        return self.store.counts().templates_stored
-
-    def device(self, device_id="gate-1", scheme=BIOHASH, **kw):
-        return self.srv.device(device_id, scheme=scheme, **kw)
-
-    def client(self, role):
-        return self.srv.client(role)
-
-    def stub(self):
-        ch = grpc.insecure_channel(self.srv.target)
-        return ch, pb_grpc.MatcherStub(ch)
 
 
 @pytest.fixture
