@@ -43,7 +43,7 @@ def _params(p) -> dict:
     if not isinstance(p, dict) or len(p) > _MAX_PARAMS:
         raise TemplateFormatError("template header params must be a table of at most 16 scalars")
     for k, v in p.items():
-        if not _NAME.match(k):
+        if not _NAME.fullmatch(k):
             raise TemplateFormatError(f"bad parameter name {k[:32]!r}")
         ok = (isinstance(v, (bool, int)) or (isinstance(v, float) and math.isfinite(v))
               or (isinstance(v, str) and len(v) <= _MAX_PARAM_TEXT))
@@ -59,7 +59,7 @@ def read_header(h: dict) -> tuple[SchemeSpec, str, tuple[int, ...], int]:
         extra, missing = sorted(set(h) - _HEADER_KEYS), sorted(_HEADER_KEYS - set(h))
         raise TemplateFormatError(f"template header fields: unknown {extra[:4]}, missing {missing}")
     scheme, dtype, shape = h["scheme"], h["dtype"], h["shape"]
-    if not isinstance(scheme, str) or not _NAME.match(scheme):
+    if not isinstance(scheme, str) or not _NAME.fullmatch(scheme):
         raise TemplateFormatError("template header scheme must be a short lower-case name")
     if not isinstance(dtype, str) or dtype not in _ALLOWED_DTYPES:
         raise TemplateFormatError(f"template dtype must be one of {sorted(_ALLOWED_DTYPES)}")

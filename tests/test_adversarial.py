@@ -116,6 +116,11 @@ BAD_FRAMES = {
     "header length past the end": b"VFT" + struct.pack("<BI", 1, 1 << 30) + header_bytes(),
     "payload longer than the header says": frame(header_bytes(), bytes(33)),
     "10k-character scheme name": frame(header_bytes(scheme="b" * 10_000), bytes(32)),
+    # found by fuzz/fuzz_template.py: a scheme parameter of another type reached the scheme's constructor
+    "scheme parameter of another type": frame(canonical_json({
+        "dtype": "int8", "key_version": 1, "params": {"dim": 128, "quant": "int8", "scale": "uint8"},
+        "scheme": "rotation", "shape": [128], "version": 1}), bytes(128)),
+    "unknown scheme parameter": frame(header_bytes(params={"bits": 256, "dim": 128, "zzz": 1}), bytes(32)),
 }
 
 
@@ -659,3 +664,14 @@ def test_an_edited_and_rehashed_audit_chain_is_detected(world):
     db.close()
     from engine.cli import main
     assert main(["audit", "verify", "--data-dir", str(world.data_dir)]) == 1
+
+
+@pytest.mark.parametrize("field", ["subject", "purpose", "device"])
+def test_ids_with_a_trailing_newline_are_refused(world, field):
+    # a regex anchored with ^...$ matches before a final newline: ids are matched in full
+    kw = {"subject": "s1", "purpose": PURPOSE, "device": "gate-1"}
+    kw[field] += "\n"
+    dev = world.device(kw["device"])
+    e = err(lambda: dev.record_consent(kw["subject"], NOTICE, 30, purpose=kw["purpose"]))
+    assert e.code == INVALID
+    assert consents(world) == 0

@@ -68,7 +68,7 @@ class TokenEntry:
         if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
             raise BadRequest("token sha256 must be 64 hex digits")
         self.name = self.name or self.role
-        if self.tenant not in ("", "*") and not _TOKEN_TENANT.match(self.tenant):
+        if self.tenant not in ("", "*") and not _TOKEN_TENANT.fullmatch(self.tenant):
             raise BadRequest(f"token tenant must be a tenant id or '*', got {self.tenant!r}")
 
 

@@ -33,7 +33,7 @@ def check_id(kind: str, value: str, required: bool = True) -> str:
         if required:
             raise BadRequest(f"{kind} is required", reason="MISSING_" + kind.upper().replace(" ", "_"))
         return ""
-    if not _ID.match(value):
+    if not _ID.fullmatch(value):
         raise BadRequest(f"{kind} must be a pseudonymous id ([A-Za-z0-9._:-], at most 128 chars, "
                          f"no spaces): names and e-mail addresses are not stored here",
                          reason="BAD_" + kind.upper().replace(" ", "_"))
@@ -43,7 +43,7 @@ def check_id(kind: str, value: str, required: bool = True) -> str:
 def check_purpose(purpose: str) -> str:
     if not purpose:
         raise BadRequest("purpose is required", reason="MISSING_PURPOSE")
-    if not _PURPOSE.match(purpose):
+    if not _PURPOSE.fullmatch(purpose):
         raise BadRequest("purpose must be a lower-case label like 'access_control'", reason="BAD_PURPOSE")
     return purpose
 

@@ -251,8 +251,8 @@ class AuthFailures:
             if st[2] > now:                                   # throttled: count only
                 st[3] += 1
                 return True, False, 0
-            if now - st[0] >= self.window:
-                st[0], st[1] = now, 0
+            if st[2] or now - st[0] >= self.window:          # a lock-out that ended starts a new window
+                st[0], st[1], st[2] = now, 0, 0.0
             st[1] += 1
             throttle = st[1] > self.limit
             if throttle:

@@ -42,7 +42,7 @@ def normalise_label(text: str, max_len: int = 48) -> str:
     t = _SEPARATORS.sub("_", t).strip("_")
     if not t:
         return ""
-    if len(t) > max_len or not _LABEL.match(t) or not t.isascii():
+    if len(t) > max_len or not _LABEL.fullmatch(t) or not t.isascii():
         raise BadRequest("expected a short label of letters and digits", reason="BAD_LABEL")
     return t
 
@@ -78,7 +78,7 @@ def check_notice_version(value: str) -> str:
     if not value:
         raise BadRequest("notice_version is required (which notice the subject was shown)",
                          reason="MISSING_NOTICE_VERSION")
-    if not isinstance(value, str) or not _NOTICE.match(value):
+    if not isinstance(value, str) or not _NOTICE.fullmatch(value):
         raise BadRequest("notice_version must be a version token ([A-Za-z0-9._:+-], at most 64 characters, "
                          "no spaces)", reason="BAD_NOTICE_VERSION")
     return value

@@ -112,9 +112,9 @@ def check_he_blob(buf: bytes, *, kind: str, scheme, key_version: int) -> dict:
         raise _malformed(f"the HE {kind} is not of {scheme.spec.key()}")
     if _epoch(h) != key_version:
         raise _malformed("template key_version does not match the ciphertext's epoch")
-    if not isinstance(h["tenant"], str) or not _TENANT.match(h["tenant"]):
+    if not isinstance(h["tenant"], str) or not _TENANT.fullmatch(h["tenant"]):
         raise _malformed("HE blob tenant must be a tenant id")
-    if not isinstance(h["fp"], str) or not _FP.match(h["fp"]):
+    if not isinstance(h["fp"], str) or not _FP.fullmatch(h["fp"]):
         raise _malformed("HE blob fingerprint must be 32 hex digits")
     limit = _max_part_bytes(params)
     for part in _split(payload, sizes):
@@ -165,12 +165,12 @@ def check_public_context(body: bytes, tenant: str, max_bytes: int):
     if params != expected:
         raise _malformed("HE context parameters are not a supported parameter set")
     _epoch(h)
-    if not isinstance(h["tenant"], str) or not _TENANT.match(h["tenant"]):
+    if not isinstance(h["tenant"], str) or not _TENANT.fullmatch(h["tenant"]):
         raise _malformed("HE context tenant must be a tenant id")
     if h["tenant"] != tenant:
         raise PreconditionFailed(f"the context is for tenant {h['tenant']!r}, the request for {tenant!r}",
                                  reason="HE_TENANT_MISMATCH")
-    if not isinstance(h["fp"], str) or not _FP.match(h["fp"]):
+    if not isinstance(h["fp"], str) or not _FP.fullmatch(h["fp"]):
         raise _malformed("HE context fingerprint must be 32 hex digits")
     if mode == "identify" and not eval_keys:
         raise BadRequest("an identify-mode context needs its evaluation keys (KeyHolder.public_context(eval_keys=True))",

@@ -90,6 +90,6 @@ class PageTokens:
         c = self.read(token, "subjects", query)
         if c is None:
             return ""
-        if not isinstance(c, str) or not _SUBJECT.match(c):
+        if not isinstance(c, str) or not _SUBJECT.fullmatch(c):
             raise _bad("page_token cursor out of range")
         return c

@@ -19,6 +19,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from ...errors import VeilfaceError
 from ...framing import canonical_json, frame_header_bytes
 from ...template import MAGIC, MAX_TEMPLATE_BYTES, Template
 from ..status import BadRequest, Throttled
@@ -32,6 +33,11 @@ UNIT_NORM_TOLERANCE = 1e-3
 def check_code_values(scheme, codes: np.ndarray) -> None:
     """Value checks of a stack of codes ``(n, *code_shape)`` that passed ``scheme.check_codes``."""
     metric = getattr(scheme, "metric", "")
+    with np.errstate(all="ignore"):      # NaN / overflow are what is being checked for, not warnings
+        _check_values(scheme, metric, codes)
+
+
+def _check_values(scheme, metric: str, codes: np.ndarray) -> None:
     if metric == "ip_f32":
         c = np.asarray(codes, dtype=np.float64)
         if not np.isfinite(c).all():
@@ -52,6 +58,17 @@ def check_code_values(scheme, codes: np.ndarray) -> None:
     # iom: indices < q are checked by scheme.check_codes; hamming (BioHash): every bit string is a code
 
 
+def _scheme(scheme_of: Callable, spec):
+    """The scheme of a parsed spec; a constructor that chokes on a parameter of the wrong type
+    (``scale: "uint8"``) is a typed refusal too (found by fuzz/fuzz_template.py)."""
+    try:
+        return scheme_of(spec)
+    except VeilfaceError:
+        raise
+    except (TypeError, ValueError, OverflowError, ArithmeticError) as exc:
+        raise BadRequest(f"bad scheme parameters: {str(exc)[:120]}", reason="BAD_SCHEME_PARAMS") from None
+
+
 def check_wire_template(blob: bytes, what: str, scheme_of: Callable, check_allowed: Callable) -> tuple:
     """``(template, scheme, spec_key, he_header | None)`` of template bytes from the wire.
 
@@ -67,7 +84,7 @@ def check_wire_template(blob: bytes, what: str, scheme_of: Callable, check_allow
         raise BadRequest(f"{what} header is not canonical JSON (sorted keys, no spaces, one encoding per value)",
                          reason="MALFORMED_TEMPLATE")
     spec_key = t.spec.key()
-    scheme = scheme_of(t.spec)                             # UnknownScheme -> FAILED_PRECONDITION
+    scheme = _scheme(scheme_of, t.spec)                    # UnknownScheme -> FAILED_PRECONDITION
     check_allowed(t.spec, spec_key)
     check_key_version(t.key_version)
     if getattr(scheme, "encrypted", False):
@@ -85,7 +102,7 @@ def check_stored_template(blob: bytes, scheme_of: Callable) -> tuple:
     """``(template, scheme)`` of a stored template (startup): the same frame and value checks as
     the wire; for ``he`` the structure of a template blob (whose epoch is its key version)."""
     t = Template.from_bytes(blob)
-    scheme = scheme_of(t.spec)
+    scheme = _scheme(scheme_of, t.spec)
     check_key_version(t.key_version)
     if getattr(scheme, "encrypted", False):
         check_he_blob(t.data.tobytes(), kind="template", scheme=scheme, key_version=t.key_version)
