@@ -202,10 +202,19 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if principal.role not in allowed:
             self._denied(principal, name, "PERMISSION_DENIED", "ROLE_NOT_ALLOWED")
             return _denier(handler, grpc.StatusCode.PERMISSION_DENIED, "ROLE_NOT_ALLOWED",
-                           f"role {principal.role!r} may not call {name}")
+                           f"role {principal.role!r} may not call {name}",
+                           self._throttled_answer if self.failures is not None else None)
         if handler is None:
             return None
         return _with_principal(handler, principal, self._throttle_guard if self.failures is not None else None)
+
+    def _throttled_answer(self, context):
+        """AUTH_THROTTLED for a throttled peer (so a role denial does not tell a valid token apart)."""
+        from .ratelimit import AuthFailures
+        if self.failures.throttled(AuthFailures.peer_address(context.peer())):
+            return (grpc.StatusCode.RESOURCE_EXHAUSTED, "AUTH_THROTTLED",
+                    "too many failed authentications from this address; retry later")
+        return None
 
     def _throttle_guard(self, context) -> None:
         """A throttled peer is refused even with a valid token (the same answer as a bad one), so
