@@ -25,6 +25,10 @@ BAD = {
     "audit_key_file": [1], "verify_unknown_limit": [0], "auth_fail_limit": [0], "auth_fail_window_s": [0],
     "auth_lockout_s": [-1],
 }
+# pg
+BAD.update({"store": [1, "mysql://x", "/tmp/x.db"], "matching": ["ray", "ray://nohost", "ray://h:0", "ray://h:x", 2],
+            "ray_shards": [0, 1.5], "ray_namespace": [""], "ray_node_ip": [1], "ray_timeout_s": [0],
+            "bulk_batch_rows": [0]})
 
 
 def test_every_field_has_a_bad_value():

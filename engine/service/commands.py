@@ -15,6 +15,7 @@ import sys
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML/JSON config file (or $VEILFACE_CONFIG)")
     p.add_argument("--data-dir", help="store directory (default ./veilface-data or $VEILFACE_DATA_DIR)")
+    p.add_argument("--store", help="postgresql://... store shared by replicas (default: SQLite in --data-dir)")
 
 
 def register(sub) -> None:
@@ -28,6 +29,7 @@ def register(sub) -> None:
     p.add_argument("--tls-key")
     p.add_argument("--tls-client-ca", help="CA for client certificates (enables mTLS)")
     p.add_argument("--workers", type=int)
+    p.add_argument("--matching", help='"local" (default) or ray://HOST:PORT: galleries in Ray shards')
     p.add_argument("--ready-file", help="write {target, port, pid} here once listening")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_serve)
@@ -78,7 +80,8 @@ def register(sub) -> None:
 def _config(args, **extra):
     from .config import load_config
     return load_config(getattr(args, "config", None), data_dir=getattr(args, "data_dir", None),
-                       audit_key_file=getattr(args, "audit_key_file", None), **extra)
+                       audit_key_file=getattr(args, "audit_key_file", None), store=getattr(args, "store", None),
+                       **extra)
 
 
 def _serve(args) -> int:
@@ -89,7 +92,7 @@ def _serve(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = _config(args, host=args.host, port=args.port, allow_remote=args.allow_remote,
                   tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-                  workers=args.workers)
+                  workers=args.workers, matching=args.matching)
     if ensure_tokens(cfg):
         print(f"veilface: no tokens configured; created one per role. Their hashes are in "
               f"{cfg.data_dir}/tokens.json, the tokens themselves (shown once) in "
@@ -109,8 +112,12 @@ def _store(args):
     from .status import NotFound
     from .store import DB_NAME, open_store
     cfg = _config(args)
+    if cfg.store:   # pg
+        store = open_store(cfg.data_dir, url=cfg.store, pool_size=4)
+        attach_audit_key(store, cfg.audit_key_path(), create=False)      # harden
+        return cfg, store
     if not (Path(cfg.data_dir) / DB_NAME).exists():
-        raise NotFound(f"no store in {cfg.data_dir} (use --data-dir)")
+        raise NotFound(f"no store in {cfg.data_dir} (use --data-dir or --store)")
     store = open_store(cfg.data_dir)
     # the audit key (outside the store): needed to verify the chain and to append to it; an offline
     # command never creates one (a store whose chain was never keyed verifies unkeyed)

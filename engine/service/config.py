@@ -122,6 +122,14 @@ class ServiceConfig:
     auth_fail_limit: int = 20           # failed authentications from one peer address ...
     auth_fail_window_s: float = 60.0    # ... within this window -> AUTH_THROTTLED
     auth_lockout_s: float = 300.0
+    # pg: shared store, Ray-sharded galleries, bulk enrolment (docs/deployment.md)
+    store: str = ""                     # "" = SQLite in data_dir; "postgresql://user@host/db" (replicas share it)
+    matching: str = "local"             # "local" (in-process galleries) or "ray://HOST:PORT" (Ray GCS address)
+    ray_shards: int = 2                 # gallery shards (Ray actors) of the deployment
+    ray_namespace: str = "veilface"     # Ray namespace of the named shard actors (one per deployment)
+    ray_node_ip: str = ""               # address of the Ray node this replica runs on ("" = Ray's guess)
+    ray_timeout_s: float = 60.0         # a gallery call waits this long for a (restarting) shard
+    bulk_batch_rows: int = 5000         # EnrollStream / import: rows per transaction
 
     # ------------------------------------------------------------------------------
     def token_entries(self) -> list[TokenEntry]:
@@ -260,6 +268,26 @@ def _tokens(v):
     return None
 
 
+def _store_url(v):
+    if not isinstance(v, str):
+        return f"must be a string, got {v!r}"
+    return None if v == "" or v.startswith(("postgresql://", "postgres://")) else \
+        "must be empty (SQLite in data_dir) or a postgresql:// URL"
+
+
+def _matching_url(v):
+    if not isinstance(v, str):
+        return f"must be a string, got {v!r}"
+    if v == "local":
+        return None
+    from .matching.ray_backend import parse_ray_url
+    try:
+        parse_ray_url(v)
+    except ValueError as exc:
+        return f'must be "local" or ray://HOST:PORT ({exc})'
+    return None
+
+
 _CHECKS = {
     "host": _text(required=True), "port": _int(0, 65535), "data_dir": _text(required=True),
     "allow_remote": _bool, "tls_cert": _text(), "tls_key": _text(), "tls_client_ca": _text(), "tokens": _tokens,
@@ -276,6 +304,10 @@ _CHECKS = {
     "identify_lockout_s": _num(0), "request_id_ttl_s": _num(0, lo_open=True),
     "audit_key_file": _text(), "verify_unknown_limit": _int(1), "auth_fail_limit": _int(1),
     "auth_fail_window_s": _num(0, lo_open=True), "auth_lockout_s": _num(0),
+    # pg
+    "store": lambda v: _store_url(v), "matching": lambda v: _matching_url(v), "ray_shards": _int(1, 4096),
+    "ray_namespace": _text(required=True), "ray_node_ip": _text(), "ray_timeout_s": _num(0, lo_open=True),
+    "bulk_batch_rows": _int(1, 1_000_000),
 }
 
 
@@ -289,6 +321,7 @@ _ENV = {
     "VEILFACE_MAX_RETENTION_DAYS": ("max_retention_days", int),
     "VEILFACE_WORKERS": ("workers", int), "VEILFACE_GALLERY_BACKEND": ("gallery_backend", str),
     "VEILFACE_AUDIT_KEY_FILE": ("audit_key_file", str),
+    "VEILFACE_STORE": ("store", str), "VEILFACE_MATCHING": ("matching", str),
 }
 
 

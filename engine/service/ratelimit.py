@@ -45,7 +45,7 @@ class IntrusionDetector:
     def __init__(self, clock: Clock, verify_fail_limit: int = 5, verify_fail_window_s: float = 60.0,
                  verify_lockout_s: float = 300.0, identify_limit: int = 120,
                  identify_nomatch_limit: int = 30, identify_window_s: float = 60.0,
-                 identify_lockout_s: float = 300.0) -> None:
+                 identify_lockout_s: float = 300.0, verify_unknown_limit: int = 20) -> None:
         self.clock = clock
         self.vf_limit, self.vf_window, self.vf_lock = verify_fail_limit, verify_fail_window_s, verify_lockout_s
         self.id_limit, self.id_nomatch = identify_limit, identify_nomatch_limit
@@ -53,17 +53,15 @@ class IntrusionDetector:
         self._verify: dict[str, _Bucket] = {}
         self._identify: dict[str, _Bucket] = {}
         self._unknown: dict[str, _Bucket] = {}    # NOT_ENROLLED answers per caller (enrolment probing)
-        self.unknown_limit = 20
+        self.unknown_limit = int(verify_unknown_limit)
         self._lock = threading.Lock()
         self._ops = 0
 
     @classmethod
     def from_config(cls, clock: Clock, cfg) -> IntrusionDetector:
-        d = cls(clock, cfg.verify_fail_limit, cfg.verify_fail_window_s, cfg.verify_lockout_s,
-                cfg.identify_limit, cfg.identify_nomatch_limit, cfg.identify_window_s,
-                cfg.identify_lockout_s)
-        d.unknown_limit = int(getattr(cfg, "verify_unknown_limit", d.unknown_limit))
-        return d
+        return cls(clock, cfg.verify_fail_limit, cfg.verify_fail_window_s, cfg.verify_lockout_s,
+                   cfg.identify_limit, cfg.identify_nomatch_limit, cfg.identify_window_s,
+                   cfg.identify_lockout_s, cfg.verify_unknown_limit)
 
     @staticmethod
     def _prune(b: _Bucket, now: float, window: float) -> None:
