@@ -7,12 +7,13 @@ import struct
 from pathlib import Path
 
 from engine.framing import canonical_json
+from engine.schemes import make_scheme
 
 from . import gen
 
 OUT = Path(__file__).resolve().parent / "regressions"
 OK = {"dtype": "uint8", "key_version": 1, "params": {"bits": 256, "dim": 128}, "scheme": "biohash", "shape": [32],
-      "version": 1}
+      "version": make_scheme("biohash:bits=256,dim=128").spec.version}
 
 
 def frame(magic: bytes, header: bytes, payload: bytes) -> bytes:

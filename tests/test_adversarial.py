@@ -32,7 +32,7 @@ BIOHASH = "biohash:bits=256,dim=128"
 ROTATION = "rotation:dim=128"
 HE_MAGIC = b"VFHE"
 OK_HEADER = {"dtype": "uint8", "key_version": 1, "params": {"bits": 256, "dim": 128}, "scheme": "biohash",
-             "shape": [32], "version": 1}
+             "shape": [32], "version": make_scheme(BIOHASH).spec.version}
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -119,7 +119,7 @@ BAD_FRAMES = {
     # found by fuzz/fuzz_template.py: a scheme parameter of another type reached the scheme's constructor
     "scheme parameter of another type": frame(canonical_json({
         "dtype": "int8", "key_version": 1, "params": {"dim": 128, "quant": "int8", "scale": "uint8"},
-        "scheme": "rotation", "shape": [128], "version": 1}), bytes(128)),
+        "scheme": "rotation", "shape": [128], "version": make_scheme(ROTATION).spec.version}), bytes(128)),
     "unknown scheme parameter": frame(header_bytes(params={"bits": 256, "dim": 128, "zzz": 1}), bytes(32)),
 }
 
@@ -268,7 +268,8 @@ def test_he_verify_probe_part_count_is_checked(world, vkh):
     dev.enroll("s1", faces(1)[0], consent(world, "s1", dev))
     p = dev.protect_probe("s1", faces(1)[0])
     h, parts = split_he(p.data.tobytes())
-    bad = he_template(p, he_blob(h, parts * 30))        # 30 ciphertexts: 0.93 MB, under the 1 MiB limit
+    n = max(2, (1 << 20) // (len(parts[0]) + 64) - 1)   # as many ciphertexts as fit under the 1 MiB limit
+    bad = he_template(p, he_blob(h, parts * n))
     e = err(lambda: dev.verify("s1", template=bad))
     assert e.code == INVALID and e.reason == "HE_PART_COUNT"
     assert world.restart()["templates"] == 1
@@ -300,7 +301,7 @@ def register_raw(w: World, blob: bytes):
 def test_public_context_with_the_secret_key_appended_is_refused(world, vkh):
     h, parts = split_he(vkh.public_context().to_bytes())
     pk = parts[0] + secret_key_bytes(vkh)                 # SEAL ignores the trailing bytes
-    blob = he_blob({**h, "fp": fingerprint(h["params"], pk)}, [pk])
+    blob = he_blob({**h, "fp": fingerprint(h["params"], pk)}, [pk, *parts[1:]])
     refused(world, lambda: register_raw(world, blob), INVALID, "HE_TRAILING_BYTES")
     assert world.client("operator").list_he_contexts() == []
     raw = sqlite3.connect(world.data_dir / "veilface.db").execute("SELECT COUNT(*) FROM he_contexts").fetchone()

@@ -8,9 +8,10 @@ a request may carry:
 * templates and probes: exactly the header fields the SDK writes, exactly **one** part (both
   modes), a part no larger than a fresh ciphertext of the parameter set, and a SEAL header whose
   size field is the part's length (no trailing bytes);
-* public contexts: the same, with 1 part (public key) or 3 (+ relinearisation and Galois keys)
-  as ``eval_keys`` says; no secret-key material (a ``secret_context``, a secret-looking header
-  field, bytes appended after a SEAL object, an extra part); then SEAL parses it and the context
+* public contexts: the same, with 1 part (public key) or, as ``eval_keys`` says, 2 (verify: +
+  relinearisation keys) or 3 (identify: + relinearisation and Galois keys); no secret-key material
+  (a ``secret_context``, a secret-looking header field, bytes appended after a SEAL object, an
+  extra part); then SEAL parses it and the context
   is serialised again -- only that re-serialisation is stored, and it must equal what was sent.
 
 The part count is read from the header before any part is split off or parsed: a probe with
@@ -147,7 +148,9 @@ def check_public_context(body: bytes, tenant: str, max_bytes: int):
     eval_keys = h.get("eval_keys")
     if not isinstance(eval_keys, bool):
         raise _malformed("HE context header eval_keys must be true or false")
-    sizes = _parts(h, len(payload), 3 if eval_keys else 1)
+    mode = h.get("mode")
+    # the public key, plus the mode's evaluation keys: relinearisation (verify), + Galois keys (identify)
+    sizes = _parts(h, len(payload), (3 if mode == "identify" else 2) if eval_keys else 1)
     if set(h) != CONTEXT_KEYS:
         raise _malformed(f"HE context header fields: unknown {sorted(set(h) - CONTEXT_KEYS)[:4]}, "
                          f"missing {sorted(CONTEXT_KEYS - set(h))}")
