@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from engine.client import LocationClass
+from engine.service.audit_keys import attach_audit_key
 from engine.service.clock import ManualClock
 from engine.service.dump import MAX_LINE_BYTES, DumpError, DumpTruncated, open_dump, precheck
 from engine.service.store import SQLiteStore
@@ -94,15 +95,17 @@ def test_round_trip_sqlite_postgres_sqlite(tmp_path, pg_schema):
     assert s3["subject_state"] == {"key_version": 2, "revoked_upto": 1}
 
     # SQLite -> PostgreSQL (CLI), then serve from PostgreSQL: every subject verifies, nothing else changed
-    r = _cli("import", str(d1), "--store", pg_schema, "--quiet")
+    pg = ("--store", pg_schema, "--data-dir", str(tmp_path / "pgcli"))      # the audit key: pgcli/audit.key
+    r = _cli("import", str(d1), *pg, "--quiet")
     assert r.returncode == 0, r.stderr
     assert "imported 6 templates" in r.stderr and "2 added" in r.stderr
-    r = _cli("export", "--store", pg_schema, "--out", str(d2), "--quiet")
+    r = _cli("export", *pg, "--out", str(d2), "--quiet")
     assert r.returncode == 0, r.stderr
     assert _body(d2) == body                                        # same rows, times, consents, states
 
     rng = np.random.default_rng(1)
-    with running_server(tmp_path / "pgsrv", clock=clock, store=pg_schema, retention_days=30) as srv:
+    with running_server(tmp_path / "pgsrv", clock=clock, store=pg_schema, retention_days=30,
+                        audit_key_file=str(tmp_path / "pgcli" / "audit.key")) as srv:
         dev = srv.device(versions=src["versions"])
         for i in range(5):
             assert dev.verify(f"s{i}", capture(src["x"][i], rng)).matched
@@ -119,7 +122,7 @@ def test_round_trip_sqlite_postgres_sqlite(tmp_path, pg_schema):
         assert sum(json.loads(b.details_json)["rows"] for b in batches) == 6
 
     # re-running the import is harmless: every row is already there
-    r = _cli("import", str(d1), "--store", pg_schema, "--quiet")
+    r = _cli("import", str(d1), *pg, "--quiet")
     assert r.returncode == 0 and "imported 0 templates" in r.stderr and "6 already there" in r.stderr, r.stderr
 
     # PostgreSQL -> SQLite
@@ -127,7 +130,7 @@ def test_round_trip_sqlite_postgres_sqlite(tmp_path, pg_schema):
     assert r.returncode == 0, r.stderr
     r = _cli("export", "--data-dir", str(tmp_path / "back"), "--out", str(d3), "--quiet")
     assert r.returncode == 0 and _body(d3) == body
-    for where in (("--store", pg_schema), ("--data-dir", str(tmp_path / "back"))):
+    for where in (pg, ("--data-dir", str(tmp_path / "back"))):
         r = _cli("audit", "verify", *where)
         assert r.returncode == 0 and "OK" in r.stdout, r.stdout + r.stderr
         r = _cli("audit", "show", "--last", "40", *where)
@@ -141,6 +144,7 @@ def dump(tmp_path):
     clock = ManualClock(time.time())
     _source(tmp_path / "src", clock)
     store = SQLiteStore(tmp_path / "src", clock)
+    attach_audit_key(store, tmp_path / "src" / "audit.key", create=False)    # the key the server made
     path = tmp_path / "src.jsonl"
     with open(path, "wb") as f:
         export_store(store, f, clock.now())

@@ -43,8 +43,11 @@ def register(sub) -> None:
 
     p = sub.add_parser("audit", help="audit log tools")
     asub = p.add_subparsers(dest="audit_command", metavar="ACTION")
-    v = asub.add_parser("verify", help="verify the hash chain (detects edits, deletions, reordering)")
+    v = asub.add_parser("verify", help="verify the keyed hash chain (detects edits, deletions, reordering, "
+                                       "a chain recomputed without the audit key)")
     _common(v)
+    v.add_argument("--audit-key-file", help="the audit key (default: audit_key_file of the config, else "
+                                            "DATA_DIR/audit.key)")
     v.set_defaults(func=_audit_verify)
     s = asub.add_parser("show", help="print the last audit entries")
     _common(s)
@@ -80,7 +83,8 @@ def register(sub) -> None:
 def _config(args, **extra):
     from .config import load_config
     return load_config(getattr(args, "config", None), data_dir=getattr(args, "data_dir", None),
-                       store=getattr(args, "store", None), **extra)
+                       audit_key_file=getattr(args, "audit_key_file", None), store=getattr(args, "store", None),
+                       **extra)
 
 
 def _serve(args) -> int:
@@ -107,14 +111,21 @@ def _demo(args) -> int:
 def _store(args):
     from pathlib import Path
 
+    from .audit_keys import attach_audit_key
     from .status import NotFound
     from .store import DB_NAME, open_store
     cfg = _config(args)
     if cfg.store:   # pg
-        return cfg, open_store(cfg.data_dir, url=cfg.store, pool_size=4)
+        store = open_store(cfg.data_dir, url=cfg.store, pool_size=4)
+        attach_audit_key(store, cfg.audit_key_path(), create=False)      # harden
+        return cfg, store
     if not (Path(cfg.data_dir) / DB_NAME).exists():
         raise NotFound(f"no store in {cfg.data_dir} (use --data-dir or --store)")
-    return cfg, open_store(cfg.data_dir)
+    store = open_store(cfg.data_dir)
+    # the audit key (outside the store): needed to verify the chain and to append to it; an offline
+    # command never creates one (a store whose chain was never keyed verifies unkeyed)
+    attach_audit_key(store, cfg.audit_key_path(), create=False)
+    return cfg, store
 
 
 def _audit_verify(args) -> int:
@@ -148,6 +159,9 @@ def format_report(rep: dict) -> str:
         f"intrusion alerts        {rep['intrusion_alerts']}",
         f"audit log               {rep['audit']['entries']} entries, head {rep['audit']['head_hash'][:16]}...",
         f"decommissioned          {rep['decommissioned']}",
+        f"quarantined rows        {len(rep.get('quarantine', []))}" + "".join(
+            f"\n  #{q['id']} {q['kind']} {q['tenant']}/{q['subject'] or '-'} {q['purpose']} {q['reason']}: {q['detail']}"
+            for q in rep.get("quarantine", [])),
         "processing records:",
     ]
     for p in rep["processing"]:
@@ -200,6 +214,7 @@ def _register_dump(sub) -> None:
     p = sub.add_parser("export", help="write a store dump (protected templates, consents, devices; JSON lines)")
     _common(p)
     p.add_argument("--out", required=True, help="dump file (.gz: gzip-compressed; - = standard output)")
+    p.add_argument("--audit-key-file", help="the store's audit key (the export is audited)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=_export)
 
@@ -207,6 +222,7 @@ def _register_dump(sub) -> None:
     _common(p)
     p.add_argument("dump", help="dump file written by veilface export (- = standard input: no pre-check)")
     p.add_argument("--matching", help="ray://HOST:PORT: also add the rows to the running Ray gallery shards")
+    p.add_argument("--audit-key-file", help="the store's audit key (made for a new store; default DATA_DIR/audit.key)")
     p.add_argument("--no-precheck", action="store_true",
                    help="skip reading the whole dump once before importing (checksum, counts, every line)")
     p.add_argument("--rejects", help="write every refused row here (JSON lines: line, id, reason)")
@@ -215,13 +231,20 @@ def _register_dump(sub) -> None:
 
 
 def _open_for_dump(args, create: bool):
+    """The store to export (must exist) or import into (made if missing); its audit key attached
+    (harden), created only for a store whose chain is still empty (an import into a new store)."""
+    from .audit_keys import attach_audit_key
     from .store import open_store
-    cfg = _config(args, **({"matching": args.matching} if getattr(args, "matching", None) else {}))
-    if cfg.store:
-        return cfg, open_store(cfg.data_dir, url=cfg.store, pool_size=4)
     if not create:
         return _store(args)
-    return cfg, open_store(cfg.data_dir)
+    cfg = _config(args, **({"matching": args.matching} if getattr(args, "matching", None) else {}))
+    store = open_store(cfg.data_dir, url=cfg.store, pool_size=4) if cfg.store else open_store(cfg.data_dir)
+    try:
+        attach_audit_key(store, cfg.audit_key_path(), create=store.audit_head()[0] == 0)
+    except Exception:
+        store.close()
+        raise
+    return cfg, store
 
 
 def _export(args) -> int:
