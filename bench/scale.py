@@ -329,7 +329,8 @@ def verify_replicas(pg: str, ray_addr: str, node_ip: str, gallery: int, shards: 
         m = min(512, len(codes))
         reqs = [pb.VerifyRequest(subject_id=f"p{i:09d}", probe=_template_bytes(scheme, codes[i]), purpose=PURPOSE,
                                  device_id=DEVICE).SerializeToString() for i in range(m)]
-        settings = {"store": dsn, "workers": 16, **_ray_settings(ray_addr, node_ip, ns, shards)}
+        settings = {"store": dsn, "workers": 16, "audit_key_file": str(tmp / f"{schema}.key"),   # one chain, one key
+                    **_ray_settings(ray_addr, node_ip, ns, shards)}
         a = _serve(tmp, "rep-a", tokens, **settings)
         b = _serve(tmp, "rep-b", tokens, **settings)
         try:
