@@ -11,9 +11,10 @@ Records (one JSON object each, printed as they are measured): ``name, n, shards,
 baseline, speedup`` (+ details). Every baseline is measured in the same run:
 
 * ``scale_identify_biohash256_<n>``: Identify (top-5) through ``veilface serve`` with the gallery in
-  ``--shards`` Ray actors; ``baseline`` = p50 of the in-process native gallery (one query, same
-  code size) at min(n, 1M); ``speedup`` = baseline / p50 (< 1: the price of gRPC + scatter/merge; at
-  10M the baseline stays the 1M in-process number: how cost grows);
+  ``--shards`` Ray actors, ``--clients`` concurrent clients (``p50_1client_ms``: one client, no
+  queueing); ``baseline`` = p50 of the in-process native gallery (one query, same code size) at
+  min(n, 1M); ``speedup`` = baseline / p50 (< 1: the price of gRPC + scatter/merge + the service's
+  checks and audit entry; at 10M the baseline stays the 1M in-process number: how cost grows);
 * ``scale_identify_he128_<n>``: encrypted Identify (HE-128, identify mode, probe encrypted) through
   ``veilface serve`` over HE galleries on the Ray shards (blocks of 8,192 templates bulk-loaded with
   ``add_he_block``: the store cannot hold 1M uploads of ~256 KB), the reply = the shards' encrypted
@@ -116,8 +117,7 @@ def baseline_p50(n: int, queries: int = 50) -> tuple[float, float]:
 
 def _serve(tmp: Path, name: str, tokens: dict, **settings):
     from engine.service.launcher import ServerProcess, write_config
-    settings = {"identify_limit": 10**9, "identify_nomatch_limit": 10**9, "verify_fail_limit": 10**9,
-                "filing_threshold": 10**9, **settings}
+    settings = {"identify_limit": 10**9, "identify_nomatch_limit": 10**9, "verify_fail_limit": 10**9, **settings}
     return ServerProcess(write_config(tmp / name, tokens=tokens, **settings)[0], timeout=3600)
 
 
@@ -186,14 +186,17 @@ def identify_biohash(pg: str, ray_addr: str, node_ip: str, sizes: list[int], sha
             srv = _serve(tmp, f"id{n}", tokens, store=dsn, workers=16, **_ray_settings(ray_addr, node_ip, ns, shards))
             ready_s = time.perf_counter() - t0
             try:
-                r = _drive_many([srv.target], tokens["device"], "Identify", identify_requests(64), clients, seconds)
+                reqs = identify_requests(64)
+                r = _drive_many([srv.target], tokens["device"], "Identify", reqs, clients, seconds)
+                one = _drive_many([srv.target], tokens["device"], "Identify", reqs, 1, seconds)   # no queueing
             finally:
                 srv.stop()
                 remove_namespace(ray_addr, node_ip, ns)
             out.append({"name": f"scale_identify_biohash256_{_label(n)}", "n": n, "shards": shards,
                         "p50_ms": r["p50_ms"], "p99_ms": r["p99_ms"], "baseline": base50,
                         "baseline_p99_ms": base99, "baseline_n": min(max(sizes), 1_000_000),
-                        "speedup": round(base50 / r["p50_ms"], 3), "rps": r["rps"], "errors": r["errors"],
+                        "speedup": round(base50 / r["p50_ms"], 3), "rps": r["rps"], "errors": r["errors"] + one["errors"],
+                        "p50_1client_ms": one["p50_ms"], "p99_1client_ms": one["p99_ms"], "rps_1client": one["rps"],
                         "load_s": round(load_s, 1), "shards_ready_s": round(ready_s, 1), "clients": clients})
             _emit(out[-1])
         finally:

@@ -82,7 +82,11 @@ class SchemeSpec:
 
     def key(self) -> str:
         """A canonical string identifying the spec (usable as a dict/database key)."""
-        return f"{self.name}/v{self.version}:" + canonical_json(self.params).decode()
+        k = self.__dict__.get("_key")
+        if k is None:   # pg2: computed once (every equality test and codes_of calls it per template)
+            k = f"{self.name}/v{self.version}:" + canonical_json(self.params).decode()
+            object.__setattr__(self, "_key", k)
+        return k
 
     def __hash__(self) -> int:
         return hash(self.key())

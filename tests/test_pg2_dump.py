@@ -376,3 +376,35 @@ def test_scheme_not_allowed_on_target_and_consent_conflict(dump, tmp_path):
     again = _import(tmp_path / "u", clock, other)
     assert {s: r for _, s, r in again.rejected} == {"s1": "CONSENT_CONFLICT"}
     assert again.unchanged == 5
+
+
+def test_import_into_a_running_ray_deployment(tmp_path, dump):
+    """``veilface import --matching ray://...`` with the replicas' config: the rows reach the running
+    gallery shards as their batches commit, so the replica identifies them without a restart."""
+    import secrets
+
+    from engine.client import DeviceClient
+    from engine.keys import KeyDeriver
+    from engine.service.launcher import ServerProcess, write_config
+    from tests.support import TOKENS
+    from tests.support.services import ray_address, remove_namespace
+    path, _ = dump
+    addr, node_ip = ray_address()
+    dsn, schema = fresh_schema()
+    ns = "vft_" + secrets.token_hex(4)
+    cfg, _ = write_config(tmp_path / "replica", tokens=dict(TOKENS), store=dsn, matching=f"ray://{addr}",
+                          ray_node_ip=node_ip, ray_namespace=ns, ray_shards=2, ray_timeout_s=120.0,
+                          purge_interval_s=3600.0, audit_key_file=str(tmp_path / "replica" / "audit.key"))
+    srv = ServerProcess(cfg, timeout=180)
+    try:
+        r = _cli("import", str(path), "--config", str(cfg), "--matching", f"ray://{addr}", "--quiet")
+        assert r.returncode == 0 and "imported 6 templates" in r.stderr, r.stderr
+        x, rng = faces(N + 1, seed=5), np.random.default_rng(4)
+        dev = DeviceClient(srv.target, TOKENS["device"], "gate-1", KeyDeriver(bytes(range(32)), "default"))
+        for i in (0, 1, 2, 4):
+            assert dev.identify(capture(x[i], rng), top_k=1)[0][0] == f"s{i}"
+        assert dev.verify("s1", capture(x[1], rng)).matched
+    finally:
+        srv.stop()
+        remove_namespace(addr, node_ip, ns)
+        drop_schema(schema)

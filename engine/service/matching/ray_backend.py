@@ -1,5 +1,8 @@
 """Galleries in Ray actors shared by every matcher replica: :class:`RayMatching`.
 
+(Past 400 lines because it holds both sides of one seam -- the shard actor and the backend that
+calls it -- whose calls and tagged results must change together.)
+
 The templates of a deployment are partitioned over ``shards`` actors by a hash of (tenant,
 subject) (:func:`engine.service.store.shard_of`, the same hash the store keeps in
 ``templates.shard_hash``). Each shard is a :class:`GalleryShard`: a :class:`LocalMatching` over
@@ -39,11 +42,14 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
+
+import numpy as np
 
 from ...errors import NotEnrolled
 from ...gallery import Match
-from ...template import SchemeSpec, Template
+from ...template import MAGIC, SchemeSpec, Template
 from ..status import PreconditionFailed, StatusError
 from ..store import shard_of
 from .backend import LocalMatching, MatchingBackend
@@ -54,6 +60,8 @@ log = logging.getLogger("veilface.service")
 
 #: rows a shard reads from the store per query when it (re)loads its partition
 LOAD_PAGE = 50_000
+#: how long a replica waits at start for shards loading their partitions (a call waits ``timeout_s``)
+LOAD_TIMEOUT_S = 3600.0
 #: what each shard's placement-group bundle reserves (a token amount: shards declare no CPUs)
 PLACEMENT_BUNDLE = {"CPU": 0.001}
 
@@ -112,13 +120,12 @@ class GalleryShard:
                     key = GalleryKey(row.tenant, row.purpose, row.scheme, row.key_version)
                     if key.encrypted and not self.local.is_open(key):
                         continue                      # an HE template of a retired epoch
-                    ids, ts = groups.setdefault(key, ([], []))
+                    ids, blobs = groups.setdefault(key, ([], []))
                     ids.append(row.subject)
-                    ts.append(Template.from_bytes(row.template))
-                for key, (ids, ts) in groups.items():
-                    self._open(key, ts[0])
-                    self.local.add(key, ids, ts)
-                    n += len(ids)
+                    blobs.append(row.template)
+                del page
+                for key, (ids, blobs) in groups.items():
+                    n += self._add_blobs(key, ids, blobs)
         finally:
             store.close()
         log.info("gallery shard %d/%d loaded %d templates", self.shard, self.shards, n)
@@ -152,11 +159,36 @@ class GalleryShard:
         return self.local.is_open(GalleryKey(*key))
 
     def add(self, key: tuple, subject_ids: list[str], blobs: list[bytes]) -> int:
-        key = GalleryKey(*key)
-        ts = [Template.from_bytes(b) for b in blobs]
-        self._open(key, ts[0])
-        self.local.add(key, subject_ids, ts)
-        return len(ts)
+        return self._add_blobs(GalleryKey(*key), list(subject_ids), blobs)
+
+    def _add_blobs(self, key: GalleryKey, ids: list[str], blobs: list[bytes]) -> int:
+        """Add serialised templates. pg2: cancellable ones sharing a frame header (all of a gallery,
+        as a rule) are parsed once per header and stacked straight from their payloads (a 5M-row
+        reload parsed 5M frames one by one); anything else goes template by template."""
+        if key.encrypted:
+            ts = [Template.from_bytes(b) for b in blobs]
+            self._open(key, ts[0])
+            self.local.add(key, ids, ts)
+            return len(ts)
+        head = len(MAGIC) + 5                              # magic | version u8 | header length u32
+        by_head: dict[bytes, tuple[list, list]] = {}
+        for sid, b in zip(ids, blobs):
+            b = bytes(b)
+            cut = head + int.from_bytes(b[head - 4:head], "little") if len(b) > head else len(b)
+            sids, payloads = by_head.setdefault(b[:cut], ([], []))
+            sids.append(sid)
+            payloads.append(b[cut:])
+        for prefix, (sids, payloads) in by_head.items():
+            t0 = Template.from_bytes(prefix + payloads[0])   # the frame and header, checked once
+            if any(len(pl) != len(payloads[0]) for pl in payloads):
+                for pl in payloads:
+                    Template.from_bytes(prefix + pl)        # raises TemplateFormatError on the first bad one
+            self._open(key, t0)
+            g = self.local.gallery(key)
+            t0.require(g.scheme.spec)
+            codes = np.frombuffer(bytearray(b"".join(payloads)), dtype=t0.data.dtype)
+            g.add_codes(sids, g.scheme.check_codes(codes.reshape((len(payloads), *t0.data.shape))))
+        return len(ids)
 
     def remove(self, key: tuple, subject_id: str) -> bool:
         return self.local.remove(GalleryKey(*key), subject_id)
@@ -228,9 +260,20 @@ class RayMatching(MatchingBackend):
             max_restarts=-1, max_task_retries=-1, max_concurrency=shard_concurrency, num_cpus=0,
             scheduling_strategy=placement(i)).remote(i, self.shards, store_url, gallery_backend)
             for i in range(self.shards)]
-        self._get([s.ping.remote() for s in self._shards])       # every shard loaded (or reloaded)
+        self._wait_loaded([s.ping.remote() for s in self._shards])   # every shard loaded (or reloaded)
         self._last = threading.local()
         self._he_open: set[GalleryKey] = set()                   # HE galleries known open on the shards
+
+    def _wait_loaded(self, refs) -> None:
+        """pg2: wait for shards that are (re)loading their partitions (~2 min per 5M templates on a
+        2-core node) up to :data:`LOAD_TIMEOUT_S`, logging progress, instead of the per-call timeout."""
+        deadline = time.monotonic() + max(self.timeout, LOAD_TIMEOUT_S)
+        while True:
+            ready, _ = self._ray.wait(refs, num_returns=len(refs), timeout=max(1.0, min(60.0, deadline - time.monotonic())))
+            if len(ready) == len(refs) or time.monotonic() >= deadline:
+                self._get(refs)
+                return
+            log.info("waiting for %d of %d gallery shards to load their partitions", len(refs) - len(ready), len(refs))
 
     def _placement(self):
         """pg2: a detached placement group ``veilface-shards-<n>`` (one small bundle per shard,
