@@ -21,6 +21,9 @@ BAD = {
     "guardian_age": [0], "filing_threshold": [0], "filing_working_days": [0], "holidays": [["2025-13-01"], "2025-01-01"],
     "verify_fail_limit": [0], "verify_fail_window_s": [0], "verify_lockout_s": [-1], "identify_limit": [0],
     "identify_nomatch_limit": [0], "identify_window_s": [0], "identify_lockout_s": [-1], "request_id_ttl_s": [0],
+    # api
+    "metrics_port": [-2, 65536, "9464"], "tracing": ["jaeger", 1], "tracing_endpoint": [1], "log_format": ["xml"],
+    "access_log": ["yes"], "max_samples_per_subject": [0, 1001],
 }
 
 

@@ -17,6 +17,7 @@ import grpc
 
 from ..errors import REASON_KEY
 from .config import TokenEntry
+from .request_context import note_principal
 
 SERVICE = "veilface.v1.Matcher"
 
@@ -80,8 +81,10 @@ def _token_from(metadata) -> str:
     return ""
 
 
-def _denier(handler, code: grpc.StatusCode, reason: str, message: str):
+def _denier(handler, code: grpc.StatusCode, reason: str, message: str, principal: Principal | None = None):
     def abort(request_or_iterator, context):
+        if principal is not None:
+            note_principal(principal.role, principal.name)     # api: for the access log
         context.set_trailing_metadata(((REASON_KEY, reason),))
         context.abort(code, f"{reason}: {message}")
 
@@ -105,6 +108,7 @@ def _with_principal(handler, principal: Principal):
             return None
 
         def run(req, ctx):
+            note_principal(principal.role, principal.name)     # api: for the access log
             token = _current.set(principal)
             try:
                 return fn(req, ctx)
@@ -145,7 +149,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
         if principal.role not in allowed:
             self._denied(principal, short, "PERMISSION_DENIED", "ROLE_NOT_ALLOWED")
             return _denier(handler, grpc.StatusCode.PERMISSION_DENIED, "ROLE_NOT_ALLOWED",
-                           f"role {principal.role!r} may not call {short}")
+                           f"role {principal.role!r} may not call {short}", principal)
         if handler is None:
             return None
         return _with_principal(handler, principal)

@@ -431,6 +431,11 @@ class Store(ABC):
     def audit_entries(self, after_seq: int = 0, limit: int = 100, action: str = "",
                       subject: str = "") -> list[AuditRow]: ...
 
+    # api: observability
+    @abstractmethod
+    def count_audit_action(self, action: str) -> int:
+        """Audit entries of ``action`` (e.g. ``INTRUSION_ALERT``), for the metrics endpoint."""
+
     @abstractmethod
     def verify_audit(self) -> ChainReport:
         """Walk the whole chain and its head, read consistently (one read transaction)."""

@@ -540,6 +540,10 @@ class SQLStore(Store):
             args.append(subject)
         return [AuditRow(*r) for r in self._all(sql + " ORDER BY seq LIMIT ?", [*args, int(limit)])]
 
+    # api: observability
+    def count_audit_action(self, action: str) -> int:
+        return self._scalar("SELECT COUNT(*) FROM audit WHERE action = ?", (action,))
+
     def verify_audit(self) -> ChainReport:
         with self._read_tx() as conn:
             r = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
