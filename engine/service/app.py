@@ -17,6 +17,7 @@ from .store import Store
 from .usecases.common import TemplateReader, audit_quietly
 from .usecases.devices import DeviceRegistry, Devices
 from .usecases.enrolment import Enrolment, FilingMonitor
+from .usecases.galleries import Galleries, GalleryMatching
 from .usecases.he_contexts import HEContexts
 from .usecases.he_snapshots import HESnapshots
 from .usecases.lifecycle import Lifecycle
@@ -24,6 +25,7 @@ from .usecases.maintenance import Maintenance, Retention
 from .usecases.matching import Matching
 from .usecases.queries import Queries
 from .usecases.recovery import Recovery
+from .usecases.samples import Samples
 
 log = logging.getLogger("veilface.service")
 
@@ -58,6 +60,12 @@ class MatcherApp:
         self.he_contexts = HEContexts(store, self.clock, self.index, self.templates)
         self.maintenance = Maintenance(cfg, store, self.clock, self.index, self.retention, self.tickets)
         self.queries = Queries(store)
+        # api: named galleries and several samples per subject
+        self.galleries = Galleries(cfg, store, self.clock, self.index, self.templates)
+        self.samples = Samples(cfg, store, self.clock, self.index, self.templates, self.retention,
+                               self.enrolment.filing)
+        self.gallery_matching = GalleryMatching(cfg, store, self.index, self.templates, self.intrusion,
+                                                self.retention)
         self.recovery = Recovery(cfg, store, self.index, self.contexts, self.device_registry, self.retention,
                                  self.snapshots)
         self.loaded = self.recovery.load()

@@ -39,6 +39,17 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     "RegisterHEContext": frozenset({"admin", "operator"}),
     "ListHEContexts": frozenset({"device", "operator", "auditor", "admin"}),
     "ReportDecision": frozenset({"device"}),
+    # api: named galleries and samples
+    "CreateGallery": frozenset({"admin", "operator"}),
+    "ListGalleries": frozenset({"device", "operator", "auditor", "admin"}),
+    "DescribeGallery": frozenset({"device", "operator", "auditor", "admin"}),
+    "DeleteGallery": frozenset({"admin", "operator"}),
+    "AddSample": frozenset({"device"}),
+    "ListSamples": frozenset({"operator", "admin"}),
+    "DeleteSample": frozenset({"device", "operator"}),
+    "GalleryVerify": frozenset({"device"}),
+    "GallerySearch": frozenset({"device"}),
+    "SearchBySubject": frozenset({"device", "operator"}),
 }
 ANY_ROLE = frozenset({"device", "operator", "auditor", "admin"})
 HEALTH_PREFIX = "/grpc.health.v1.Health/"

@@ -15,12 +15,15 @@ from .base import (
     ConsentRow,
     DeviceRow,
     FilingAlert,
+    GalleryRow,
+    GallerySummary,
     HEContextRow,
     HEContextSummary,
     HEEpoch,
     HESnapshotRow,
     ProcessingRecord,
     RequestRow,
+    SampleRow,
     Store,
     StoreConflict,
     StoreCounts,
@@ -45,4 +48,5 @@ def open_store(data_dir: str | os.PathLike, clock: Clock | None = None) -> Store
 __all__ = ["Store", "WriteTx", "StoreError", "StoreConflict", "SQLStore", "SQLiteStore", "Dialect", "open_store", "DB_NAME",
            "SCHEMA_VERSION", "ConsentRow", "DeviceRow", "FilingAlert", "HEContextRow", "HEContextSummary", "HEEpoch",
            "HESnapshotRow", "ProcessingRecord", "RequestRow", "StoreCounts", "SubjectRow", "SubjectSummary",
-           "TemplateIndexRow", "TemplateKey", "TemplateRow", "WipeCounts"]
+           "TemplateIndexRow", "TemplateKey", "TemplateRow", "WipeCounts",
+           "GalleryRow", "GallerySummary", "SampleRow"]

@@ -94,6 +94,8 @@ class TemplateRow:
     consent_id: str
     device: str
     id: int = 0            # assigned by the store
+    gallery: str = ""      # api: "" = the default gallery of (purpose, scheme); else a named gallery
+    sample_id: str = ""    # api: "" in a default gallery (one template per subject); a sample of a named one
 
 
 class TemplateIndexRow(NamedTuple):
@@ -108,6 +110,8 @@ class TemplateIndexRow(NamedTuple):
     key_version: int
     expires_at: float
     template: bytes | None
+    gallery: str = ""
+    sample_id: str = ""
 
 
 class TemplateKey(NamedTuple):
@@ -115,6 +119,8 @@ class TemplateKey(NamedTuple):
     subject: str
     purpose: str
     scheme: str
+    gallery: str = ""
+    sample_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -231,6 +237,42 @@ class WipeCounts:
     requests_deleted: int
     he_contexts_deleted: int
     he_snapshots_deleted: int
+    galleries_deleted: int = 0       # api
+
+
+# api: named galleries and their samples -----------------------------------------------------------
+@dataclass(frozen=True)
+class GalleryRow:
+    """A named gallery: what it is for (purpose), what it holds (one scheme spec)."""
+
+    tenant: str
+    name: str
+    purpose: str
+    scheme: str            # canonical spec key of every sample in it
+    description: str
+    created_at: float
+    created_by: str        # principal name
+
+
+@dataclass(frozen=True)
+class GallerySummary:
+    gallery: GalleryRow
+    subjects: int
+    samples: int
+
+
+@dataclass(frozen=True)
+class SampleRow:
+    """One sample of a subject in a named gallery (no template bytes)."""
+
+    tenant: str
+    gallery: str
+    subject: str
+    sample_id: str
+    scheme: str
+    key_version: int
+    enrolled_at: float
+    expires_at: float
 
 
 # -- the write transaction -------------------------------------------------------------------------
@@ -274,7 +316,8 @@ class WriteTx(ABC):
 
     # templates
     @abstractmethod
-    def has_template(self, tenant: str, subject: str, purpose: str, scheme: str) -> bool: ...
+    def has_template(self, tenant: str, subject: str, purpose: str, scheme: str) -> bool:
+        """Whether the subject has a template in the default gallery of (purpose, scheme)."""
 
     @abstractmethod
     def insert_template(self, row: TemplateRow) -> int:
@@ -346,6 +389,25 @@ class WriteTx(ABC):
     @abstractmethod
     def audit(self, ev: AuditEvent, result: str = "OK", reason: str = "") -> int:
         """Append one hash-chained entry in this transaction; marks ``ev.written``; returns its seq."""
+
+    # api: named galleries and samples (a sample is a templates row with gallery and sample_id set)
+    @abstractmethod
+    def insert_gallery(self, row: GalleryRow) -> bool:
+        """False (and nothing written) when the tenant has a gallery of that name."""
+
+    @abstractmethod
+    def gallery(self, tenant: str, name: str) -> GalleryRow | None: ...
+
+    @abstractmethod
+    def delete_gallery(self, tenant: str, name: str) -> list[tuple[str, str]]:
+        """Delete the gallery and every sample in it; returns the (subject, sample_id) deleted."""
+
+    @abstractmethod
+    def sample_ids(self, tenant: str, gallery: str, subject: str) -> list[str]:
+        """The subject's samples in a named gallery, oldest first."""
+
+    @abstractmethod
+    def delete_sample(self, tenant: str, gallery: str, subject: str, sample_id: str) -> bool: ...
 
     # decommission
     @abstractmethod
@@ -422,6 +484,27 @@ class Store(ABC):
 
     @abstractmethod
     def he_snapshot_keys(self) -> list[tuple[str, str, str, int]]: ...
+
+    # api: named galleries and samples
+    @abstractmethod
+    def gallery(self, tenant: str, name: str) -> GalleryRow | None: ...
+
+    @abstractmethod
+    def galleries(self, tenant: str, purpose: str = "") -> list[GallerySummary]:
+        """The tenant's named galleries (ordered by name) with their subject and sample counts."""
+
+    @abstractmethod
+    def gallery_summary(self, tenant: str, name: str) -> GallerySummary | None: ...
+
+    @abstractmethod
+    def samples(self, tenant: str, gallery: str, subject: str = "", after: tuple[str, str] = ("", ""),
+                limit: int = 100) -> list[SampleRow]:
+        """Samples of a named gallery (of one subject, if given) ordered by (subject, sample_id),
+        strictly after ``after`` (a page)."""
+
+    @abstractmethod
+    def gallery_templates(self, tenant: str, gallery: str, subject: str) -> list[TemplateRow]:
+        """The subject's samples in a named gallery, template bytes included."""
 
     # audit
     @abstractmethod

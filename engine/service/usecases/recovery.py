@@ -14,7 +14,7 @@ import time
 from ...template import Template
 from ..config import ServiceConfig
 from ..encrypted import HERegistry
-from ..matching import Enrolled, GalleryIndex, GalleryKey
+from ..matching import Enrolled, GalleryIndex, GalleryKey, entry_id
 from ..store import Store
 from .devices import DeviceRegistry
 from .he_snapshots import HESnapshots
@@ -45,7 +45,7 @@ class Recovery:
                 with self.store.transaction() as tx:
                     tx.delete_all_he_snapshots()
             for row in self.store.template_index():
-                key = GalleryKey(row.tenant, row.purpose, row.scheme, row.key_version)
+                key = GalleryKey(row.tenant, row.purpose, row.scheme, row.key_version, row.gallery)
                 if key.encrypted:
                     entry = self.contexts.get(*key.scope)
                     if entry is None or entry.epoch != key.key_version:
@@ -58,9 +58,13 @@ class Recovery:
                     he_rows.setdefault(key, {})[row.subject] = row.id
                 else:
                     ids, templates = codes.setdefault(key, ([], []))
-                    ids.append(row.subject)
+                    ids.append(entry_id(row.subject, row.sample_id) if row.gallery else row.subject)
                     templates.append(Template.from_bytes(row.template))
-                self.index.note(row.tenant, row.subject, row.purpose, row.scheme, Enrolled(row.key_version, row.expires_at))
+                if row.gallery:       # api: a sample of a named gallery
+                    self.index.note_sample(key, row.subject, row.sample_id, Enrolled(row.key_version, row.expires_at))
+                else:
+                    self.index.note(row.tenant, row.subject, row.purpose, row.scheme,
+                                    Enrolled(row.key_version, row.expires_at))
                 self.retention.note_expiry(row.expires_at)
                 n += 1
             for key, (ids, templates) in codes.items():
@@ -92,7 +96,7 @@ class Recovery:
         seqs: dict[str, int] = {}
         restored = False
         if st is not None and self.snapshots.enabled:
-            snap = self.store.he_snapshot(*key)
+            snap = self.store.he_snapshot(*key.stored)
             if snap is not None and snap.fingerprint == entry.fingerprint:
                 try:
                     backend.load_snapshot(key, snap.snapshot)
