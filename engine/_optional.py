@@ -29,6 +29,11 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "scipy": ("scipy", "eval"),
     "threadpoolctl": ("threadpoolctl", "eval"),
     "faiss": ("faiss-cpu", "faiss"),
+    # api: observability (engine/service/observability.py)
+    "prometheus_client": ("prometheus-client", "server"),
+    "opentelemetry": ("opentelemetry-sdk", "tracing"),
+    "opentelemetry.instrumentation.grpc": ("opentelemetry-instrumentation-grpc", "tracing"),
+    "opentelemetry.exporter.otlp.proto.grpc": ("opentelemetry-exporter-otlp-proto-grpc", "tracing"),
 }
 
 

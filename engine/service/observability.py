@@ -24,6 +24,7 @@ from collections.abc import Callable
 
 import grpc
 
+from .._optional import require
 from ..errors import REASON_KEY
 from . import request_context as rc
 from .status import BadRequest
@@ -80,6 +81,7 @@ class Metrics:
     """
 
     def __init__(self, state: Callable[[], dict] | None = None) -> None:
+        require("prometheus_client", "server", "Prometheus metrics (metrics_port)")
         from prometheus_client import CollectorRegistry, Counter, Histogram
         self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter("veilface_rpc_requests", "RPCs handled, by method and status code",
@@ -166,25 +168,21 @@ class Tracing:
     """The OpenTelemetry gRPC server interceptor with its own tracer provider (not the global one)."""
 
     def __init__(self, kind: str, endpoint: str = "", exporter=None) -> None:
-        try:
-            from opentelemetry.instrumentation.grpc import server_interceptor
-            from opentelemetry.sdk.resources import Resource
-            from opentelemetry.sdk.trace import TracerProvider
-            from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
-        except ImportError:
-            raise BadRequest(f'tracing = "{kind}" needs OpenTelemetry: pip install "veilface[tracing]"',
-                             reason="BAD_CONFIG") from None
+        feature = f'tracing = "{kind}"'
+        for module in ("opentelemetry.sdk.trace", "opentelemetry.instrumentation.grpc"):
+            require(module, "tracing", feature)
+        from opentelemetry.instrumentation.grpc import server_interceptor
+        from opentelemetry.sdk.resources import Resource
+        from opentelemetry.sdk.trace import TracerProvider
+        from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter, SimpleSpanProcessor
         self.provider = TracerProvider(resource=Resource.create({"service.name": "veilface-matcher"}))
         if exporter is not None:                 # tests: an in-memory exporter
             self.provider.add_span_processor(SimpleSpanProcessor(exporter))
         elif kind == "console":
             self.provider.add_span_processor(SimpleSpanProcessor(ConsoleSpanExporter()))
         else:
-            try:
-                from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-            except ImportError:
-                raise BadRequest('tracing = "otlp" needs the OTLP exporter: pip install "veilface[tracing]"',
-                                 reason="BAD_CONFIG") from None
+            require("opentelemetry.exporter.otlp.proto.grpc", "tracing", feature)
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
             self.provider.add_span_processor(BatchSpanProcessor(OTLPSpanExporter(endpoint=endpoint or None)))
         self.interceptor = server_interceptor(tracer_provider=self.provider)
 
