@@ -329,15 +329,19 @@ class GalleryIndex:
             return True
 
     def drop_gallery(self, tenant: str, gallery: str, subjects: list[str]) -> None:
-        """Forget a deleted named gallery: the entries of ``subjects`` (its former members) and its
-        backend galleries (one per key version)."""
+        """Forget a deleted named gallery: the samples of ``subjects`` (its former members; the
+        caller holds their locks), then its backend galleries that are empty (one per key
+        version; a gallery re-created meanwhile under the same name keeps what it holds)."""
         with self.lock:
             for subject in subjects:
                 person = self._enrolled.get((tenant, subject))
-                if person is not None:
-                    person.named.pop(gallery, None)
-                    if not person:
-                        self._enrolled.pop((tenant, subject), None)
-            keys = [k for k in self.backend.keys() if k.tenant == tenant and k.gallery == gallery]
-        for k in keys:
-            self.backend.drop(k)
+                named = person.named.pop(gallery, None) if person is not None else None
+                for sample_id, m in (named.samples.items() if named else ()):
+                    self.backend.remove(GalleryKey(tenant, named.purpose, named.scheme, m.key_version, gallery),
+                                        entry_id(subject, sample_id))
+                if person is not None and not person:
+                    self._enrolled.pop((tenant, subject), None)
+            empty = [k for k in self.backend.keys()
+                     if k.tenant == tenant and k.gallery == gallery and self.backend.size(k) == 0]
+            for k in empty:
+                self.backend.drop(k)
