@@ -324,3 +324,16 @@ def test_wrong_key_fails_serve_in_one_line(tmp_path, pems):
     line = one_error_line(cli("serve", "--tls-cert", pems["cert"], "--tls-key", pems["other_key"],
                               "--data-dir", str(tmp_path / "d")))
     assert "does not belong to the certificate" in line and "bind" not in line.lower()
+
+
+def test_metrics_port_in_use_fails_serve_in_one_line(tmp_path):
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    try:
+        line = one_error_line(cli("serve", "--port", "0", "--metrics-port", str(busy.getsockname()[1]),
+                                  "--data-dir", str(tmp_path / "d")))
+    finally:
+        busy.close()
+    assert "already in use" in line and "--metrics-port" in line
+    assert not (tmp_path / "d" / "tokens.json").exists()      # refused before anything was written

@@ -148,11 +148,14 @@ def test_caller_request_id_is_used_returned_and_audited(srv, access):
     stub = pb_grpc.MatcherStub(ch)
     md = (("authorization", f"Bearer {TOKENS['operator']}"), ("x-request-id", "trace-abc.123"))
     _, call = stub.ComplianceReport.with_call(pb.ComplianceReportRequest(), metadata=md, timeout=5)
-    assert ("x-request-id", "trace-abc.123") in call.initial_metadata()
+    assert ("x-request-id", "trace-abc.123") in call.trailing_metadata()
+    assert not any(k == "x-request-id" for k, _ in call.initial_metadata())   # headers early would stop retries
     with pytest.raises(grpc.RpcError) as ei:                    # a refusal carries its id too
         stub.Withdraw(pb.WithdrawRequest(subject_id="nobody"), metadata=md, timeout=5)
     ch.close()
     assert ei.value.code() == grpc.StatusCode.NOT_FOUND
+    assert {("x-request-id", "trace-abc.123"), ("veilface-reason", "SUBJECT_NOT_FOUND")} <= \
+        set(ei.value.trailing_metadata())
     (line,) = access.fields("Withdraw")
     assert line["request_id"] == "trace-abc.123" and line["reason"] == "SUBJECT_NOT_FOUND"
     assert line["code"] == "NOT_FOUND" and line["principal"] == "operator:operator-1"

@@ -125,7 +125,7 @@ def _config(args, **extra):
 def _serve(args) -> int:
     from .config import check_tls_files, ensure_tokens
     from .lock import check_unlocked
-    from .observability import setup_logging
+    from .observability import check_dependencies, setup_logging
     from .server import check_listen, serve
     cfg = _config(args, host=args.host, port=args.port, allow_remote=args.allow_remote,
                   tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
@@ -135,6 +135,9 @@ def _serve(args) -> int:
     check_unlocked(cfg.data_dir)
     check_tls_files(cfg)
     check_listen(cfg.host, cfg.port)
+    check_dependencies(cfg)
+    if cfg.metrics_port > 0:
+        check_listen("127.0.0.1", cfg.metrics_port, "--metrics-port")
     setup_logging(cfg.log_format)
     if ensure_tokens(cfg):
         print(f"veilface: no tokens configured; created one per role. Their hashes are in "

@@ -1,7 +1,7 @@
 """Metrics, tracing and per-request logs of the matcher (docs/operations.md).
 
 * **Request ids and access log** -- :class:`ObservabilityInterceptor` wraps every RPC: it takes
-  the caller's ``x-request-id`` (or makes one), returns it in the initial metadata, opens the
+  the caller's ``x-request-id`` (or makes one), returns it in the trailing metadata, opens the
   :mod:`.request_context` the audit entry reads it from, and writes one access-log line (method,
   status code, reason, latency, request id, principal -- never a template, probe or score) to the
   ``veilface.access`` logger.
@@ -257,16 +257,13 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
     def _begin(self, method: str, ctx):
         info = rc.RequestInfo(rc.request_id_from(ctx.invocation_metadata()), method)
         token = rc.begin(info)
-        try:
-            ctx.send_initial_metadata(((rc.METADATA_KEY, info.request_id),))
-        except Exception:  # noqa: BLE001 - metadata already sent: the id is still logged and audited
-            pass
         trace_id = _tag_span(info) if self.tracing else ""
         return info, token, time.perf_counter(), trace_id
 
     def _end(self, info: rc.RequestInfo, token, t0: float, ctx, code: str, trace_id: str) -> None:
         seconds = time.perf_counter() - t0
         rc.end(token)
+        _return_request_id(ctx, info.request_id)
         if code == "OK":
             code = _code_of(ctx, error=False)
         if self.metrics is not None:
@@ -281,6 +278,18 @@ class ObservabilityInterceptor(grpc.ServerInterceptor):
             access_log.info("%s %s%s %.1f ms request_id=%s principal=%s", info.method, code,
                             f" {reason}" if reason else "", seconds * 1000, info.request_id, fields["principal"],
                             extra={"fields": fields})
+
+
+def _return_request_id(ctx, request_id: str) -> None:
+    """Add the request id to the trailing metadata (next to ``veilface-reason``). Trailing, not
+    initial: headers sent early would commit the call, and gRPC would no longer retry it on
+    another replica when this one dies mid-call."""
+    try:
+        md = tuple(ctx.trailing_metadata() or ())
+        if not any(k == rc.METADATA_KEY for k, _ in md):
+            ctx.set_trailing_metadata((*md, (rc.METADATA_KEY, request_id)))
+    except Exception:  # noqa: BLE001 - the id is still logged and audited
+        pass
 
 
 def _code_of(ctx, error: bool) -> str:
@@ -304,6 +313,18 @@ def _reason_of(ctx) -> str:
 
 
 # -- wiring ------------------------------------------------------------------------------------------
+def check_dependencies(cfg) -> None:
+    """Raise one clear error now if the configured metrics / tracing need a package that is missing."""
+    if cfg.metrics_port >= 0:
+        require("prometheus_client", "server", "Prometheus metrics (metrics_port)")
+    if cfg.tracing:
+        for module in ("opentelemetry.sdk.trace", "opentelemetry.instrumentation.grpc"):
+            require(module, "tracing", f'tracing = "{cfg.tracing}"')
+        if cfg.tracing == "otlp":
+            require("opentelemetry.exporter.otlp.proto.grpc", "tracing", 'tracing = "otlp"')
+
+
+
 class Observability:
     """What a :class:`~engine.service.server.VeilfaceServer` adds for observability: the
     interceptors (tracing first, then ours) and the metrics endpoint."""

@@ -143,7 +143,7 @@ class VeilfaceServer:
         self.stop(0)
 
 
-def check_listen(host: str, port: int) -> None:
+def check_listen(host: str, port: int, flag: str = "--port") -> None:
     """Say why the listen address cannot be used (gRPC would only log "Failed to bind")."""
     if not port:
         return
@@ -160,12 +160,12 @@ def check_listen(host: str, port: int) -> None:
         except OSError as exc:
             if exc.errno == errno.EADDRINUSE:
                 raise BadRequest(f"port {port} on {host} is already in use (another veilface serve?): "
-                                 f"stop that process or choose another --port", reason="PORT_IN_USE") from None
+                                 f"stop that process or choose another {flag}", reason="PORT_IN_USE") from None
             if exc.errno == errno.EADDRNOTAVAIL:
                 raise BadRequest(f"{host} is not an address of this machine (--host)", reason="BIND_FAILED") from None
             if exc.errno == errno.EACCES:
                 raise BadRequest(f"no permission to listen on port {port} (ports below 1024 need privileges): "
-                                 f"choose another --port", reason="BIND_FAILED") from None
+                                 f"choose another {flag}", reason="BIND_FAILED") from None
             raise BadRequest(f"cannot listen on {host}:{port}: {exc.strerror}", reason="BIND_FAILED") from None
 
 
