@@ -542,7 +542,7 @@ def test_a_store_made_before_samples_is_rebuilt_keeping_ids(tmp_path):
         "expires_at, consent_id, device FROM t_new WHERE subject != 's1';"
         "DROP TABLE t_new; DROP INDEX IF EXISTS templates_gallery;"
         "UPDATE sqlite_sequence SET seq = 10 WHERE name = 'templates';"
-        "DELETE FROM meta WHERE key = 'column_step:api_templates_gallery_sample';")
+        "DELETE FROM meta WHERE key IN ('column_step:api_templates_gallery_sample', 'column_step:pg_shard_hash');")
     con.commit()
     con.close()
     store = SQLiteStore(path)

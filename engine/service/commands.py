@@ -24,6 +24,8 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE", help="TOML/JSON config file (or $VEILFACE_CONFIG)")
     p.add_argument("--data-dir", metavar="DIR",
                    help="store directory (default ./veilface-data or $VEILFACE_DATA_DIR)")
+    p.add_argument("--store", metavar="URL",
+                   help="postgresql://... store shared by replicas (default: SQLite in --data-dir)")
 
 
 def _remote(p: argparse.ArgumentParser, role: str) -> None:
@@ -48,6 +50,8 @@ def register(sub) -> None:
     p.add_argument("--tls-key", metavar="PEM", help="private key of --tls-cert (PEM, unencrypted, mode 0600)")
     p.add_argument("--tls-client-ca", metavar="PEM", help="CA for client certificates (enables mTLS)")
     p.add_argument("--workers", type=int, help="RPC worker threads (default 16)")
+    p.add_argument("--matching", metavar="WHERE",
+                   help='"local" (default) or ray://HOST:PORT: galleries in Ray shards')
     p.add_argument("--ready-file", metavar="FILE", help="write {target, port, pid} as JSON here once listening")
     p.add_argument("--quiet", action="store_true", help="no start-up line on stdout")
     # api: observability (docs/operations.md)
@@ -119,7 +123,8 @@ def _missing_action(parser: argparse.ArgumentParser, actions: str) -> int:
 
 def _config(args, **extra):
     from .config import load_config
-    return load_config(getattr(args, "config", None), data_dir=getattr(args, "data_dir", None), **extra)
+    return load_config(getattr(args, "config", None), data_dir=getattr(args, "data_dir", None),
+                       store=getattr(args, "store", None), **extra)
 
 
 def _serve(args) -> int:
@@ -129,8 +134,8 @@ def _serve(args) -> int:
     from .server import check_listen, serve
     cfg = _config(args, host=args.host, port=args.port, allow_remote=args.allow_remote,
                   tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-                  workers=args.workers, metrics_port=args.metrics_port, tracing=args.tracing,
-                  log_format=args.log_format)
+                  workers=args.workers, matching=args.matching, metrics_port=args.metrics_port,
+                  tracing=args.tracing, log_format=args.log_format)
     # what would stop the server, before anything is written (tokens) or logged
     check_unlocked(cfg.data_dir)
     check_tls_files(cfg)
@@ -158,8 +163,10 @@ def _store(args):
     from .status import NotFound
     from .store import DB_NAME, open_store
     cfg = _config(args)
+    if cfg.store:   # pg
+        return cfg, open_store(cfg.data_dir, url=cfg.store, pool_size=4)
     if not (Path(cfg.data_dir) / DB_NAME).exists():
-        raise NotFound(f"no store in {cfg.data_dir} (use --data-dir, or $VEILFACE_DATA_DIR)")
+        raise NotFound(f"no store in {cfg.data_dir} (use --data-dir or --store)")
     return cfg, open_store(cfg.data_dir)
 
 
@@ -260,9 +267,14 @@ def _client(args):
 
 
 def _offline(args, command: str):
-    """(config, store, lock) for an offline write: refuses while a server holds the data dir."""
+    """(config, store, lock) for an offline write: refuses while a server holds the data dir.
+    A PostgreSQL store (``--store``) is shared by replicas that re-read it per request
+    (docs/deployment.md): no lock then (``lock`` is None)."""
     from .lock import DataDirLock, DataDirLocked, holder
     cfg = _config(args)
+    if cfg.store:
+        cfg, store = _store(args)
+        return cfg, store, None
     lock = DataDirLock(cfg.data_dir, what=f"veilface {command}")
     try:
         lock.acquire()
@@ -292,7 +304,8 @@ def _purge(args) -> int:
         store.checkpoint()
     finally:
         store.close()
-        lock.release()
+        if lock is not None:
+            lock.release()
     print(f"purged {len(rows)} expired templates of {len({(r.tenant, r.subject) for r in rows})} subjects")
     return 0
 
@@ -310,11 +323,15 @@ def _decommission(args) -> int:
     from .audit import AuditEvent
     from .usecases.maintenance import decommission
     cfg, store, lock = _offline(args, "decommission")
+    mode = None if lock is not None else ("offline: veilface decommission on the shared PostgreSQL store "
+                                          "(replicas re-read it per request)")
     try:
-        cert = decommission(store, cfg, store.clock.now(), AuditEvent("Decommission", "admin", "cli"), args.reason)
+        cert = decommission(store, cfg, store.clock.now(), AuditEvent("Decommission", "admin", "cli"), args.reason,
+                            mode=mode)
     finally:
         store.close()
-        lock.release()
+        if lock is not None:
+            lock.release()
     print(json.dumps(cert, indent=1, sort_keys=True))
     return 0
 

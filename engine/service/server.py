@@ -43,8 +43,9 @@ class VeilfaceServer:
         check_tls_files(cfg)     # api: a missing or wrong cert/key says so (not "Failed to bind")
         self.cfg = cfg
         self.clock = clock or SystemClock()
-        # api: one server per data dir (an exclusive flock, engine/service/lock.py), held until stop()
-        self.lock = DataDirLock(cfg.data_dir).acquire() if store is None else None
+        # api: one server per data dir (an exclusive flock, engine/service/lock.py), held until stop();
+        # a PostgreSQL store is shared by replicas by design (docs/deployment.md): no lock then
+        self.lock = DataDirLock(cfg.data_dir).acquire() if store is None and not cfg.store else None
         try:
             self._build(store)
         except BaseException:
@@ -59,8 +60,9 @@ class VeilfaceServer:
     def _build(self, store: Store | None) -> None:
         cfg = self.cfg
         self.store = self.app = None
-        self.store = store or open_store(cfg.data_dir, self.clock)
-        self.app = MatcherApp(cfg, self.store, self.clock)
+        self.store = store or open_store(cfg.data_dir, self.clock, url=cfg.store, pool_size=2 * cfg.workers + 4)
+        from .replicas import make_backend  # pg: Ray-sharded galleries when configured
+        self.app = MatcherApp(cfg, self.store, self.clock, backend=make_backend(cfg, self.store))
         self.servicer = MatcherServicer(self.app)
         interceptor = AuthInterceptor(TokenTable(cfg.token_entries()), cfg.health_requires_token,
                                       on_denied=self.app.audit_denied)

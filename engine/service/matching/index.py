@@ -196,7 +196,7 @@ class GalleryIndex:
             for st in self._snap.values():
                 st.closed = True
             self._snap.clear()
-        self.backend.close()
+        self.backend.clear()
 
     # -- changes -------------------------------------------------------------------------------------
     def note(self, tenant: str, subject: str, purpose: str, scheme: str, enrolled: Enrolled) -> None:
@@ -327,6 +327,28 @@ class GalleryIndex:
             if not person:
                 self._enrolled.pop((tenant, subject), None)
             return True
+
+    def named_of(self, tenant: str, subject: str) -> dict[str, tuple[str, str, dict[str, Enrolled]]]:
+        """A copy of the subject's named-gallery samples {gallery: (purpose, scheme, {sample_id: Enrolled})}."""
+        with self.lock:
+            person = self._enrolled.get((tenant, subject))
+            return {g: (n.purpose, n.scheme, dict(n.samples)) for g, n in (person.named.items() if person else ())}
+
+    def replace_person(self, tenant: str, subject: str, default: dict[tuple[str, str], Enrolled],
+                       named: dict[str, tuple[str, str, dict[str, Enrolled]]]) -> None:
+        """Set everything the index knows of a subject (replicas re-read it from the shared store);
+        the galleries are the caller's business."""
+        with self.lock:
+            person = _Person()
+            person.default = dict(default)
+            for g, (purpose, scheme, samples) in named.items():
+                if samples:
+                    person.named[g] = _Named(purpose, scheme)
+                    person.named[g].samples = dict(samples)
+            if person:
+                self._enrolled[(tenant, subject)] = person
+            else:
+                self._enrolled.pop((tenant, subject), None)
 
     def drop_gallery(self, tenant: str, gallery: str, subjects: list[str]) -> None:
         """Forget a deleted named gallery: the samples of ``subjects`` (its former members; the

@@ -76,11 +76,12 @@ def compliance_report(store: Store, cfg: ServiceConfig, now: float) -> dict:
 
 
 def decommission(store: Store, cfg: ServiceConfig, now: float, ev: AuditEvent | None = None,
-                 reason: str = "", clear_memory: Callable[[], None] | None = None) -> dict:
+                 reason: str = "", clear_memory: Callable[[], None] | None = None, mode: str | None = None) -> dict:
     """Purge every template, key-version record, consent, idempotency record, HE context and
     snapshot; keep the audit log (the proof); write a deletion certificate to the data dir;
     rewrite the storage (VACUUM). Returns the certificate.
 
+    ``mode``: how it was run, when not one of the two above.
     ``clear_memory``: a running matcher's hook that empties its in-memory galleries (called right
     after the commit). The certificate states only what was done: without the hook (the offline
     command, which holds the data dir lock so no server is running) it says so instead.
@@ -94,7 +95,7 @@ def decommission(store: Store, cfg: ServiceConfig, now: float, ev: AuditEvent | 
         measures.append("in-memory galleries, HE contexts and decision tickets of the running matcher cleared")
         mode = "online: Decommission RPC of the running matcher"
     else:
-        mode = "offline: veilface decommission with the data dir locked (no matcher running on it)"
+        mode = mode or "offline: veilface decommission with the data dir locked (no matcher running on it)"
     with store.transaction() as tx:
         head_before = store.audit_head()
         counts = dataclasses.asdict(tx.wipe())
