@@ -17,13 +17,14 @@ from engine._proto.veilface.v1 import matcher_pb2 as pb
 from engine._proto.veilface.v1 import matcher_pb2_grpc as pb_grpc
 from engine.client import LocationClass, ServiceError
 from engine.gallery import Match
+from engine.schemes import make_scheme
 from engine.service.clock import ManualClock
 from engine.service.store import SQLiteStore, TemplateRow
 from engine.service.usecases.galleries import GalleryMatching
 from tests.support import NOTICE, PURPOSE, TOKENS, capture, faces, running_server
 
 SCHEME = "biohash:bits=256,dim=128"
-SPEC = 'biohash/v1:{"bits":256,"dim":128}'
+SPEC = make_scheme(SCHEME).spec.key()          # canonical spec key, e.g. biohash/vN:{"bits":256,"dim":128}
 
 
 @pytest.fixture
