@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from ..audit import AuditEvent
@@ -79,11 +80,26 @@ def compliance_report(store: Store, cfg: ServiceConfig, now: float) -> dict:
 
 
 def decommission(store: Store, cfg: ServiceConfig, now: float, ev: AuditEvent | None = None,
-                 reason: str = "") -> dict:
+                 reason: str = "", clear_memory: Callable[[], None] | None = None, mode: str | None = None) -> dict:
     """Purge every template, key-version record, consent, idempotency record, HE context and
     snapshot; keep the audit log (the proof); write a deletion certificate to the data dir;
-    rewrite the storage (VACUUM). Returns the certificate."""
+    rewrite the storage (VACUUM). Returns the certificate.
+
+    ``mode``: how it was run, when not one of the two above.
+    ``clear_memory``: a running matcher's hook that empties its in-memory galleries (called right
+    after the commit). The certificate states only what was done: without the hook (the offline
+    command, which holds the data dir lock so no server is running) it says so instead.
+    """
     ev = ev or AuditEvent("Decommission", "admin", "cli")
+    measures = ["all protected templates deleted (SQLite secure_delete: pages overwritten)",
+                "subject key-version registry deleted", "consent and request records deleted",
+                "public HE contexts (all epochs) and HE gallery snapshots deleted",
+                "database VACUUMed and WAL truncated after commit"]
+    if clear_memory is not None:
+        measures.append("in-memory galleries, HE contexts and decision tickets of the running matcher cleared")
+        mode = "online: Decommission RPC of the running matcher"
+    else:
+        mode = mode or "offline: veilface decommission with the data dir locked (no matcher running on it)"
     with store.transaction() as tx:
         head_before = store.audit_head()
         counts = dataclasses.asdict(tx.wipe())
@@ -91,19 +107,17 @@ def decommission(store: Store, cfg: ServiceConfig, now: float, ev: AuditEvent | 
         cert = {
             "type": "veilface-deletion-certificate", "version": 1,
             "issued_at": _iso(now), "issued_at_unix": now, "reason": reason[:200], "store": store.name,
-            **counts,
+            "mode": mode, **counts,
             "audit_head_before": {"seq": head_before[0], "hash": head_before[1]},
-            "measures": ["all protected templates deleted (SQLite secure_delete: pages overwritten)",
-                         "subject key-version registry deleted", "consent and request records deleted",
-                         "public HE contexts (all epochs) and HE gallery snapshots deleted",
-                         "database VACUUMed and WAL truncated after commit",
-                         "in-memory galleries cleared"],
+            "measures": measures,
             "key_material": "the matcher never held transform keys or HE secret keys; destroy the "
                             "tenant master secrets on devices / key holders to crypto-shred any copies",
         }
         cert["certificate_sha256"] = hashlib.sha256(json.dumps(cert, sort_keys=True).encode()).hexdigest()
         ev.details = {**counts, "certificate_sha256": cert["certificate_sha256"]}
         tx.audit(ev, "OK")
+    if clear_memory is not None:
+        clear_memory()
     store.vacuum()
     out = Path(cfg.data_dir) / f"deletion-certificate-{int(now)}.json"
     out.write_text(json.dumps(cert, indent=1, sort_keys=True))
@@ -184,7 +198,7 @@ class Maintenance:
         return compliance_report(self.store, self.cfg, self.clock.now())
 
     def decommission(self, ev: AuditEvent, reason: str) -> dict:
-        cert = decommission(self.store, self.cfg, self.clock.now(), ev, reason)
-        self.index.clear()
-        self.tickets.clear()
-        return cert
+        def clear_memory() -> None:
+            self.index.clear()
+            self.tickets.clear()
+        return decommission(self.store, self.cfg, self.clock.now(), ev, reason, clear_memory)
