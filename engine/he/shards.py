@@ -26,7 +26,7 @@ from ..validation import check_subject_id
 from .blobops import add_partial_scores, merge_scores, split_block_blob
 from .context import PublicContext, require_public
 from .errors import HEError, HEFormatError
-from .gallery import SNAPSHOT_FORMAT
+from .gallery import SNAPSHOT_FORMAT, SNAPSHOT_FORMATS_READ
 from .wire import blob_of, pack_blob, unpack_blob
 
 START_TIMEOUT_S = 120.0  # loading the public context (Galois keys) takes a few seconds
@@ -308,7 +308,7 @@ class ShardedEncryptedGallery:
         """Load :meth:`snapshot` bytes into these (empty) shards; see :meth:`restore`."""
         h, parts = unpack_blob(blob_of(snapshot), "sharded_gallery_snapshot")
         self.ctx.check_header(h, "gallery snapshot")
-        if h.get("snapshot_format") != SNAPSHOT_FORMAT:
+        if h.get("snapshot_format") not in SNAPSHOT_FORMATS_READ:
             raise HEFormatError(f"unknown gallery snapshot format {h.get('snapshot_format')!r}")
         if h.get("split") != self.split or int(h.get("shards", -1)) != self.shards or len(parts) != self.shards:
             raise HEFormatError(f"gallery snapshot of {h.get('shards')} shards split by {h.get('split')!r}; "
