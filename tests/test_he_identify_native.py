@@ -165,3 +165,35 @@ def test_format1_snapshot_is_still_read(kh, filled):
         np.testing.assert_array_equal(a, b)
     with pytest.raises(HEFormatError):
         EncryptedGallery.restore(pub, pack_blob("gallery_snapshot", dict(head, snapshot_format=1), parts[:-1]))
+
+
+def test_expansion_helper_process(kh, filled):
+    """expand_processes=1: a helper process expands half of the probe's dimensions; the result
+    is the same bytes, and a dead helper only means expanding in this process again."""
+    g0, _ = filled
+    pub = kh.public_context()
+    g = EncryptedGallery.restore(pub, g0.snapshot(), expand_processes=1)
+    try:
+        helper = g._helper
+        assert helper is not None and helper.alive()
+        pb = pub.encrypt(unit(np.random.default_rng(45), 1, DIM)[0], "probe")
+        want = unpack_blob(g0.search(pb))[1]
+        assert unpack_blob(g.search(pb))[1] == want
+        arr, scale = g.expand_probe_array(g._load_probe(pb), pb)
+        ref, ref_scale = g0.expand_probe_array(g0._load_probe(pb))
+        np.testing.assert_array_equal(arr, ref)
+        assert scale == ref_scale and arr.ctypes.data % 64 == 0
+        assert helper.try_acquire()                       # busy helper: this thread expands alone
+        try:
+            assert unpack_blob(g.search(pb))[1] == want
+        finally:
+            helper._busy.release()
+        helper._proc.kill()
+        helper._proc.join(10)
+        assert unpack_blob(g.search(pb))[1] == want        # dead helper: same result, no hang
+        assert g._helper is None
+    finally:
+        g.close()
+    g.close()                                             # idempotent
+    with pytest.raises(Exception):
+        EncryptedGallery(pub, expand_processes=2)

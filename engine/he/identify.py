@@ -31,6 +31,7 @@ Removal (consent withdrawal) purges the slot on the arrays
 """
 from __future__ import annotations
 
+import logging
 import os
 import threading
 from collections.abc import Sequence
@@ -44,9 +45,11 @@ from ..errors import InvalidParameter
 from ..validation import check_subject_id
 from . import raw
 from .algorithms import add_mod, expand, purge_slot_arrays, sub_mod
-from .errors import HEFormatError
+from .errors import HEError, HEFormatError
 from .gallery import EncryptedGallery
 from .wire import blob_of, pack_blob, unpack_blob
+
+log = logging.getLogger("veilface.he")
 
 #: blocks per kernel call in the search pipeline (the probe slice is reused across them; SEAL's
 #: work on one group overlaps the kernel of the next)
@@ -84,13 +87,16 @@ class IdentifyGallery(EncryptedGallery):
     nothing stored per template. ``part=(r, m)``: hold only the dimensions ``i`` with
     ``i % m == r`` (a dimension shard; its scores and norm are *partial* sums that
     :func:`~engine.he.blobops.add_partial_scores` combines). ``n_threads``: kernel threads
-    (0 = all cores).
+    (0 = all cores). ``expand_processes=1``: a helper process
+    (:class:`~engine.he.shards.ExpansionHelper`) expands half of each probe's dimensions while this
+    process expands the other half (the expansion is SEAL work under the GIL and the fixed cost of
+    every search); call :meth:`close` to stop it.
     """
 
     mode = "identify"
 
     def __init__(self, context, *, keep_templates: bool = False, part: tuple[int, int] = (0, 1),
-                 n_threads: int = 0) -> None:
+                 n_threads: int = 0, expand_processes: int = 0) -> None:
         super().__init__(context)
         self.keep_templates = bool(keep_templates)
         r, m = int(part[0]), int(part[1])
@@ -107,6 +113,24 @@ class IdentifyGallery(EncryptedGallery):
         self._blobs: dict[str, bytes] = {}       # keep_templates only: subject -> upload
         self._blocks: list[_Block] = []
         self._index: dict[str, tuple[int, int]] = {}   # subject -> (block, slot)
+        self._helper = None
+        if int(expand_processes) not in (0, 1):
+            raise InvalidParameter("expand_processes must be 0 or 1")
+        if expand_processes and len(self._dims) > 1 and 2 * m <= self.params.expand_width:
+            from .shards import ExpansionHelper
+            self._helper = ExpansionHelper(self.ctx, (r + m, 2 * m), (len(self._dims[1::2]),) + self._shape[1:])
+
+    def close(self) -> None:
+        """Stop the expansion helper process, if any (the gallery keeps working without it)."""
+        helper, self._helper = self._helper, None
+        if helper is not None:
+            helper.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
 
     @property
     def _where(self) -> dict[str, tuple[int, int]]:
@@ -275,13 +299,11 @@ class IdentifyGallery(EncryptedGallery):
     def search(self, probe) -> bytes:
         """1:N: encrypted scores of every stored template + the probe's encrypted norm -> ``scores``
         blob (parts: one score ciphertext per block, then the norm; header ``norm: true``)."""
-        probe_ct = self._load_probe(probe)
+        blob = blob_of(probe)
+        probe_ct = self._load_probe(blob)
         if not len(self):
             return pack_blob("scores", dict(self.ctx.header(), blocks=[]), [])
-        pieces = self.expand_probe(probe_ct)       # per query, no gallery state: outside the lock
-        scale = pieces[0].scale
-        probe_arr = self.probe_array(pieces)
-        del pieces
+        probe_arr, scale = self.expand_probe_array(probe_ct, blob)  # no gallery state: outside the lock
         with self._lock:
             blocks = [blk for blk in self._blocks if blk.data is not None]
             if not blocks:
@@ -296,6 +318,49 @@ class IdentifyGallery(EncryptedGallery):
         """The uploaded probe traced and expanded into one encrypted constant per held dimension."""
         pieces = expand(self.ctx, probe_ct, *self.part)
         return [pieces[i] for i in self._dims]
+
+    def expand_probe_array(self, probe_ct, blob: bytes | None = None) -> tuple[np.ndarray, float]:
+        """The expanded probe as one aligned ``(d, 2, L, N)`` array and its scale. With the
+        expansion helper (and the upload ``blob``), the helper expands the odd rows while this
+        thread expands the even ones; otherwise (or when the helper is busy or gone) all here."""
+        helper = self._helper
+        if helper is not None and not helper.alive():
+            log.warning("HE expansion helper (pid %s) is gone; expanding in this process", helper.pid)
+            self.close()
+            helper = None
+        if helper is None or blob is None or not helper.try_acquire():
+            pieces = self.expand_probe(probe_ct)
+            return self.probe_array(pieces), float(pieces[0].scale)
+        arr = K.aligned_empty(self._shape)
+        started = False
+        try:
+            helper.start(blob)
+            started = True
+            r, m = self.part
+            pieces = expand(self.ctx, probe_ct, r, 2 * m)    # dims r, r + 2m, ...: the even rows
+            for k, i in enumerate(sorted(pieces)):
+                raw.to_array(pieces[i], arr[2 * k])
+            scale = float(pieces[r].scale)
+            del pieces
+            started = False
+            if helper.finish(arr[1::2]) != scale:
+                raise HEFormatError("expansion helper: pieces of another scale")
+            return arr, scale
+        except HEError as exc:
+            if started:
+                try:
+                    helper.finish(None)
+                except HEError:
+                    pass
+            if self._helper is helper and not helper.alive():
+                log.warning("HE expansion helper is gone (%s); expanding in this process", exc)
+                self.close()
+            pieces = self.expand_probe(probe_ct)
+            return self.probe_array(pieces), float(pieces[0].scale)
+        except BaseException:
+            if started:
+                helper.finish(None)
+            raise
 
     def probe_array(self, pieces: Sequence) -> np.ndarray:
         """:meth:`expand_probe` pieces as one aligned ``(d, 2, L, N)`` array for the kernel."""
@@ -330,7 +395,8 @@ class IdentifyGallery(EncryptedGallery):
                 products = pending.result()
                 pending = run(g + 1) if g + 1 < len(groups) else None
                 for prod in products:
-                    carrier = raw.from_array(prod, ctx, pid, scale, into=carrier)
+                    # the kernel's output is reduced by construction (bit-equal to SEAL's)
+                    carrier = raw.from_array(prod, ctx, pid, scale, into=carrier, reduced=True)
                     ev.rescale_to_next_inplace(carrier)
                     ev.relinearize_inplace(carrier, rk)
                     out.append(raw.ciphertext_bytes(carrier))

@@ -32,7 +32,7 @@ import tenseal.sealapi as seal
 
 from .. import kernels as _kernels
 from .errors import HEFormatError, HEUnsupported
-from .sealio import seal_load, sealed
+from .sealio import seal_header, seal_load
 
 __all__ = ["to_array", "to_arrays", "from_array", "serialise", "ciphertext_bytes", "shape_of", "moduli"]
 
@@ -113,6 +113,19 @@ def to_arrays(cts: Sequence, out: np.ndarray | None = None, *, direct: bool = Tr
 
 # ----------------------------------------------------------------------------------------------
 # numpy -> SEAL
+def _prefix(parms_id: Sequence[int], scale: float, ntt_form: bool, size: int, primes: int, n: int) -> bytes:
+    """Everything of a ciphertext's uncompressed SEAL serialisation before its coefficients:
+    SEALHeader, members (parms_id, NTT flag, size, N, L, scale, correction factor 1), then the
+    data ``DynArray``'s own SEALHeader and element count."""
+    count = size * primes * n
+    array_head = struct.pack("<Q", count)
+    array_size = len(array_head) + 8 * count
+    fields = (struct.pack("<4Q", *[int(x) for x in parms_id]) + bytes([1 if ntt_form else 0])
+              + struct.pack("<QQQdQ", size, n, primes, float(scale), 1))
+    members_size = len(fields) + 16 + array_size
+    return seal_header(members_size) + fields + seal_header(array_size) + array_head
+
+
 def serialise(arr: np.ndarray, parms_id: Sequence[int], scale: float, ntt_form: bool = True) -> bytes:
     """SEAL's uncompressed serialisation (``Ciphertext::save`` with ``compr_mode_type::none``) of a
     ciphertext with the coefficients ``arr`` (``(size, L, N)`` uint64): what :func:`from_array`
@@ -121,15 +134,12 @@ def serialise(arr: np.ndarray, parms_id: Sequence[int], scale: float, ntt_form: 
     a = np.ascontiguousarray(arr)
     if a.dtype != np.uint64 or a.ndim != 3:
         raise HEUnsupported(f"need a (size, L, N) uint64 array, got {a.dtype} {a.shape}")
-    size, primes, n = a.shape
-    data = sealed(struct.pack("<Q", a.size) + a.tobytes())
-    members = (struct.pack("<4Q", *[int(x) for x in parms_id]) + bytes([1 if ntt_form else 0])
-               + struct.pack("<QQQdQ", size, n, primes, float(scale), 1) + data)
-    return sealed(members)
+    return _prefix(parms_id, scale, ntt_form, *a.shape) + a.tobytes()
 
 
 def from_array(arr: np.ndarray, context, parms_id: Sequence[int], scale: float,
-               ntt_form: bool = True, *, into: seal.Ciphertext | None = None) -> seal.Ciphertext:
+               ntt_form: bool = True, *, into: seal.Ciphertext | None = None,
+               reduced: bool = False) -> seal.Ciphertext:
     """A SEAL ciphertext with the coefficients ``arr`` (``(size, L, N)`` uint64, each row reduced
     modulo its prime) at ``parms_id`` of ``context`` (a ``SEALContext``) with the given scale.
 
@@ -138,8 +148,9 @@ def from_array(arr: np.ndarray, context, parms_id: Sequence[int], scale: float,
     a size-3 ciphertext. ``into``: an existing ciphertext of the same NTT form is reused instead
     (resized to ``parms_id``/``size``, scale set, coefficients copied straight into its memory
     after the same layout check as :func:`to_array`, ~30 us); the coefficients are then checked
-    with :func:`engine.kernels.ckks_max_excess` instead of by SEAL. Falls back to the default
-    path whenever the layout check fails."""
+    with :func:`engine.kernels.ckks_max_excess` instead of by SEAL, unless the caller vouches for
+    them with ``reduced=True`` (the native kernel's output: reduced by construction, tested
+    bit-equal to SEAL). Falls back to the default path whenever the layout check fails."""
     a = np.ascontiguousarray(arr)
     if a.dtype != np.uint64 or a.ndim != 3:
         raise HEUnsupported(f"need a (size, L, N) uint64 array, got {a.dtype} {a.shape}")
@@ -148,7 +159,7 @@ def from_array(arr: np.ndarray, context, parms_id: Sequence[int], scale: float,
         q = moduli(context, parms_id)
         if len(q) != primes or int(context.get_context_data(list(parms_id)).parms().poly_modulus_degree()) != n:
             raise HEFormatError("array shape does not match the level of this context")
-        if _kernels.ckks_max_excess(a, q):
+        if not reduced and _kernels.ckks_max_excess(a, q):
             raise HEFormatError("array coefficients are not reduced modulo their primes")
         into.resize(context, [int(x) for x in parms_id], size)
         into.scale = float(scale)
@@ -164,5 +175,15 @@ def from_array(arr: np.ndarray, context, parms_id: Sequence[int], scale: float,
 
 def ciphertext_bytes(ct) -> bytes:
     """Uncompressed SEAL serialisation of ``ct`` (like ``seal_save`` without zstd: ~20x faster,
-    ~6% larger for uniformly random residues)."""
-    return serialise(to_array(ct), ct.parms_id(), ct.scale, ct.is_ntt_form())
+    ~6% larger for uniformly random residues); the coefficients are copied once, straight from the
+    ciphertext's memory when its layout checks out (see :func:`to_array`)."""
+    size, primes, n = shape_of(ct)
+    count = size * primes * n
+    head = _prefix(ct.parms_id(), ct.scale, ct.is_ntt_form(), size, primes, n)
+    addr = _data_address(ct, count)
+    if addr is None:
+        return head + to_array(ct, direct=False).tobytes()
+    buf = bytearray(len(head) + 8 * count)
+    buf[:len(head)] = head
+    ctypes.memmove((ctypes.c_char * (8 * count)).from_buffer(buf, len(head)), addr, 8 * count)
+    return bytes(buf)

@@ -119,11 +119,16 @@ def _seal_header() -> bytes:
     return _header
 
 
+def seal_header(members_size: int) -> bytes:
+    """The 16-byte SEALHeader (this build's magic and version, no compression) of a serialisation
+    whose members take ``members_size`` bytes."""
+    return _seal_header()[:8] + struct.pack("<Q", 16 + int(members_size))
+
+
 def sealed(members: bytes) -> bytes:
     """``members`` (a SEAL object's fields, uncompressed) behind this build's SEALHeader with the
     total size: a SEAL serialisation that ``load`` accepts."""
-    hdr = _seal_header()
-    return hdr[:8] + struct.pack("<Q", 16 + len(members)) + members
+    return seal_header(len(members)) + members
 
 
 def raw_plaintext(ctx, parms_id, residues: np.ndarray, scale: float):
@@ -161,4 +166,4 @@ def residues_of(obj, parts: int, primes: int, n: int) -> np.ndarray:
     return flat.reshape(parts, primes, n)
 
 
-__all__ = ["seal_save", "seal_load", "sealed", "raw_plaintext", "raw_ciphertext", "residues_of"]
+__all__ = ["seal_save", "seal_load", "sealed", "seal_header", "raw_plaintext", "raw_ciphertext", "residues_of"]
