@@ -11,6 +11,7 @@ import pytest
 pytest.importorskip("tenseal")
 
 from engine import kernels as K  # noqa: E402
+from engine.errors import InvalidParameter  # noqa: E402
 from engine.he import (  # noqa: E402
     EncryptedGallery,
     HEFormatError,
@@ -195,5 +196,5 @@ def test_expansion_helper_process(kh, filled):
     finally:
         g.close()
     g.close()                                             # idempotent
-    with pytest.raises(Exception):
+    with pytest.raises(InvalidParameter):
         EncryptedGallery(pub, expand_processes=2)

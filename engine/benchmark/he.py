@@ -281,7 +281,8 @@ def _identify_row(dim: int, n: int, queries: int, seed: int, *, name: str, basel
     base_s = exp_s + per_block * (nblocks + 1)
     arrays = g.block_arrays()
     probe_bytes = g.bytes_per_template * pub.params.poly_degree          # the expanded probe array
-    calls = -(-(nblocks + 1) // 2)
+    from ..he.identify import BLOCKS_PER_CALL
+    calls = -(-(nblocks + 1) // BLOCKS_PER_CALL)
     touched = sum(a.nbytes for a in arrays) + probe_bytes * (calls + 1)
     bw = _stream_bw(arrays)
     cur, peak = _rss_self()

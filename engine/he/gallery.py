@@ -139,8 +139,9 @@ class EncryptedGallery(ABC):
     ``EncryptedGallery(context, **options)`` returns a :class:`VerifyGallery` or an
     :class:`IdentifyGallery` according to the context's mode (``context``: a
     :class:`PublicContext` or its bytes; a private context raises
-    :class:`~engine.he.errors.HEPrivateContext`). For both cores in identify mode use
-    :class:`engine.he.shards.ShardedEncryptedGallery` (same API).
+    :class:`~engine.he.errors.HEPrivateContext`). An identify gallery's kernel uses every core
+    already (``expand_processes=1`` adds a helper process for the probe expansion);
+    :class:`engine.he.shards.ShardedEncryptedGallery` (same API) splits it over processes.
     """
 
     mode: ClassVar[str]

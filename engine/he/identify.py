@@ -13,7 +13,7 @@ Search (:meth:`IdentifyGallery.search`), per probe:
    ``(d, 2, L, N)`` array (:func:`engine.he.raw.to_arrays`, ~30 us per ciphertext);
 2. the native kernel :func:`engine.kernels.ckks_block_mac` computes the size-3 product
    ``sum_i probe_i * block_i`` of every block (bit-equal to SEAL's ``multiply`` + ``add_inplace``;
-   GIL released, all cores), two blocks per call on a worker thread;
+   GIL released, all cores), four blocks per call on a worker thread;
 3. meanwhile the calling thread hands each finished product back to SEAL (copied into a reused
    ciphertext, :func:`engine.he.raw.from_array` with ``into=``), which rescales and relinearises
    it exactly as before; the result part is its uncompressed SEAL serialisation.
@@ -53,7 +53,7 @@ log = logging.getLogger("veilface.he")
 
 #: blocks per kernel call in the search pipeline (the probe slice is reused across them; SEAL's
 #: work on one group overlaps the kernel of the next)
-BLOCKS_PER_CALL = 2
+BLOCKS_PER_CALL = 4
 
 _pool_lock = threading.Lock()
 _pool: ThreadPoolExecutor | None = None
