@@ -146,8 +146,13 @@ def test_snapshot_file_round_trip_and_checks(kh, filled, tmp_path):
     # a header that claims another array shape, or another dimension part, is refused
     h, parts = unpack_blob(snap)
     head = {k: v for k, v in h.items() if k not in ("kind", "parts")}
-    with pytest.raises(HEFormatError):
-        EncryptedGallery.restore(pub, pack_blob("gallery_snapshot", dict(head, array_shape=[DIM, 2, 2, 4096]), parts))
+    for bad in (dict(array_shape=[DIM, 2, 2, 4096]), dict(array_shape="x"), dict(array_shape=None),
+                dict(array_dtype=">u8"), dict(snapshot_format=3), dict(blocks=[{"ids": [], "cts": True}]),
+                dict(blocks=h["blocks"][:1])):          # the second block's array left over
+        with pytest.raises(HEFormatError):
+            EncryptedGallery.restore(pub, pack_blob("gallery_snapshot", dict(head, **bad), parts))
+    with pytest.raises(HEFormatError):                  # a part of the wrong size
+        EncryptedGallery.restore(pub, pack_blob("gallery_snapshot", head, [parts[0], parts[1][:-8]]))
     with pytest.raises(HEFormatError):
         EncryptedGallery.restore(pub, snap, part=(0, 2))
 

@@ -34,7 +34,6 @@ bytes to a file without that limit (1M templates: 4 GB) and :meth:`~EncryptedGal
 from __future__ import annotations
 
 import io
-import json
 import os
 import struct
 import threading
@@ -45,7 +44,7 @@ from typing import ClassVar
 import tenseal.sealapi as seal
 
 from ..errors import InvalidParameter
-from ..framing import canonical_json
+from ..framing import canonical_json, parse_header
 from ..validation import check_subject_id
 from .context import require_public
 from .errors import HEFormatError, HEUnsupported
@@ -115,11 +114,11 @@ def _read_snapshot_file(f) -> tuple[dict, SnapshotParts]:
         raise HEFormatError(f"unknown HE blob format version {fmt} or oversized header")
     hb = f.read(hlen)
     try:
-        h = json.loads(hb)
+        h = parse_header(hb)           # the bounded parser every VFHE header goes through
         sizes = [int(x) for x in h["parts"]]
     except (ValueError, KeyError, TypeError) as exc:
         raise HEFormatError(f"corrupt gallery snapshot header: {exc}") from None
-    if not isinstance(h, dict) or h.get("kind") != "gallery_snapshot":
+    if h.get("kind") != "gallery_snapshot":
         raise HEFormatError("expected an HE blob of kind gallery_snapshot")
     start = len(head) + hlen
     end = f.seek(0, io.SEEK_END)
