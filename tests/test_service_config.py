@@ -22,6 +22,7 @@ BAD = {
     "verify_fail_limit": [0], "verify_fail_window_s": [0], "verify_lockout_s": [-1], "identify_limit": [0],
     "identify_nomatch_limit": [0], "identify_window_s": [0], "identify_lockout_s": [-1], "request_id_ttl_s": [0],
 }
+BAD.update({"deployment": ["edge ", "", 1], "records_retention_years": [2, 0, "3"]})   # measures (issue 15)
 
 
 def test_every_field_has_a_bad_value():

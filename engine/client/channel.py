@@ -41,6 +41,9 @@ IDEMPOTENT_METHODS: dict[str, str] = {
     "VerifyAuditChain": "read-only",
     "ComplianceReport": "read-only",
     "ListHEContexts": "read-only",
+    # measures
+    "RegisterImpactAssessment": "registering the current document again answers `unchanged` and stores nothing",
+    "RegisterOversightKey": "registering the same key again answers `unchanged`",
 }
 
 #: Methods never retried by the SDK, and why (an UNAVAILABLE answer leaves it to the caller).
@@ -54,6 +57,10 @@ NOT_RETRIED: dict[str, str] = {
     "RegisterHEContext": "a client stream; registering the next epoch deletes the previous one",
     "PurgeExpired": "reports what this call deleted; a repeat would report nothing",
     "Decommission": "destroys the store; never repeated behind the caller's back",
+    # measures
+    "WithdrawOffDeviceConsent": "no idempotency key: a late repeat could delete a central copy made meanwhile",
+    "SubmitOversight": "a repeat of an accepted bundle is refused (OVERSIGHT_REPLAYED): the uplink treats that as delivered",
+    "RecordFilingCancellation": "a repeat after a lost answer fails with FILING_CANCELLATION_EXISTS",
 }
 
 #: UNAVAILABLE: the replica is down or unreachable (or died before answering). CANCELLED: a

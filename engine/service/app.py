@@ -14,6 +14,7 @@ from .matching import GalleryIndex, LocalMatching, MatchingBackend, SchemeCache
 from .ratelimit import IntrusionDetector
 from .scope import Scopes
 from .store import Store
+from .usecases.assessments import Assessments  # measures (and OffDevice, Oversight, Termination below)
 from .usecases.common import TemplateReader, audit_quietly
 from .usecases.devices import DeviceRegistry, Devices
 from .usecases.enrolment import Enrolment, FilingMonitor
@@ -22,8 +23,11 @@ from .usecases.he_snapshots import HESnapshots
 from .usecases.lifecycle import Lifecycle
 from .usecases.maintenance import Maintenance, Retention
 from .usecases.matching import Matching
+from .usecases.off_device import OffDevice
+from .usecases.oversight import Oversight
 from .usecases.queries import Queries
 from .usecases.recovery import Recovery
+from .usecases.termination import Termination
 
 log = logging.getLogger("veilface.service")
 
@@ -60,6 +64,11 @@ class MatcherApp:
         self.queries = Queries(store)
         self.recovery = Recovery(cfg, store, self.index, self.contexts, self.device_registry, self.retention,
                                  self.snapshots)
+        # measures
+        self.assessments = Assessments(cfg, store, self.clock)
+        self.off_device = OffDevice(store, self.clock, self.index)
+        self.oversight = Oversight(cfg, store, self.clock, self.enrolment.filing)
+        self.termination = Termination(store, self.clock)
         self.loaded = self.recovery.load()
 
     def audit(self, ev: AuditEvent, result: str = "OK", reason: str = "") -> None:

@@ -32,6 +32,9 @@ class Running:
     def device(self, device_id: str = "gate-1", scheme: str = "biohash:bits=256,dim=128", **kw):
         from engine.client import DeviceClient
         from engine.keys import KeyDeriver
+
+        from .measures import OFF_DEVICE
+        kw.setdefault("off_device", OFF_DEVICE)   # the subjects also agree to central storage (issue 15)
         return DeviceClient(self.target, TOKENS["device"], device_id,
                             kw.pop("deriver", None) or KeyDeriver(bytes(range(32)), "default"),
                             scheme=scheme, **kw)
@@ -50,13 +53,18 @@ def make_config(data_dir, **settings) -> ServiceConfig:
 
 
 @contextmanager
-def running_server(data_dir, clock: Clock | None = None, **settings) -> Iterator[Running]:
-    """A started :class:`VeilfaceServer` (ManualClock unless given), stopped on exit."""
+def running_server(data_dir, clock: Clock | None = None, assessments: bool = True, **settings) -> Iterator[Running]:
+    """A started :class:`VeilfaceServer` (ManualClock unless given), stopped on exit. With
+    ``assessments`` the impact assessments of the usual purposes are registered first (issue 15)."""
     from engine.service.server import VeilfaceServer
+
+    from .measures import register_assessments
     clock = clock or ManualClock()
     cfg = make_config(data_dir, **settings)
     srv = VeilfaceServer(cfg, clock=clock).start()
     try:
+        if assessments:
+            register_assessments(srv.app)
         yield Running(srv, srv.target, clock, cfg)
     finally:
         srv.stop(0)

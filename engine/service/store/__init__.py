@@ -33,6 +33,15 @@ from .base import (
     WipeCounts,
     WriteTx,
 )
+from .measures import (  # measures (issue 15)
+    AssessmentRow,
+    OffDeviceConsentRow,
+    OffDeviceSummary,
+    OutboxRow,
+    OversightBundleRow,
+    OversightKeyRow,
+    TerminationRow,
+)
 from .sql import SCHEMA_VERSION, Dialect, SQLStore
 from .sqlite import DB_NAME, SQLiteStore
 
@@ -45,4 +54,7 @@ def open_store(data_dir: str | os.PathLike, clock: Clock | None = None) -> Store
 __all__ = ["Store", "WriteTx", "StoreError", "StoreConflict", "SQLStore", "SQLiteStore", "Dialect", "open_store", "DB_NAME",
            "SCHEMA_VERSION", "ConsentRow", "DeviceRow", "FilingAlert", "HEContextRow", "HEContextSummary", "HEEpoch",
            "HESnapshotRow", "ProcessingRecord", "RequestRow", "StoreCounts", "SubjectRow", "SubjectSummary",
-           "TemplateIndexRow", "TemplateKey", "TemplateRow", "WipeCounts"]
+           "TemplateIndexRow", "TemplateKey", "TemplateRow", "WipeCounts",
+           # measures
+           "AssessmentRow", "OffDeviceConsentRow", "OffDeviceSummary", "OutboxRow", "OversightBundleRow",
+           "OversightKeyRow", "TerminationRow"]

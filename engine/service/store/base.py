@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 from ..audit import AuditEvent, AuditRow, ChainReport
 from ..status import StatusError
+from .measures import MeasuresReads, MeasuresTx  # measures: records of the 2025 Measures (issue 15)
 
 #: prefix of the canonical spec key of an ``he`` (encrypted) template
 HE_PREFIX = "he/"
@@ -234,8 +235,9 @@ class WipeCounts:
 
 
 # -- the write transaction -------------------------------------------------------------------------
-class WriteTx(ABC):
-    """One open write transaction (see the module docstring)."""
+class WriteTx(MeasuresTx, ABC):
+    """One open write transaction (see the module docstring). The Measures records' methods
+    (assessments, off-device consents, oversight, termination) come from :class:`MeasuresTx`."""
 
     # meta
     @abstractmethod
@@ -355,8 +357,9 @@ class WriteTx(ABC):
 
 
 # -- the store -------------------------------------------------------------------------------------
-class Store(ABC):
-    """Reads and lifecycle of a store; writes go through :meth:`transaction`."""
+class Store(MeasuresReads, ABC):
+    """Reads and lifecycle of a store; writes go through :meth:`transaction`. The Measures
+    records' reads come from :class:`MeasuresReads`."""
 
     #: the store's short name (e.g. the database file name; written into deletion certificates)
     name: str = ""

@@ -45,6 +45,7 @@ from .base import (
     WipeCounts,
     WriteTx,
 )
+from .measures_sql import MeasuresSQLReads, MeasuresSQLTx, measures_schema  # measures (issue 15)
 
 SCHEMA_VERSION = 2
 PRIVATE_SPACE = 3            # policy.PRIVATE_SPACE (mirrors veilface.v1.LocationClass)
@@ -145,6 +146,7 @@ def schema(d: Dialect) -> list[str]:
         f"CREATE TABLE IF NOT EXISTS audit_head (id INTEGER PRIMARY KEY CHECK (id = 1), seq {big} NOT NULL, "
         f"hash TEXT NOT NULL)",
         "CREATE INDEX IF NOT EXISTS audit_action ON audit(action)",
+        *measures_schema(d),   # measures: assessments, off-device consents, oversight, terminations
         *d.extra_ddl,
     ]
 
@@ -177,7 +179,7 @@ def _template(r) -> TemplateRow:
 
 
 # -- writes ------------------------------------------------------------------------------------------
-class SQLTx(WriteTx):
+class SQLTx(MeasuresSQLTx, WriteTx):
     """A write transaction on one connection (opened and committed by :meth:`SQLStore.transaction`)."""
 
     def __init__(self, conn, dialect: Dialect, clock: Clock) -> None:
@@ -351,7 +353,7 @@ class SQLTx(WriteTx):
 
 
 # -- reads -------------------------------------------------------------------------------------------
-class SQLStore(Store):
+class SQLStore(MeasuresSQLReads, Store):
     """Reads, transactions and schema versioning over DB-API connections of one :class:`Dialect`.
 
     Subclasses implement the connection hooks; ``migrations[v](conn)`` upgrades a store of schema
