@@ -169,17 +169,12 @@ class DeviceClient(BaseClient):
         self.versions.enrolled(subject_id, None)
         return r
 
-    # -- measures: off-device consent, oversight -----------------------------------------
+    # -- measures: off-device consent --------------------------------------------------
     def withdraw_off_device_consent(self, subject_id: str, purpose: str = "") -> pb.WithdrawOffDeviceConsentResponse:
         """Withdraw only the off-device-storage consent ("" = every purpose): the matcher deletes its
         copy; the subject's consent to face processing (and an edge copy) may remain."""
         return self._call("WithdrawOffDeviceConsent", pb.WithdrawOffDeviceConsentRequest(
             subject_id=subject_id, purpose=purpose, device_id=self.device_id, tenant=self.tenant))
-
-    def submit_oversight(self, bundle: bytes, signature: bytes) -> pb.SubmitOversightResponse:
-        """Send one signed oversight bundle of this (edge) device (``engine.edge.EdgeDevice.oversight_bundles``)."""
-        return self._call("SubmitOversight", pb.SubmitOversightRequest(
-            device_id=self.device_id, bundle=bundle, signature=signature, tenant=self.tenant))
 
     def revoke(self, subject_id: str, key_version: int = 0) -> pb.RevokeResponse:
         """Re-key: invalidate the current (or given) key version; later protections use the next."""
