@@ -61,7 +61,7 @@ class DeviceClient(BaseClient):
                  timeout: float = DEFAULT_TIMEOUT, key_holder=None, he_context=None, decider=None,
                  off_device: OffDeviceTerms | None = None, **channel_options) -> None:
         self.device_id, self.purpose, self.tenant = device_id, purpose, tenant
-        self.off_device = off_device
+        self.off_device = off_device or None
         self.scheme = make_scheme(scheme)
         self.key_scope = key_scope
         self.versions = versions or KeyVersions()
@@ -115,7 +115,7 @@ class DeviceClient(BaseClient):
 
         ``off_device``: the separate off-device-storage consent recorded with it -- terms, or
         None for this client's ``off_device`` terms, or False for none (the subject declined)."""
-        terms = self.off_device if off_device is None or off_device is True else off_device or None
+        terms = (self.off_device if off_device is None or off_device is True else off_device) or None
         return self._call("RecordConsent", consent_request(
             subject_id=subject_id, purpose=purpose or self.purpose, notice_version=notice_version,
             subject_age=subject_age, device_id=self.device_id, tenant=self.tenant, off_device=terms, **kw))

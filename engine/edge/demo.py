@@ -98,11 +98,12 @@ def run_edge(data_dir: Path, subjects: int, scheme: str, in_process: bool, seed:
                     g.enroll(sid[i], capture(i), g.record_consent(sid[i], NOTICE, 30).consent_id)
             s["note"] = f"{(len(site1) + len(site2)) / (time.perf_counter() - t0):.0f} enrolments/s, nothing sent"
         with tm.step("verify and identify locally") as s:
-            gen = sum(g1.verify(sid[i], capture(i)).matched for i in site1[:40])
-            imp = sum(g1.verify(sid[i], capture(i + 1)).matched for i in site1[:40])
-            hit = sum((g2.identify(capture(i)) or [("", 0)])[0][0] == sid[i] for i in site2[:20])
-            s["note"] = f"genuine {gen}/40, impostor {imp}/40, identify rank-1 {hit}/20"
-            ok &= gen >= 36 and imp == 0 and hit >= 18
+            m, k = min(40, len(site1)), min(20, len(site2))
+            gen = sum(g1.verify(sid[i], capture(i)).matched for i in site1[:m])
+            imp = sum(g1.verify(sid[i], capture(i + 1)).matched for i in site1[:m])
+            hit = sum((g2.identify(capture(i)) or [("", 0)])[0][0] == sid[i] for i in site2[:k])
+            s["note"] = f"genuine {gen}/{m}, impostor {imp}/{m}, identify rank-1 {hit}/{k}"
+            ok &= gen >= 0.9 * m and imp == 0 and hit >= 0.9 * k
         with tm.step(f"withdraw {sid[1]} at gate-1") as s:
             w = g1.withdraw(sid[1])
             s["note"] = f"{w.templates_deleted} template deleted on the device"

@@ -9,8 +9,8 @@ template -- leaves it: there is no network code here. What the operator's centra
 is :meth:`EdgeDevice.oversight_bundles`: signed audit entries, consent / withdrawal events,
 decisions, counts and the stored subject ids (:mod:`engine.edge.uplink`).
 
-Every call leaves one audit entry and raises the same typed errors (``StatusError`` with a
-``code`` and a ``reason``) a gRPC client would see, because it goes through the same scope and
+Every call leaves one audit entry and raises the typed errors a gRPC client would see (a
+:class:`engine.service.status.StatusError` with the status ``code`` name and the ``reason``), because it goes through the same scope and
 use cases as an RPC (:meth:`EdgeDevice._call` mirrors the servicer's audit-and-map wrapper).
 """
 from __future__ import annotations
@@ -32,7 +32,7 @@ from ..service.auth import Principal
 from ..service.clock import Clock, SystemClock
 from ..service.config import ServiceConfig
 from ..service.oversight import MAX_ENTRIES, MAX_PERSONS_DELTA, fingerprint, public_key_bytes
-from ..service.status import AlreadyExists, BadRequest, classify
+from ..service.status import AlreadyExists, BadRequest, StatusError, classify
 from ..service.store import OutboxRow, open_store
 from ..service.usecases.assessments import AssessmentInfo
 from ..service.usecases.devices import DeviceRegistration
@@ -119,10 +119,14 @@ class EdgeDevice:
                 self.app.audit(ev, "OK")
             return out
         except Exception as exc:
-            code, reason, _ = classify(exc)
+            code, reason, msg = classify(exc)
             ev.details = {k: v for k, v in ev.details.items() if k in ("scheme", "key_version")}
             self.app.audit(ev, code, reason)
-            raise
+            if isinstance(exc, StatusError):
+                raise
+            err = StatusError(msg, reason)      # one error type with a code, as a gRPC client sees it
+            err.code = code
+            raise err from exc
 
     def _subject_call(self, action: str, subject: str, purpose: str | None, fn: Callable, op: str | None = None,
                       writes: bool = False):

@@ -70,6 +70,10 @@ def parse(data: bytes | str, tenant: str = "") -> Assessment:
         raise rd.fail("type", f"must be {DOC_TYPE!r}")
     if rd.integer(doc["version"], "version", 1, 1 << 30) != DOC_VERSION:
         raise rd.fail("version", f"only version {DOC_VERSION} is known")
+    todo = _placeholder(doc, "")      # a draft not completed yet: say so before any field's format
+    if todo:
+        raise BadRequest(f"{todo}: still a draft placeholder ({TODO}); complete the assessment before registering",
+                         reason="IMPACT_ASSESSMENT_INCOMPLETE")
     doc_tenant = policy.tenant_of(rd.text(doc["tenant"], "tenant", 128))
     if tenant and doc_tenant != tenant:
         raise rd.fail("tenant", f"is {doc_tenant!r}, the call is for {tenant!r}")
@@ -94,10 +98,6 @@ def parse(data: bytes | str, tenant: str = "") -> Assessment:
         raise rd.fail("review_by", "must be after assessed_on")
     if review > assessed + _dt.timedelta(days=366 * MAX_REVIEW_YEARS):
         raise rd.fail("review_by", f"must be within {MAX_REVIEW_YEARS} years of assessed_on")
-    todo = _placeholder(doc, "")
-    if todo:
-        raise BadRequest(f"{todo}: still a draft placeholder ({TODO}); complete the assessment before registering",
-                         reason="IMPACT_ASSESSMENT_INCOMPLETE")
     return Assessment(doc_tenant, purpose, mode, assessed, review, doc, canonical(doc))
 
 
