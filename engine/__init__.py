@@ -8,6 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from ._optional import MissingDependency  # noqa: F401 - an optional package (extra) is not installed
 from .errors import (  # noqa: F401
     InvalidEmbedding,
     InvalidParameter,

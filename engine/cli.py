@@ -5,6 +5,8 @@ import argparse
 import importlib
 import sys
 
+from ._optional import MissingDependency
+
 # module -> function(subparsers); each sets ``func(args) -> int`` on its parsers.
 # Registration must be cheap: heavy imports happen inside the handlers.
 _COMMAND_MODULES = (
@@ -22,6 +24,8 @@ def build_parser() -> argparse.ArgumentParser:
     for name in _COMMAND_MODULES:
         try:
             module = importlib.import_module(name)
+        except MissingDependency:
+            continue  # that area needs an extra that is not installed (its error names the extra)
         except ModuleNotFoundError as exc:
             if exc.name and name.startswith(exc.name):
                 continue  # that area is not part of this build

@@ -19,6 +19,7 @@ from typing import NamedTuple
 
 import numpy as np
 
+from ._optional import require
 from .errors import InvalidParameter, NotEnrolled
 from .schemes import Scheme
 from .template import Template
@@ -196,7 +197,7 @@ class FaissGallery(Gallery):
 
     def __init__(self, scheme: Scheme, hnsw: bool = False, hnsw_m: int = 32, ef_search: int = 128) -> None:
         super().__init__(scheme)
-        import faiss  # imported here: faiss is only needed by this backend
+        faiss = require("faiss", feature="gallery backend 'faiss'/'faiss-hnsw' ('native' needs no faiss)")
 
         if scheme.metric not in ("hamming", "ip_f32"):
             raise InvalidParameter(f"the faiss backend supports Hamming and float32 schemes, not {scheme.metric}")

@@ -129,7 +129,10 @@ def run_suites(names: Iterable[str] | None = None, quick: bool = False,
             recs = fn(quick)
         except Exception as exc:  # noqa: BLE001
             import traceback
-            traceback.print_exc(file=stderr)
+
+            from .._optional import MissingDependency
+            if not isinstance(exc, MissingDependency):  # a missing extra is one line, not a traceback
+                traceback.print_exc(file=stderr)
             print(f"bench: suite {name!r} failed: {type(exc).__name__}: {exc}", file=stderr)
             failed.append(name)
             continue

@@ -25,6 +25,8 @@ import time
 
 import numpy as np
 
+from .._optional import require
+
 
 def _unit(rng, n, d):
     x = rng.standard_normal((n, d))
@@ -32,7 +34,7 @@ def _unit(rng, n, d):
 
 
 def _tenseal_context():
-    import tenseal as ts
+    ts = require("tenseal", feature="the HE benchmark (TenSEAL baseline)")
 
     ctx = ts.context(ts.SCHEME_TYPE.CKKS, poly_modulus_degree=8192, coeff_mod_bit_sizes=[60, 40, 40, 60])
     ctx.global_scale = 2 ** 40
@@ -41,8 +43,8 @@ def _tenseal_context():
 
 
 def _verify_rows(quick: bool, rng) -> tuple[list[dict], dict]:
-    import tenseal as ts
-    import tenseal.sealapi as seal
+    ts = require("tenseal", feature="the HE benchmark (TenSEAL baseline)")
+    seal = require("tenseal.sealapi")
 
     from ..he.context import KeyHolder, seal_load
     from ..he.gallery import EncryptedGallery

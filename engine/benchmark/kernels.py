@@ -24,6 +24,7 @@ import os
 
 import numpy as np
 
+from .._optional import require
 from . import compare_times, median_time, record
 
 K = 10
@@ -86,7 +87,7 @@ def _mem_read(quick: bool) -> dict:
 
 
 def _hamming(quick: bool) -> list[dict]:
-    import faiss
+    faiss = require("faiss", feature="the kernel benchmark (faiss baseline)")
 
     from engine import kernels
     rows = []
@@ -168,7 +169,7 @@ def _iom(quick: bool) -> list[dict]:
 
 
 def _int8_f32(quick: bool) -> list[dict]:
-    import faiss
+    faiss = require("faiss", feature="the kernel benchmark (faiss baseline)")
 
     from engine import kernels
     rows = []

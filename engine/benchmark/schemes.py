@@ -58,9 +58,9 @@ def code_scheme_speed(scheme, embeddings: np.ndarray, key_of: Callable[[int], by
     """Medians for a cancellable ``scheme``. ``embeddings``: probes (``(n, dim)``, unit rows);
     ``key_of(i)``: the ``i``-th distinct key (``0`` is used for protect and the gallery, others
     once each for the cold-key figure)."""
-    from threadpoolctl import threadpool_limits
-
+    from .._optional import require
     from ..gallery import make_gallery
+    threadpool_limits = require("threadpoolctl", feature="the scheme speed benchmark").threadpool_limits
 
     x = np.asarray(embeddings, dtype=np.float32)
     key = key_of(0)

@@ -54,6 +54,8 @@ def register(subparsers) -> None:
 
 
 def handler(args) -> int:
+    from .._optional import require_extra
+    require_extra("eval", feature="veilface eval")  # before minutes of work, not at the plots
     from .runner import evaluate
 
     options = {k: getattr(args, k) for k in ("max_impostor", "attack_templates", "n_gallery", "he_probes")

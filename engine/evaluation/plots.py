@@ -82,7 +82,9 @@ def plot_all(results: list, synthetic: bool, out: str | Path) -> list[str]:
     """Write ``det.png``, ``scores.png`` and ``unlinkability.png`` into ``out``; their paths.
 
     ``results``: :class:`~engine.evaluation.records.SchemeResult` with score arrays."""
-    import matplotlib
+    from .._optional import require
+    matplotlib = require("matplotlib", feature="the evaluation plots (--no-plots skips them)")
+    require("scipy", feature="the evaluation plots (--no-plots skips them)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from scipy.stats import norm

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 
+from .._optional import require
 from .dlib_format import Network
 
 
@@ -213,7 +214,7 @@ def build_onnx(ops: list[Op], *, name: str, input_name: str = "input",
     ``fixed_hw`` the spatial size is fixed (needed to resolve ``add_prev`` zero-padding
     statically); otherwise H and W are symbolic (fine for networks without ``add``).
     """
-    import onnx
+    onnx = require("onnx", feature="the face-model conversion (engine.face)")
     from onnx import TensorProto, helper, numpy_helper
 
     inits: list = []

