@@ -140,12 +140,11 @@ def _scenario(target: str, tokens: dict, n: int, scheme: str, seed: int, tm: Tim
     sid = [f"subj-{i:05d}" for i in range(n + 50)]
 
     print("\n0. impact assessment (central deployment)")
-    with tm.step("quick `veilface eval` + drafted assessment") as s:
-        from ..edge.demo import _assessment
-        from ..evaluation.runner import evaluate
-        evaluate(None, [scheme], out=data_dir / "eval", quick=True, progress=False, plots=False)
-        info = admin.register_impact_assessment(_assessment(data_dir / "eval" / "report.json", scheme, "central", n, 2))
-        s["note"] = f"registered v{info.version}, sha256 {info.sha256[:16]}... (audit entry {info.audit_seq})"
+    with tm.step("measured figures + drafted assessment") as s:
+        from ..edge.demo import _assessment, eval_report
+        report, source = eval_report(data_dir / "eval", scheme)
+        info = admin.register_impact_assessment(_assessment(report, scheme, "central", n, 2))
+        s["note"] = f"from {source}; registered v{info.version}, sha256 {info.sha256[:16]}... (audit {info.audit_seq})"
 
     print("\n1. devices and consent")
     with tm.step("register public-place device (signage)") as s:
