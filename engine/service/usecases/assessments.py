@@ -16,6 +16,7 @@ alone (shared with ``veilface pia`` and ``veilface report``); :class:`Assessment
 """
 from __future__ import annotations
 
+import dataclasses
 import datetime as _dt
 import hashlib
 import json
@@ -93,7 +94,7 @@ def register_assessment(store: Store, cfg: ServiceConfig, now: float, ev: AuditE
         row = AssessmentRow(a.tenant, a.purpose, version, sha, a.canonical.decode(), a.assessed_on.isoformat(),
                             a.review_by.isoformat(), now, ev.actor or ev.actor_role, seq)
         aid = tx.insert_assessment(row)
-    return _info(AssessmentRow(**{**row.__dict__, "id": aid}))
+    return _info(dataclasses.replace(row, id=aid))
 
 
 def _info(r: AssessmentRow, unchanged: bool = False) -> AssessmentInfo:
