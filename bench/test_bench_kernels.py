@@ -116,6 +116,47 @@ def test_hamming_distances_1to1(benchmark, bench_rng):
     benchmark(kernels.hamming_distances, a, b)
 
 
+# ---------------------------------------------------------------------------------- CKKS block product
+@pytest.fixture(scope="module")
+def ckks(bench_rng):
+    """One 8192-template block at 128-d and an expanded probe, as reduced residues of the identify
+    ring, plus the same data as SEAL ciphertexts for the sealapi baseline."""
+    pytest.importorskip("tenseal")
+    from engine.he import raw
+    from engine.he.context import HEParams, core_for
+    core = core_for(HEParams.for_mode("identify", 128))
+    pid = core.ctx.first_parms_id()
+    q = raw.moduli(core.ctx, pid)
+    shape = (128, 2, len(q), core.params.poly_degree)
+    probe, block = (bench_rng.integers(0, 1 << 62, shape, dtype=np.uint64) % q[:, None] for _ in range(2))
+    cts = [[raw.from_array(x, core.ctx, pid, 2.0 ** 45) for x in a] for a in (probe, block)]
+    return {"q": q, "probe": probe, "block": block, "cts": cts, "core": core}
+
+
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_ckks_block_mac(benchmark, ckks, n_threads):
+    benchmark.group = "he_block_mac_128"
+    out = benchmark(kernels.ckks_block_mac, [ckks["block"]], ckks["probe"], ckks["q"], None, n_threads)
+    assert out.shape == (1, 3) + ckks["probe"].shape[2:]
+
+
+def test_ckks_block_mac_sealapi_baseline(benchmark, ckks):
+    import tenseal.sealapi as seal
+    benchmark.group = "he_block_mac_128"
+    ev = ckks["core"].evaluator
+    pc, bc = ckks["cts"]
+
+    def loop():
+        acc, tmp = seal.Ciphertext(), seal.Ciphertext()
+        ev.multiply(pc[0], bc[0], acc)
+        for a, b in zip(pc[1:], bc[1:]):
+            ev.multiply(a, b, tmp)
+            ev.add_inplace(acc, tmp)
+        return acc
+
+    assert benchmark(loop).size() == 3
+
+
 # ---------------------------------------------------------------------------------- Cython helpers
 def test_sign_pack(benchmark, bench_rng):
     benchmark.group = "device_helpers"

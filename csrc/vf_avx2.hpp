@@ -4,12 +4,7 @@
 
 #include "vf_common.hpp"
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx2,fma,popcnt,bmi,bmi2"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx2,fma,popcnt,bmi,bmi2")
-#endif
+VF_TARGET_BEGIN("avx2,fma,popcnt,bmi,bmi2")
 
 namespace vf {
 namespace avx2 {
@@ -40,245 +35,120 @@ static inline float hsum_ps(__m256 a) {
     return _mm_cvtss_f32(s);
 }
 
-// ---------------- Hamming (code length a multiple of 256 bits; else the popcnt scalar path)
-template <int QB>
-static void hamming_qb(const std::uint8_t* Q, i64 qs, const std::uint8_t* C, i64 cs, i64 nr,
-                       i64 nchunks, std::int32_t* out, i64 ldo) {
-    const __m256i zero = _mm256_setzero_si256();
-    i64 j = 0;
-    for (; j + 2 <= nr; j += 2) {
-        const std::uint8_t* c0 = C + j * cs;
-        const std::uint8_t* c1 = c0 + cs;
-        __m256i a0[QB], a1[QB];
-        for (int q = 0; q < QB; ++q) { a0[q] = zero; a1[q] = zero; }
-        for (i64 ch = 0; ch < nchunks; ++ch) {
-            __m256i v0 = ld(c0 + 32 * ch), v1 = ld(c1 + 32 * ch);
-            for (int q = 0; q < QB; ++q) {
-                __m256i x = ld(Q + q * qs + 32 * ch);
-                a0[q] = _mm256_add_epi64(a0[q], _mm256_sad_epu8(popcnt_bytes(_mm256_xor_si256(x, v0)), zero));
-                a1[q] = _mm256_add_epi64(a1[q], _mm256_sad_epu8(popcnt_bytes(_mm256_xor_si256(x, v1)), zero));
-            }
-        }
-        for (int q = 0; q < QB; ++q) {
-            __m256i t = _mm256_add_epi64(_mm256_unpacklo_epi64(a0[q], a1[q]), _mm256_unpackhi_epi64(a0[q], a1[q]));
-            __m128i s = _mm_add_epi64(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
-            out[q * ldo + j] = static_cast<std::int32_t>(_mm_cvtsi128_si64(s));
-            out[q * ldo + j + 1] = static_cast<std::int32_t>(_mm_extract_epi64(s, 1));
-        }
-    }
-    for (; j < nr; ++j) {
-        const std::uint8_t* c0 = C + j * cs;
-        for (int q = 0; q < QB; ++q) {
-            __m256i a = zero;
-            for (i64 ch = 0; ch < nchunks; ++ch)
-                a = _mm256_add_epi64(a, _mm256_sad_epu8(popcnt_bytes(_mm256_xor_si256(ld(Q + q * qs + 32 * ch), ld(c0 + 32 * ch))), zero));
-            out[q * ldo + j] = static_cast<std::int32_t>(hsum_epi64(a));
-        }
-    }
-}
+#include "vf_skeleton.hpp"  // skeleton, skeleton_qb, filter_topk for this ISA
 
+// ---------------------------------------------------------------------------------------------
+// Ops for the shared skeleton (vf_skeleton.hpp): QB queries x 2 gallery rows per step (16 ymm
+// registers: 4 queries x 2 rows of accumulators + rows + query fit; 4 rows would spill). AVX2 has
+// no byte-masked loads, so a chunk mask M is the count of valid elements (E for a full chunk: a
+// compile-time constant after inlining, so full chunks pay nothing); the tail chunk is copied to a
+// zeroed buffer.
+template <class T, int N>
+static inline __m256i load_partial(const T* p, i64 rem) {
+    alignas(32) T buf[N] = {};
+    std::memcpy(buf, p, static_cast<size_t>(rem) * sizeof(T));
+    return ld(buf);
+}
+struct Rows2 {
+    using M = i64;  // valid elements of the chunk
+    static constexpr int R = 2;
+    static constexpr bool kPrefetch = false;
+};
+
+struct OpHamming : Rows2 {  // sad of byte popcounts -> 4 qword sums
+    using In = std::uint8_t; using QIn = In; using Out = std::int32_t; using Acc = __m256i;
+    static constexpr int E = 32;
+    static M tail(i64 rem) { return rem; }
+    static Acc zero() { return _mm256_setzero_si256(); }
+    static __m256i load_c(const In* p, M m) { return m == E ? ld(p) : load_partial<In, E>(p, m); }
+    static __m256i load_q(const In* p, M m) { return load_c(p, m); }
+    static Acc step(Acc a, __m256i q, __m256i c, M) {
+        return _mm256_add_epi64(a, _mm256_sad_epu8(popcnt_bytes(_mm256_xor_si256(q, c)), _mm256_setzero_si256()));
+    }
+    void store_rows(Out* o, const Acc (&a)[2], int) const {
+        __m256i t = _mm256_add_epi64(_mm256_unpacklo_epi64(a[0], a[1]), _mm256_unpackhi_epi64(a[0], a[1]));
+        __m128i s = _mm_add_epi64(_mm256_castsi256_si128(t), _mm256_extracti128_si256(t, 1));
+        o[0] = static_cast<Out>(_mm_cvtsi128_si64(s));
+        o[1] = static_cast<Out>(_mm_extract_epi64(s, 1));
+    }
+    void store_row(Out* o, Acc a, int) const { *o = static_cast<Out>(hsum_epi64(a)); }
+};
+struct OpIom : Rows2 {  // cmpeq + movemask + popcnt, scalar counters
+    using In = std::uint8_t; using QIn = In; using Out = std::int32_t; using Acc = std::int32_t;
+    static constexpr int E = 32;
+    static M tail(i64 rem) { return rem; }
+    static Acc zero() { return 0; }
+    static __m256i load_c(const In* p, M m) { return m == E ? ld(p) : load_partial<In, E>(p, m); }
+    static __m256i load_q(const In* p, M m) { return load_c(p, m); }
+    static Acc step(Acc a, __m256i q, __m256i c, M m) {
+        unsigned eq = static_cast<unsigned>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(q, c)));
+        if (m != E) eq &= (1u << m) - 1;  // the zero padding of the tail matches itself
+        return a + __builtin_popcount(eq);
+    }
+    void store_rows(Out* o, const Acc (&a)[2], int) const { o[0] = a[0]; o[1] = a[1]; }
+    void store_row(Out* o, Acc a, int) const { *o = a; }
+};
+struct OpInt8 : Rows2 {  // queries pre-widened to int16 (zero padded), gallery sign-extended, madd_epi16
+    using In = std::int8_t; using QIn = std::int16_t; using Out = std::int32_t; using Acc = __m256i;
+    static constexpr int E = 16;
+    static M tail(i64 rem) { return rem; }
+    static Acc zero() { return _mm256_setzero_si256(); }
+    static __m256i load_c(const In* p, M m) {
+        const __m128i b = m == E ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p))
+                                 : _mm256_castsi256_si128(load_partial<In, 32>(p, m));
+        return _mm256_cvtepi8_epi16(b);
+    }
+    static __m256i load_q(const QIn* p, M) { return ld(p); }  // padded to a multiple of E
+    static Acc step(Acc a, __m256i q, __m256i c, M) { return _mm256_add_epi32(a, _mm256_madd_epi16(q, c)); }
+    void store_rows(Out* o, const Acc (&a)[2], int) const { o[0] = hsum_epi32(a[0]); o[1] = hsum_epi32(a[1]); }
+    void store_row(Out* o, Acc a, int) const { *o = hsum_epi32(a); }
+};
+struct OpF32 : Rows2 {  // FMA
+    using In = float; using QIn = In; using Out = float; using Acc = __m256;
+    static constexpr int E = 8;
+    static M tail(i64 rem) { return rem; }
+    static Acc zero() { return _mm256_setzero_ps(); }
+    static __m256 load_c(const In* p, M m) {
+        if (m == E) return _mm256_loadu_ps(p);
+        const __m256i lanes = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+        return _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(m)), lanes));
+    }
+    static __m256 load_q(const In* p, M m) { return load_c(p, m); }
+    static Acc step(Acc a, __m256 q, __m256 c, M) { return _mm256_fmadd_ps(q, c, a); }
+    void store_rows(Out* o, const Acc (&a)[2], int) const { o[0] = hsum_ps(a[0]); o[1] = hsum_ps(a[1]); }
+    void store_row(Out* o, Acc a, int) const { *o = hsum_ps(a); }
+};
+
+// Hamming: code length a multiple of 256 bits here; other lengths take the popcnt scalar path
 static void score_hamming(const std::uint8_t* Q, i64 qs, int qb, const std::uint8_t* C, i64 cs,
                           i64 nr, i64 dim, std::int32_t* out, i64 ldo) {
     if (dim % 32 != 0) { vf::scalar::score_hamming(Q, qs, qb, C, cs, nr, dim, out, ldo); return; }
-    const i64 nch = dim / 32;
-    switch (qb) {
-        case 4: hamming_qb<4>(Q, qs, C, cs, nr, nch, out, ldo); break;
-        case 3: hamming_qb<3>(Q, qs, C, cs, nr, nch, out, ldo); break;
-        case 2: hamming_qb<2>(Q, qs, C, cs, nr, nch, out, ldo); break;
-        default: hamming_qb<1>(Q, qs, C, cs, nr, nch, out, ldo); break;
-    }
-}
-
-// ---------------- IoM collision count: cmpeq + movemask + popcnt
-template <int QB>
-static void iom_qb(const std::uint8_t* Q, i64 qs, const std::uint8_t* C, i64 cs, i64 nr, i64 dim,
-                   std::int32_t* out, i64 ldo) {
-    const i64 nfull = dim / 32 * 32;
-    i64 j = 0;
-    for (; j + 2 <= nr; j += 2) {
-        const std::uint8_t* c0 = C + j * cs;
-        const std::uint8_t* c1 = c0 + cs;
-        std::int32_t n0[QB], n1[QB];
-        for (int q = 0; q < QB; ++q) { n0[q] = 0; n1[q] = 0; }
-        for (i64 d = 0; d < nfull; d += 32) {
-            __m256i v0 = ld(c0 + d), v1 = ld(c1 + d);
-            for (int q = 0; q < QB; ++q) {
-                __m256i x = ld(Q + q * qs + d);
-                n0[q] += __builtin_popcount(static_cast<unsigned>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(x, v0))));
-                n1[q] += __builtin_popcount(static_cast<unsigned>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(x, v1))));
-            }
-        }
-        for (i64 d = nfull; d < dim; ++d)
-            for (int q = 0; q < QB; ++q) { n0[q] += (Q[q * qs + d] == c0[d]); n1[q] += (Q[q * qs + d] == c1[d]); }
-        for (int q = 0; q < QB; ++q) { out[q * ldo + j] = n0[q]; out[q * ldo + j + 1] = n1[q]; }
-    }
-    for (; j < nr; ++j) {
-        const std::uint8_t* c0 = C + j * cs;
-        for (int q = 0; q < QB; ++q) {
-            std::int32_t n = 0;
-            for (i64 d = 0; d < nfull; d += 32)
-                n += __builtin_popcount(static_cast<unsigned>(_mm256_movemask_epi8(_mm256_cmpeq_epi8(ld(Q + q * qs + d), ld(c0 + d)))));
-            for (i64 d = nfull; d < dim; ++d) n += (Q[q * qs + d] == c0[d]);
-            out[q * ldo + j] = n;
-        }
-    }
-}
-
-static void score_iom(const std::uint8_t* Q, i64 qs, int qb, const std::uint8_t* C, i64 cs,
-                      i64 nr, i64 dim, std::int32_t* out, i64 ldo) {
-    switch (qb) {
-        case 4: iom_qb<4>(Q, qs, C, cs, nr, dim, out, ldo); break;
-        case 3: iom_qb<3>(Q, qs, C, cs, nr, dim, out, ldo); break;
-        case 2: iom_qb<2>(Q, qs, C, cs, nr, dim, out, ldo); break;
-        default: iom_qb<1>(Q, qs, C, cs, nr, dim, out, ldo); break;
-    }
-}
-
-// ---------------- int8 inner product: sign-extend to int16, madd_epi16 (exact for all of int8)
-template <int QB>
-static void int8_qb(const std::int16_t* Q16, i64 q16s, const std::int8_t* Q, i64 qs,
-                    const std::int8_t* C, i64 cs, i64 nr, i64 dim, std::int32_t* out, i64 ldo) {
-    const i64 nfull = dim / 16 * 16;
-    const __m256i zero = _mm256_setzero_si256();
-    i64 j = 0;
-    for (; j + 2 <= nr; j += 2) {
-        const std::int8_t* c0 = C + j * cs;
-        const std::int8_t* c1 = c0 + cs;
-        __m256i a0[QB], a1[QB];
-        for (int q = 0; q < QB; ++q) { a0[q] = zero; a1[q] = zero; }
-        for (i64 d = 0; d < nfull; d += 16) {
-            __m256i v0 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c0 + d)));
-            __m256i v1 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c1 + d)));
-            for (int q = 0; q < QB; ++q) {
-                __m256i x = ld(Q16 + q * q16s + d);
-                a0[q] = _mm256_add_epi32(a0[q], _mm256_madd_epi16(x, v0));
-                a1[q] = _mm256_add_epi32(a1[q], _mm256_madd_epi16(x, v1));
-            }
-        }
-        for (int q = 0; q < QB; ++q) {
-            std::int32_t s0 = hsum_epi32(a0[q]), s1 = hsum_epi32(a1[q]);
-            for (i64 d = nfull; d < dim; ++d) {
-                s0 += std::int32_t(Q[q * qs + d]) * c0[d];
-                s1 += std::int32_t(Q[q * qs + d]) * c1[d];
-            }
-            out[q * ldo + j] = s0; out[q * ldo + j + 1] = s1;
-        }
-    }
-    for (; j < nr; ++j) {
-        const std::int8_t* c0 = C + j * cs;
-        for (int q = 0; q < QB; ++q) {
-            __m256i a = zero;
-            for (i64 d = 0; d < nfull; d += 16)
-                a = _mm256_add_epi32(a, _mm256_madd_epi16(ld(Q16 + q * q16s + d),
-                        _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(c0 + d)))));
-            std::int32_t s = hsum_epi32(a);
-            for (i64 d = nfull; d < dim; ++d) s += std::int32_t(Q[q * qs + d]) * c0[d];
-            out[q * ldo + j] = s;
-        }
-    }
+    skeleton_qb(OpHamming{}, Q, qs, qb, C, cs, nr, dim, out, ldo);
 }
 
 static void score_int8(const std::int8_t* Q, i64 qs, int qb, const std::int8_t* C, i64 cs,
                        i64 nr, i64 dim, std::int32_t* out, i64 ldo) {
     thread_local std::vector<std::int16_t> q16;
-    const i64 stride = (dim + 15) / 16 * 16;
-    q16.resize(static_cast<size_t>(stride * qb));
+    const i64 stride = (dim + OpInt8::E - 1) / OpInt8::E * OpInt8::E;
+    q16.assign(static_cast<size_t>(stride * qb), 0);
     for (int q = 0; q < qb; ++q)
         for (i64 d = 0; d < dim; ++d) q16[q * stride + d] = Q[q * qs + d];
-    switch (qb) {
-        case 4: int8_qb<4>(q16.data(), stride, Q, qs, C, cs, nr, dim, out, ldo); break;
-        case 3: int8_qb<3>(q16.data(), stride, Q, qs, C, cs, nr, dim, out, ldo); break;
-        case 2: int8_qb<2>(q16.data(), stride, Q, qs, C, cs, nr, dim, out, ldo); break;
-        default: int8_qb<1>(q16.data(), stride, Q, qs, C, cs, nr, dim, out, ldo); break;
-    }
+    skeleton_qb(OpInt8{}, q16.data(), stride, qb, C, cs, nr, dim, out, ldo);
 }
 
-// ---------------- float32 inner product: FMA, 4 queries x 2 rows register block
-template <int QB>
-static void f32_qb(const float* Q, i64 qs, const float* C, i64 cs, i64 nr, i64 dim, float* out, i64 ldo) {
-    const i64 nfull = dim / 8 * 8;
-    i64 j = 0;
-    for (; j + 2 <= nr; j += 2) {
-        const float* c0 = C + j * cs;
-        const float* c1 = c0 + cs;
-        __m256 a0[QB], a1[QB];
-        for (int q = 0; q < QB; ++q) { a0[q] = _mm256_setzero_ps(); a1[q] = _mm256_setzero_ps(); }
-        for (i64 d = 0; d < nfull; d += 8) {
-            __m256 v0 = _mm256_loadu_ps(c0 + d), v1 = _mm256_loadu_ps(c1 + d);
-            for (int q = 0; q < QB; ++q) {
-                __m256 x = _mm256_loadu_ps(Q + q * qs + d);
-                a0[q] = _mm256_fmadd_ps(x, v0, a0[q]);
-                a1[q] = _mm256_fmadd_ps(x, v1, a1[q]);
-            }
-        }
-        for (int q = 0; q < QB; ++q) {
-            float s0 = hsum_ps(a0[q]), s1 = hsum_ps(a1[q]);
-            for (i64 d = nfull; d < dim; ++d) { s0 += Q[q * qs + d] * c0[d]; s1 += Q[q * qs + d] * c1[d]; }
-            out[q * ldo + j] = s0; out[q * ldo + j + 1] = s1;
-        }
-    }
-    for (; j < nr; ++j) {
-        const float* c0 = C + j * cs;
-        for (int q = 0; q < QB; ++q) {
-            __m256 a = _mm256_setzero_ps();
-            for (i64 d = 0; d < nfull; d += 8) a = _mm256_fmadd_ps(_mm256_loadu_ps(Q + q * qs + d), _mm256_loadu_ps(c0 + d), a);
-            float s = hsum_ps(a);
-            for (i64 d = nfull; d < dim; ++d) s += Q[q * qs + d] * c0[d];
-            out[q * ldo + j] = s;
-        }
-    }
-}
+static constexpr auto score_iom = &score<OpIom>;
+static constexpr auto score_f32 = &score<OpF32>;
 
-static void score_f32(const float* Q, i64 qs, int qb, const float* C, i64 cs, i64 nr, i64 dim,
-                      float* out, i64 ldo) {
-    switch (qb) {
-        case 4: f32_qb<4>(Q, qs, C, cs, nr, dim, out, ldo); break;
-        case 3: f32_qb<3>(Q, qs, C, cs, nr, dim, out, ldo); break;
-        case 2: f32_qb<2>(Q, qs, C, cs, nr, dim, out, ldo); break;
-        default: f32_qb<1>(Q, qs, C, cs, nr, dim, out, ldo); break;
-    }
-}
-
-// ---------------- top-k filters: compare 8 scores at once against the heap threshold
-template <class T, bool L>
-static inline unsigned cand_mask(const T* p, T thr);
-template <>
-inline unsigned cand_mask<std::int32_t, false>(const std::int32_t* p, std::int32_t thr) {
-    return static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(thr), ld(p)))));
-}
-template <>
-inline unsigned cand_mask<std::int32_t, true>(const std::int32_t* p, std::int32_t thr) {
-    return static_cast<unsigned>(_mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(ld(p), _mm256_set1_epi32(thr)))));
-}
-template <>
-inline unsigned cand_mask<float, true>(const float* p, float thr) {
-    return static_cast<unsigned>(_mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p), _mm256_set1_ps(thr), _CMP_GT_OQ)));
-}
-
-template <class T, bool L>
-static void filter_t(const T* buf, i64 n, i64 base, TopK<T, L>& h) {
-    i64 j = 0;
-    for (; j < n && !h.full(); ++j) h.push(buf[j], base + j);
-    for (; j + 8 <= n; j += 8) {
-        unsigned m = cand_mask<T, L>(buf + j, h.thr);
-        while (m) {
-            int t = __builtin_ctz(m);
-            m &= m - 1;
-            if (TopK<T, L>::beats(buf[j + t], h.thr)) h.push(buf[j + t], base + j + t);
-        }
-    }
-    for (; j < n; ++j)
-        if (TopK<T, L>::beats(buf[j], h.thr)) h.push(buf[j], base + j);
-}
-static void filter_i32_small(const std::int32_t* b, i64 n, i64 base, TopK<std::int32_t, false>& h) { filter_t(b, n, base, h); }
-static void filter_i32_large(const std::int32_t* b, i64 n, i64 base, TopK<std::int32_t, true>& h) { filter_t(b, n, base, h); }
-static void filter_f32_large(const float* b, i64 n, i64 base, TopK<float, true>& h) { filter_t(b, n, base, h); }
+// ---------------- top-k filter candidates: 8 scores per compare (filter_topk in vf_skeleton.hpp)
+static inline unsigned mask_ps(__m256 m) { return static_cast<unsigned>(_mm256_movemask_ps(m)); }
+struct Cand {
+    static constexpr int W = 8;
+    static unsigned gt(const std::int32_t* p, std::int32_t t) { return mask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(ld(p), _mm256_set1_epi32(t)))); }
+    static unsigned lt(const std::int32_t* p, std::int32_t t) { return mask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(_mm256_set1_epi32(t), ld(p)))); }
+    static unsigned gt(const float* p, float t) { return mask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p), _mm256_set1_ps(t), _CMP_GT_OQ)); }
+};
 
 }  // namespace avx2
 }  // namespace vf
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+VF_TARGET_END

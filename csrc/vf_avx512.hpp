@@ -5,14 +5,7 @@
 
 #include "vf_common.hpp"
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq,avx512vnni,avx2,fma,popcnt,bmi,bmi2"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC target("avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq,avx512vnni,avx2,fma,popcnt,bmi,bmi2")
-#endif
+VF_TARGET_BEGIN("avx512f,avx512bw,avx512dq,avx512vl,avx512vpopcntdq,avx512vnni,avx2,fma,popcnt,bmi,bmi2")
 
 namespace vf {
 namespace avx512 {
@@ -48,14 +41,35 @@ static inline __m128 reduce4_ps(__m512 a, __m512 b, __m512 c, __m512 d) {
     return _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
 }
 
+#include "vf_skeleton.hpp"  // skeleton, skeleton_qb, filter_topk for this ISA
+
 // ---------------------------------------------------------------------------------------------
-// Generic register-blocked skeleton: QB queries x 4 gallery rows per step, E elements per chunk,
-// masked loads for the tail chunk. An Op supplies load / step / reduce / finish.
-struct OpHamming {  // In = uint8 bytes, chunk = 64 bytes, acc = popcnt per qword
-    using In = std::uint8_t; using Out = std::int32_t; using Acc = __m512i; using M = __mmask64;
+// Ops for the shared skeleton (vf_skeleton.hpp): QB queries x 4 gallery rows per step, masked
+// loads for the tail chunk, software prefetch. Reduce4Store turns the 4 row accumulators into 4
+// scores with one reduce4 (the Op's), then the Op's store4/store1.
+template <class Op>
+struct Reduce4Store {
+    static constexpr int R = 4;
+    static constexpr bool kPrefetch = true;
+    template <class Out, class Acc>
+    void store_rows(Out* o, const Acc (&a)[4], int q) const {
+        static_cast<const Op*>(this)->store4(o, Op::reduce4(a[0], a[1], a[2], a[3]), q);
+    }
+    template <class Out, class Acc>
+    void store_row(Out* o, Acc a, int q) const {
+        const Acc z = Op::zero();
+        static_cast<const Op*>(this)->store1(o, Op::reduce4(a, z, z, z), q);
+    }
+};
+struct Bytes64 {  // 64 one-byte elements per chunk, byte masks
+    using M = __mmask64;
     static constexpr int E = 64;
     static M tail(i64 rem) { return rem >= 64 ? ~M(0) : ((M(1) << rem) - 1); }
-    static Acc zero() { return _mm512_setzero_si512(); }
+    static __m512i zero() { return _mm512_setzero_si512(); }
+};
+
+struct OpHamming : Bytes64, Reduce4Store<OpHamming> {  // popcnt per qword
+    using In = std::uint8_t; using QIn = In; using Out = std::int32_t; using Acc = __m512i;
     static __m512i load_c(const In* p, M m) { return _mm512_maskz_loadu_epi8(m, p); }
     static __m512i load_q(const In* p, M m) { return _mm512_maskz_loadu_epi8(m, p); }
     static Acc step(Acc a, __m512i q, __m512i c, M) { return _mm512_add_epi64(a, _mm512_popcnt_epi64(_mm512_xor_si512(q, c))); }
@@ -63,11 +77,8 @@ struct OpHamming {  // In = uint8 bytes, chunk = 64 bytes, acc = popcnt per qwor
     void store4(Out* o, __m128i s, int) const { _mm_storeu_si128(reinterpret_cast<__m128i*>(o), s); }
     void store1(Out* o, __m128i s, int) const { *o = _mm_cvtsi128_si32(s); }
 };
-struct OpIom {  // per-byte match counters (<= 255 chunks), summed with sad at the end
-    using In = std::uint8_t; using Out = std::int32_t; using Acc = __m512i; using M = __mmask64;
-    static constexpr int E = 64;
-    static M tail(i64 rem) { return rem >= 64 ? ~M(0) : ((M(1) << rem) - 1); }
-    static Acc zero() { return _mm512_setzero_si512(); }
+struct OpIom : Bytes64, Reduce4Store<OpIom> {  // per-byte match counters (<= 255 chunks), summed with sad at the end
+    using In = std::uint8_t; using QIn = In; using Out = std::int32_t; using Acc = __m512i;
     static __m512i load_c(const In* p, M m) { return _mm512_maskz_loadu_epi8(m, p); }
     static __m512i load_q(const In* p, M m) { return _mm512_maskz_loadu_epi8(m, p); }
     static Acc step(Acc a, __m512i q, __m512i c, M m) {
@@ -80,12 +91,9 @@ struct OpIom {  // per-byte match counters (<= 255 chunks), summed with sad at t
     void store4(Out* o, __m128i s, int) const { _mm_storeu_si128(reinterpret_cast<__m128i*>(o), s); }
     void store1(Out* o, __m128i s, int) const { *o = _mm_cvtsi128_si32(s); }
 };
-struct OpInt8 {  // VNNI: (c ^ 0x80) is c + 128 as u8; dot = sum(u8(c+128) * q) - 128 * sum(q)
-    using In = std::int8_t; using Out = std::int32_t; using Acc = __m512i; using M = __mmask64;
-    static constexpr int E = 64;
+struct OpInt8 : Bytes64, Reduce4Store<OpInt8> {  // VNNI: (c ^ 0x80) is c + 128 as u8; dot = sum(u8(c+128) * q) - 128 * sum(q)
+    using In = std::int8_t; using QIn = In; using Out = std::int32_t; using Acc = __m512i;
     const std::int32_t* qsum128;  // 128 * sum(q) per query of the block
-    static M tail(i64 rem) { return rem >= 64 ? ~M(0) : ((M(1) << rem) - 1); }
-    static Acc zero() { return _mm512_setzero_si512(); }
     static __m512i load_c(const In* p, M m) { return _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, p), _mm512_set1_epi8(-128)); }
     static __m512i load_q(const In* p, M m) { return _mm512_maskz_loadu_epi8(m, p); }
     static Acc step(Acc a, __m512i q, __m512i c, M) { return _mm512_dpbusd_epi32(a, c, q); }
@@ -95,8 +103,8 @@ struct OpInt8 {  // VNNI: (c ^ 0x80) is c + 128 as u8; dot = sum(u8(c+128) * q) 
     }
     void store1(Out* o, __m128i s, int q) const { *o = _mm_cvtsi128_si32(s) - qsum128[q]; }
 };
-struct OpF32 {
-    using In = float; using Out = float; using Acc = __m512; using M = __mmask16;
+struct OpF32 : Reduce4Store<OpF32> {
+    using In = float; using QIn = In; using Out = float; using Acc = __m512; using M = __mmask16;
     static constexpr int E = 16;
     static M tail(i64 rem) { return rem >= 16 ? M(0xFFFF) : M((1u << rem) - 1); }
     static Acc zero() { return _mm512_setzero_ps(); }
@@ -107,94 +115,6 @@ struct OpF32 {
     void store4(Out* o, __m128 s, int) const { _mm_storeu_ps(o, s); }
     void store1(Out* o, __m128 s, int) const { *o = _mm_cvtss_f32(s); }
 };
-
-constexpr i64 kPrefetchBytes = 4096;  // software prefetch distance of the skeleton
-
-template <class Op, int QB>
-static void skeleton(const Op& op, const typename Op::In* Q, i64 qs, const typename Op::In* C, i64 cs,
-                     i64 nr, i64 dim, typename Op::Out* out, i64 ldo) {
-    using M = typename Op::M;
-    using Acc = typename Op::Acc;
-    constexpr int E = Op::E;
-    const i64 nfull = dim / E;
-    const i64 rem = dim - nfull * E;
-    const M all = Op::tail(E), tm = Op::tail(rem);
-    // prefetch distance: at least kPrefetchBytes ahead, at least 8 rows
-    const i64 pf_rows = std::max<i64>(8, kPrefetchBytes / std::max<i64>(1, cs * static_cast<i64>(sizeof(typename Op::In))));
-    i64 j = 0;
-    for (; j + 4 <= nr; j += 4) {
-        const typename Op::In* c0 = C + j * cs;
-        Acc acc[QB][4];
-        for (int q = 0; q < QB; ++q)
-            for (int r = 0; r < 4; ++r) acc[q][r] = Op::zero();
-        for (i64 ch = 0; ch < nfull; ++ch) {
-            const i64 d = ch * E;
-            {  // software prefetch of the rows pf_rows ahead (hardware prefetch alone reaches
-               // ~60% of the bandwidth on these interleaved 4-row streams)
-                const char* pf = reinterpret_cast<const char*>(c0 + pf_rows * cs + d);
-                const i64 rb = cs * static_cast<i64>(sizeof(typename Op::In));
-                _mm_prefetch(pf, _MM_HINT_T0);
-                _mm_prefetch(pf + rb, _MM_HINT_T0);
-                _mm_prefetch(pf + 2 * rb, _MM_HINT_T0);
-                _mm_prefetch(pf + 3 * rb, _MM_HINT_T0);
-            }
-            auto v0 = Op::load_c(c0 + d, all);
-            auto v1 = Op::load_c(c0 + cs + d, all);
-            auto v2 = Op::load_c(c0 + 2 * cs + d, all);
-            auto v3 = Op::load_c(c0 + 3 * cs + d, all);
-            for (int q = 0; q < QB; ++q) {
-                auto x = Op::load_q(Q + q * qs + d, all);
-                acc[q][0] = Op::step(acc[q][0], x, v0, all);
-                acc[q][1] = Op::step(acc[q][1], x, v1, all);
-                acc[q][2] = Op::step(acc[q][2], x, v2, all);
-                acc[q][3] = Op::step(acc[q][3], x, v3, all);
-            }
-        }
-        if (rem) {
-            const i64 d = nfull * E;
-            auto v0 = Op::load_c(c0 + d, tm);
-            auto v1 = Op::load_c(c0 + cs + d, tm);
-            auto v2 = Op::load_c(c0 + 2 * cs + d, tm);
-            auto v3 = Op::load_c(c0 + 3 * cs + d, tm);
-            for (int q = 0; q < QB; ++q) {
-                auto x = Op::load_q(Q + q * qs + d, tm);
-                acc[q][0] = Op::step(acc[q][0], x, v0, tm);
-                acc[q][1] = Op::step(acc[q][1], x, v1, tm);
-                acc[q][2] = Op::step(acc[q][2], x, v2, tm);
-                acc[q][3] = Op::step(acc[q][3], x, v3, tm);
-            }
-        }
-        for (int q = 0; q < QB; ++q)
-            op.store4(out + q * ldo + j, Op::reduce4(acc[q][0], acc[q][1], acc[q][2], acc[q][3]), q);
-    }
-    for (; j < nr; ++j) {
-        const typename Op::In* c0 = C + j * cs;
-        Acc acc[QB];
-        for (int q = 0; q < QB; ++q) acc[q] = Op::zero();
-        for (i64 ch = 0; ch <= nfull; ++ch) {
-            const i64 d = ch * E;
-            const M m = ch < nfull ? all : tm;
-            if (ch == nfull && rem == 0) break;
-            auto v0 = Op::load_c(c0 + d, m);
-            for (int q = 0; q < QB; ++q) acc[q] = Op::step(acc[q], Op::load_q(Q + q * qs + d, m), v0, m);
-        }
-        for (int q = 0; q < QB; ++q) {
-            const Acc z = Op::zero();
-            op.store1(out + q * ldo + j, Op::reduce4(acc[q], z, z, z), q);
-        }
-    }
-}
-
-template <class Op>
-static void skeleton_qb(const Op& op, const typename Op::In* Q, i64 qs, int qb, const typename Op::In* C,
-                        i64 cs, i64 nr, i64 dim, typename Op::Out* out, i64 ldo) {
-    switch (qb) {
-        case 4: skeleton<Op, 4>(op, Q, qs, C, cs, nr, dim, out, ldo); break;
-        case 3: skeleton<Op, 3>(op, Q, qs, C, cs, nr, dim, out, ldo); break;
-        case 2: skeleton<Op, 2>(op, Q, qs, C, cs, nr, dim, out, ldo); break;
-        default: skeleton<Op, 1>(op, Q, qs, C, cs, nr, dim, out, ldo); break;
-    }
-}
 
 // ---------------- Hamming, 256-bit codes: two codes per zmm, 8 codes per step, QB queries.
 template <int QB>
@@ -234,20 +154,10 @@ static void hamming256(const std::uint8_t* Q, i64 qs, const std::uint8_t* C, i64
 
 static void score_hamming(const std::uint8_t* Q, i64 qs, int qb, const std::uint8_t* C, i64 cs,
                           i64 nr, i64 dim, std::int32_t* out, i64 ldo) {
-    if (dim == 32) {
-        switch (qb) {
-            case 4: hamming256<4>(Q, qs, C, cs, nr, out, ldo); return;
-            case 3: hamming256<3>(Q, qs, C, cs, nr, out, ldo); return;
-            case 2: hamming256<2>(Q, qs, C, cs, nr, out, ldo); return;
-            default: hamming256<1>(Q, qs, C, cs, nr, out, ldo); return;
-        }
-    }
-    skeleton_qb(OpHamming{}, Q, qs, qb, C, cs, nr, dim, out, ldo);
-}
-
-static void score_iom(const std::uint8_t* Q, i64 qs, int qb, const std::uint8_t* C, i64 cs,
-                      i64 nr, i64 dim, std::int32_t* out, i64 ldo) {
-    skeleton_qb(OpIom{}, Q, qs, qb, C, cs, nr, dim, out, ldo);
+    if (dim == 32)
+        with_qb(qb, [&](auto QB) { hamming256<decltype(QB)::value>(Q, qs, C, cs, nr, out, ldo); });
+    else
+        skeleton_qb(OpHamming{}, Q, qs, qb, C, cs, nr, dim, out, ldo);
 }
 
 static void score_int8(const std::int8_t* Q, i64 qs, int qb, const std::int8_t* C, i64 cs,
@@ -263,52 +173,18 @@ static void score_int8(const std::int8_t* Q, i64 qs, int qb, const std::int8_t* 
     skeleton_qb(op, Q, qs, qb, C, cs, nr, dim, out, ldo);
 }
 
-static void score_f32(const float* Q, i64 qs, int qb, const float* C, i64 cs, i64 nr, i64 dim,
-                      float* out, i64 ldo) {
-    skeleton_qb(OpF32{}, Q, qs, qb, C, cs, nr, dim, out, ldo);
-}
+static constexpr auto score_iom = &score<OpIom>;
+static constexpr auto score_f32 = &score<OpF32>;
 
-// ---------------- top-k filters: 16 scores per compare
-template <class T, bool L>
-static inline unsigned cand_mask(const T* p, T thr);
-template <>
-inline unsigned cand_mask<std::int32_t, false>(const std::int32_t* p, std::int32_t thr) {
-    return _mm512_cmplt_epi32_mask(_mm512_loadu_si512(p), _mm512_set1_epi32(thr));
-}
-template <>
-inline unsigned cand_mask<std::int32_t, true>(const std::int32_t* p, std::int32_t thr) {
-    return _mm512_cmpgt_epi32_mask(_mm512_loadu_si512(p), _mm512_set1_epi32(thr));
-}
-template <>
-inline unsigned cand_mask<float, true>(const float* p, float thr) {
-    return _mm512_cmp_ps_mask(_mm512_loadu_ps(p), _mm512_set1_ps(thr), _CMP_GT_OQ);
-}
-
-template <class T, bool L>
-static void filter_t(const T* buf, i64 n, i64 base, TopK<T, L>& h) {
-    i64 j = 0;
-    for (; j < n && !h.full(); ++j) h.push(buf[j], base + j);
-    for (; j + 16 <= n; j += 16) {
-        unsigned m = cand_mask<T, L>(buf + j, h.thr);
-        while (m) {
-            int t = __builtin_ctz(m);
-            m &= m - 1;
-            if (TopK<T, L>::beats(buf[j + t], h.thr)) h.push(buf[j + t], base + j + t);
-        }
-    }
-    for (; j < n; ++j)
-        if (TopK<T, L>::beats(buf[j], h.thr)) h.push(buf[j], base + j);
-}
-static void filter_i32_small(const std::int32_t* b, i64 n, i64 base, TopK<std::int32_t, false>& h) { filter_t(b, n, base, h); }
-static void filter_i32_large(const std::int32_t* b, i64 n, i64 base, TopK<std::int32_t, true>& h) { filter_t(b, n, base, h); }
-static void filter_f32_large(const float* b, i64 n, i64 base, TopK<float, true>& h) { filter_t(b, n, base, h); }
+// ---------------- top-k filter candidates: 16 scores per compare (filter_topk in vf_skeleton.hpp)
+struct Cand {
+    static constexpr int W = 16;
+    static unsigned gt(const std::int32_t* p, std::int32_t t) { return _mm512_cmpgt_epi32_mask(_mm512_loadu_si512(p), _mm512_set1_epi32(t)); }
+    static unsigned lt(const std::int32_t* p, std::int32_t t) { return _mm512_cmplt_epi32_mask(_mm512_loadu_si512(p), _mm512_set1_epi32(t)); }
+    static unsigned gt(const float* p, float t) { return _mm512_cmp_ps_mask(_mm512_loadu_ps(p), _mm512_set1_ps(t), _CMP_GT_OQ); }
+};
 
 }  // namespace avx512
 }  // namespace vf
 
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#pragma GCC diagnostic pop
-#endif
+VF_TARGET_END

@@ -20,18 +20,51 @@
 #include <stdexcept>
 #include <string>
 #include <thread>
+#include <type_traits>
 #include <utility>
 #include <vector>
+
+// Target regions: the functions between VF_TARGET_BEGIN("isa,list") and VF_TARGET_END are compiled
+// for those instruction sets (used only after run-time CPU detection). Warnings about undefined
+// vectors are off inside: GCC's masked AVX-512 intrinsics start from one on purpose.
+#define VF_PRAGMA(x) _Pragma(#x)
+#if defined(__clang__)
+#define VF_TARGET_BEGIN(isa) VF_PRAGMA(clang attribute push(__attribute__((target(isa))), apply_to = function))
+#define VF_TARGET_END VF_PRAGMA(clang attribute pop)
+#else
+#define VF_TARGET_BEGIN(isa)                                      \
+    VF_PRAGMA(GCC push_options)                                   \
+    VF_PRAGMA(GCC diagnostic push)                                \
+    VF_PRAGMA(GCC diagnostic ignored "-Wmaybe-uninitialized")     \
+    VF_PRAGMA(GCC diagnostic ignored "-Wuninitialized")           \
+    VF_PRAGMA(GCC target(isa))
+#define VF_TARGET_END VF_PRAGMA(GCC pop_options) VF_PRAGMA(GCC diagnostic pop)
+#endif
 
 namespace vf {
 
 using i64 = std::int64_t;
 using u64 = std::uint64_t;
 
-// Upper bounds enforced at the boundary (see engine/kernels.py for the same numbers).
+// Upper bounds enforced at the boundary; exported to Python as engine._kernels.MAX_INT8_DIM /
+// MAX_IOM_M (engine/kernels.py reads them from there).
 constexpr i64 kMaxInt8Dim = 65536;   // 255*128*dim must fit int32 in the VNNI path
 constexpr i64 kMaxIomM = 16320;      // 255 chunks of 64 bytes: per-byte counters must not wrap
 constexpr int kQB = 4;               // max queries per register block
+constexpr i64 kPrefetchBytes = 4096; // software prefetch distance of the SIMD skeletons
+
+// The one query-block dispatch: calls f(std::integral_constant<int, QB>{}) for qb in [1, kQB].
+// Use with a generic lambda: with_qb(qb, [&](auto QB) { kernel<decltype(QB)::value>(...); });
+template <class F>
+inline void with_qb(int qb, F&& f) {
+    static_assert(kQB == 4, "with_qb covers query blocks of 1..4");
+    switch (qb) {
+        case 4: f(std::integral_constant<int, 4>{}); break;
+        case 3: f(std::integral_constant<int, 3>{}); break;
+        case 2: f(std::integral_constant<int, 2>{}); break;
+        default: f(std::integral_constant<int, 1>{}); break;
+    }
+}
 
 // ---------------------------------------------------------------------------------------------
 // Top-k: bounded heap keeping the k best (score, index) pairs. "Better" = larger score when

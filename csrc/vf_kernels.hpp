@@ -7,20 +7,11 @@
 #include "vf_scalar.hpp"
 #undef VF_SCALAR_NS
 
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("popcnt"))), apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("popcnt")
-#endif
+VF_TARGET_BEGIN("popcnt")
 #define VF_SCALAR_NS scalar
 #include "vf_scalar.hpp"
 #undef VF_SCALAR_NS
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
+VF_TARGET_END
 
 #include "vf_avx2.hpp"
 #include "vf_avx512.hpp"
@@ -43,7 +34,8 @@ struct Table {
 
 #define VF_TABLE(ns) \
     Table { ns::score_hamming, ns::score_iom, ns::score_int8, ns::score_f32, \
-            ns::filter_i32_small, ns::filter_i32_large, ns::filter_f32_large }
+            ns::filter_topk<ns::Cand, std::int32_t, false>, ns::filter_topk<ns::Cand, std::int32_t, true>, \
+            ns::filter_topk<ns::Cand, float, true> }
 
 inline Table table_for(Simd s) {
     switch (s) {

@@ -9,6 +9,8 @@
 namespace vf {
 namespace VF_SCALAR_NS {
 
+#include "vf_skeleton.hpp"  // filter_topk for this ISA
+
 static inline u64 ld64(const std::uint8_t* p) { u64 v; std::memcpy(&v, p, 8); return v; }
 
 template <int QB, int W>
@@ -31,12 +33,7 @@ static void hamming_qb(const std::uint8_t* Q, i64 qs, const std::uint8_t* C, i64
 template <int W>
 static void hamming_w(const std::uint8_t* Q, i64 qs, int qb, const std::uint8_t* C, i64 cs,
                       i64 nr, i64 nwords, std::int32_t* out, i64 ldo) {
-    switch (qb) {
-        case 4: hamming_qb<4, W>(Q, qs, C, cs, nr, nwords, out, ldo); break;
-        case 3: hamming_qb<3, W>(Q, qs, C, cs, nr, nwords, out, ldo); break;
-        case 2: hamming_qb<2, W>(Q, qs, C, cs, nr, nwords, out, ldo); break;
-        default: hamming_qb<1, W>(Q, qs, C, cs, nr, nwords, out, ldo); break;
-    }
+    with_qb(qb, [&](auto QB) { hamming_qb<decltype(QB)::value, W>(Q, qs, C, cs, nr, nwords, out, ldo); });
 }
 
 static void score_hamming(const std::uint8_t* Q, i64 qs, int qb, const std::uint8_t* C, i64 cs,
@@ -47,59 +44,49 @@ static void score_hamming(const std::uint8_t* Q, i64 qs, int qb, const std::uint
     else hamming_w<0>(Q, qs, qb, C, cs, nr, nw, out, ldo);
 }
 
+// out[q * ldo + j] = pair(Q[q], C[j]) for the kernels without a register-blocked scalar loop
+template <class In, class Out, class Pair>
+static inline void each_pair(const In* Q, i64 qs, int qb, const In* C, i64 cs, i64 nr, Out* out,
+                             i64 ldo, Pair pair) {
+    for (i64 j = 0; j < nr; ++j)
+        for (int q = 0; q < qb; ++q) out[q * ldo + j] = pair(Q + q * qs, C + j * cs);
+}
+
 static void score_iom(const std::uint8_t* Q, i64 qs, int qb, const std::uint8_t* C, i64 cs,
                       i64 nr, i64 dim, std::int32_t* out, i64 ldo) {
-    for (i64 j = 0; j < nr; ++j) {
-        const std::uint8_t* c = C + j * cs;
-        for (int q = 0; q < qb; ++q) {
-            const std::uint8_t* x = Q + q * qs;
-            std::int32_t acc = 0;
-            for (i64 d = 0; d < dim; ++d) acc += (x[d] == c[d]);
-            out[q * ldo + j] = acc;
-        }
-    }
+    each_pair(Q, qs, qb, C, cs, nr, out, ldo, [dim](const std::uint8_t* x, const std::uint8_t* c) {
+        std::int32_t acc = 0;
+        for (i64 d = 0; d < dim; ++d) acc += (x[d] == c[d]);
+        return acc;
+    });
 }
 
 static void score_int8(const std::int8_t* Q, i64 qs, int qb, const std::int8_t* C, i64 cs,
                        i64 nr, i64 dim, std::int32_t* out, i64 ldo) {
-    for (i64 j = 0; j < nr; ++j) {
-        const std::int8_t* c = C + j * cs;
-        for (int q = 0; q < qb; ++q) {
-            const std::int8_t* x = Q + q * qs;
-            std::int32_t acc = 0;
-            for (i64 d = 0; d < dim; ++d) acc += std::int32_t(x[d]) * std::int32_t(c[d]);
-            out[q * ldo + j] = acc;
-        }
-    }
+    each_pair(Q, qs, qb, C, cs, nr, out, ldo, [dim](const std::int8_t* x, const std::int8_t* c) {
+        std::int32_t acc = 0;
+        for (i64 d = 0; d < dim; ++d) acc += std::int32_t(x[d]) * std::int32_t(c[d]);
+        return acc;
+    });
 }
 
 static void score_f32(const float* Q, i64 qs, int qb, const float* C, i64 cs, i64 nr, i64 dim,
                       float* out, i64 ldo) {
-    for (i64 j = 0; j < nr; ++j) {
-        const float* c = C + j * cs;
-        for (int q = 0; q < qb; ++q) {
-            const float* x = Q + q * qs;
-            float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-            i64 d = 0;
-            for (; d + 8 <= dim; d += 8)
-                for (int t = 0; t < 8; ++t) acc[t] += x[d + t] * c[d + t];
-            float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
-            for (; d < dim; ++d) s += x[d] * c[d];
-            out[q * ldo + j] = s;
-        }
-    }
+    each_pair(Q, qs, qb, C, cs, nr, out, ldo, [dim](const float* x, const float* c) {
+        float acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+        i64 d = 0;
+        for (; d + 8 <= dim; d += 8)
+            for (int t = 0; t < 8; ++t) acc[t] += x[d + t] * c[d + t];
+        float s = ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]));
+        for (; d < dim; ++d) s += x[d] * c[d];
+        return s;
+    });
 }
 
-template <class T, bool L>
-static void filter_t(const T* buf, i64 n, i64 base, TopK<T, L>& h) {
-    i64 j = 0;
-    for (; j < n && !h.full(); ++j) h.push(buf[j], base + j);
-    for (; j < n; ++j)
-        if (TopK<T, L>::beats(buf[j], h.thr)) h.push(buf[j], base + j);
-}
-static void filter_i32_small(const std::int32_t* b, i64 n, i64 base, TopK<std::int32_t, false>& h) { filter_t(b, n, base, h); }
-static void filter_i32_large(const std::int32_t* b, i64 n, i64 base, TopK<std::int32_t, true>& h) { filter_t(b, n, base, h); }
-static void filter_f32_large(const float* b, i64 n, i64 base, TopK<float, true>& h) { filter_t(b, n, base, h); }
+// top-k filter candidates: one score per compare, i.e. the plain loop of filter_topk
+struct Cand {
+    static constexpr int W = 1;
+};
 
 }  // namespace VF_SCALAR_NS
 }  // namespace vf

@@ -13,6 +13,10 @@ Inputs are checked once, here, and again defensively in C++:
   broken by the smaller gallery index; scores are ``int32`` (``float32`` for ``ip_topk_f32``),
   indices ``int64``; an empty gallery gives ``(nq, 0)`` arrays.
 
+:func:`ckks_block_mac` is the encrypted 1:N hot loop (CKKS ciphertext x ciphertext inner products
+over NTT/RNS ``uint64`` arrays, bit-equal to SEAL; see :mod:`engine.he.raw` for the conversion)
+and checks its own inputs; :func:`engine.reference.ckks_block_mac` defines it.
+
 The heavy loops run in C++ (``engine._kernels``: header-only code in ``csrc/``, SIMD level
 chosen at run time: AVX-512, AVX2 or portable scalar) with the GIL released, on several threads.
 :func:`simd_level` tells which path is in use; :func:`set_simd` (or the ``VEILFACE_SIMD``
@@ -41,11 +45,16 @@ __all__ = [
     "hamming_distances", "iom_counts", "ip_int8", "ip_f32",
     "hamming_topk", "iom_topk", "ip_topk_int8", "ip_topk_f32",
     "simd_level", "simd_levels", "set_simd",
-    "MAX_IOM_M", "MAX_INT8_DIM",
+    "ckks_block_mac", "ckks_max_excess", "aligned_empty",
+    "MAX_IOM_M", "MAX_INT8_DIM", "CKKS_MAX_MODULUS",
 ]
 
-MAX_IOM_M = 16320      # per-byte match counters of the AVX-512 path must not wrap
-MAX_INT8_DIM = 65536   # int32 accumulation stays exact for the whole int8 range
+#: longest IoM code (per-byte match counters of the AVX-512 path must not wrap); set in C++
+MAX_IOM_M: int = int(_native.MAX_IOM_M)
+#: largest int8 dimension (int32 accumulation stays exact for the whole int8 range); set in C++
+MAX_INT8_DIM: int = int(_native.MAX_INT8_DIM)
+#: CKKS moduli accepted by :func:`ckks_block_mac` are odd and below this (2^61); set in C++
+CKKS_MAX_MODULUS: int = int(_native.CKKS_MAX_MODULUS)
 
 _KIND = {
     # kind: (dtype, description)
@@ -230,6 +239,70 @@ def ip_topk_f32(queries, codes, k: int, n_threads: int = 0) -> tuple[np.ndarray,
     """``k`` largest float32 inner products: ``(products float32, indices int64)``. Scores equal
     numpy's within float32 rounding, so the order of near-ties may differ from the reference."""
     return _topk("f32", "ip_topk_f32", queries, codes, k, n_threads)
+
+
+# ------------------------------------------------------------------------------------------
+# CKKS: ciphertext x ciphertext inner product over NTT/RNS arrays (see csrc/vf_ckks.hpp)
+def _moduli(moduli) -> np.ndarray:
+    try:
+        vals = [int(m) for m in moduli]
+    except (TypeError, ValueError) as exc:
+        raise InvalidParameter(f"moduli must be integers: {exc}") from None
+    if not vals or any(not (2 < m < CKKS_MAX_MODULUS and m % 2) for m in vals):
+        raise InvalidParameter(f"moduli must be odd integers in (2, 2^61), got {vals}")
+    return np.array(vals, dtype=np.uint64)
+
+
+def _u64(a, what: str, ndim: int) -> np.ndarray:
+    if not isinstance(a, np.ndarray) or a.dtype != np.uint64 or a.ndim != ndim or not a.flags.c_contiguous:
+        desc = f"{a.dtype} {a.shape}" if isinstance(a, np.ndarray) else type(a).__name__
+        raise InvalidParameter(f"{what} must be a C-contiguous uint64 array with {ndim} dimensions, got {desc}")
+    return a
+
+
+def ckks_block_mac(blocks, probe, moduli, out: np.ndarray | None = None,
+                   n_threads: int = 0) -> np.ndarray:
+    """Encrypted inner products of one expanded probe with many gallery blocks, bit-for-bit equal
+    to SEAL's ``Evaluator.multiply`` + ``add_inplace`` over the dimensions.
+
+    ``probe`` and every block are ``(dims, 2, L, N)`` uint64 (dimension ``i`` is a size-2
+    ciphertext in NTT form at the level whose ``L`` primes are ``moduli``, laid out as
+    :func:`engine.he.raw.to_arrays` does; every coefficient reduced modulo its prime). ``blocks``
+    is a sequence of such arrays (one allocation each) or one ``(nblocks, dims, 2, L, N)`` array.
+    Returns ``(nblocks, 3, L, N)`` uint64 -- block ``b``'s size-3 product ciphertext (scale =
+    product of the operand scales, same level), written into ``out`` when given. Unreduced
+    coefficients give a wrong result, never a crash: check foreign arrays with
+    :func:`ckks_max_excess`. Runs with the GIL released on ``n_threads`` threads (0 = all)."""
+    p = _u64(probe, "probe", 4)
+    if isinstance(blocks, np.ndarray) and blocks.ndim == 5:
+        blocks = list(blocks)
+    blocks = [_u64(b, "block", 4) for b in blocks]
+    if not blocks:
+        return np.zeros((0, 3) + p.shape[2:], dtype=np.uint64)
+    q = _moduli(moduli)
+    if out is not None:
+        _u64(out, "out", 4)
+    return _call(_native.ckks_block_mac, blocks, p, q, out, _threads(n_threads))
+
+
+def ckks_max_excess(array, moduli) -> int:
+    """0 when every coefficient of a C-contiguous ``(..., L, N)`` uint64 array is below its
+    prime ``moduli[l]`` (what :func:`ckks_block_mac` needs), else the largest excess. For arrays
+    that did not come from SEAL, e.g. a gallery snapshot read from disk."""
+    a = np.asarray(array)
+    if a.dtype != np.uint64 or a.ndim < 2:
+        raise InvalidParameter(f"need a (..., L, N) uint64 array, got {a.dtype} {a.shape}")
+    return int(_call(_native.ckks_max_excess, np.ascontiguousarray(a), _moduli(moduli)))
+
+
+def aligned_empty(shape, dtype=np.uint64, align: int = 64) -> np.ndarray:
+    """An uninitialised C-contiguous array whose data starts on an ``align``-byte boundary (one
+    allocation; e.g. a gallery block for :func:`ckks_block_mac`)."""
+    dt = np.dtype(dtype)
+    count = int(np.prod(shape, dtype=np.int64))
+    raw = np.empty(count * dt.itemsize + align, dtype=np.uint8)
+    start = -raw.ctypes.data % align
+    return raw[start:start + count * dt.itemsize].view(dt).reshape(shape)
 
 
 def default_threads() -> int:

@@ -74,3 +74,22 @@ def ip_topk_int8(queries, codes, k):
 
 def ip_topk_f32(queries, codes, k):
     return topk(ip_f32(queries, codes), k, largest=True)
+
+
+# ------------------------------------------------------------------------------------------
+# CKKS: ciphertext x ciphertext inner product over RNS/NTT arrays (engine.kernels.ckks_block_mac)
+def ckks_block_mac(blocks, probe: np.ndarray, moduli) -> np.ndarray:
+    """``(len(blocks), 3, L, N)`` uint64: for each block ``B`` (``(dims, 2, L, N)``, like ``probe``)
+    the three polynomials ``sum_i (p0*b0, p0*b1 + p1*b0, p1*b1)`` reduced mod ``q_l`` per limb, in
+    exact Python-int arithmetic (slow: for small ``N``). Inputs must be reduced (``< q_l``)."""
+    p = np.asarray(probe, dtype=np.uint64).astype(object)
+    q = np.array([int(m) for m in moduli], dtype=object)[:, None]  # (L, 1) broadcasts over N
+    out = []
+    for blk in blocks:
+        b = np.asarray(blk, dtype=np.uint64).astype(object)
+        c0 = (p[:, 0] * b[:, 0]).sum(axis=0) % q
+        c1 = (p[:, 0] * b[:, 1] + p[:, 1] * b[:, 0]).sum(axis=0) % q
+        c2 = (p[:, 1] * b[:, 1]).sum(axis=0) % q
+        out.append(np.stack([c0, c1, c2]).astype(np.uint64))
+    shape = (0, 3) + p.shape[2:]
+    return np.stack(out) if out else np.zeros(shape, dtype=np.uint64)

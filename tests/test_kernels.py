@@ -336,6 +336,14 @@ def test_simd_env_var_forces_level():
     assert out.stdout.strip() == "scalar"
 
 
+def test_limits_come_from_the_native_module():
+    from engine import _kernels as N
+    assert (K.MAX_IOM_M, K.MAX_INT8_DIM) == (N.MAX_IOM_M, N.MAX_INT8_DIM) == (16320, 65536)
+    assert N.QUERY_BLOCK == 4
+    with pytest.raises(ValueError):  # the C++ boundary enforces the same numbers
+        N.iom_counts(_u8(1, N.MAX_IOM_M + 1), _u8(2, N.MAX_IOM_M + 1))
+
+
 def test_simd_control():
     assert K.simd_level() in K.simd_levels()
     assert "scalar" in K.simd_levels()

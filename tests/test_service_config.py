@@ -23,6 +23,10 @@ BAD = {
     "identify_nomatch_limit": [0], "identify_window_s": [0], "identify_lockout_s": [-1], "request_id_ttl_s": [0],
 }
 BAD.update({"deployment": ["edge ", "", 1], "records_retention_years": [2, 0, "3"]})   # measures (issue 15)
+# pg
+BAD.update({"store": [1, "mysql://x", "/tmp/x.db"], "matching": ["ray", "ray://nohost", "ray://h:0", "ray://h:x", 2],
+            "ray_shards": [0, 1.5], "ray_namespace": [""], "ray_node_ip": [1], "ray_timeout_s": [0],
+            "bulk_batch_rows": [0]})
 
 
 def test_every_field_has_a_bad_value():

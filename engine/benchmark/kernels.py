@@ -13,7 +13,16 @@ Rows (``queries`` in {1, 64}, top-k with k = 10):
 * ``int8_ip_<dim>_q<Q>``  -- :func:`engine.kernels.ip_topk_int8` vs numpy float32 gemv/gemm on
                              the same gallery as float32 (+ argpartition);
 * ``f32_ip_<dim>_q<Q>``   -- :func:`engine.kernels.ip_topk_f32` vs ``faiss.IndexFlatIP`` (numpy
-                             also reported).
+                             also reported);
+* ``he_block_mac_<dim>``  -- :func:`engine.kernels.ckks_block_mac` on one 8192-template block of
+                             the identify ring (N = 8192, two 60-bit primes) at 128 and 512
+                             dimensions, one thread, vs the ``tenseal.sealapi`` loop the gallery
+                             runs today (``multiply`` + ``add_inplace`` per dimension) on the same
+                             ciphertexts; ``scalar_s`` is ours forced to the scalar path, ``all_threads_s``
+                             ours on every core; results checked bit-equal to SEAL's first;
+* ``he_block_mac_128_x<B>`` -- B blocks (16; 8 with ``--quick``) on 2 threads, ``templates_per_s``;
+                             the baseline is the 1-block sealapi time x B (it holds the GIL: one
+                             core per process).
 
 Before timing, each row checks that ours and the baseline agree (top-1 scores equal; all k
 distances for Hamming), so the timings measure correct work.
@@ -228,6 +237,78 @@ def _int8_f32(quick: bool) -> list[dict]:
     return rows
 
 
+def _he_block_mac(quick: bool) -> list[dict]:
+    import tenseal.sealapi as seal
+
+    from engine import kernels
+
+    from ..he import raw
+    from ..he.context import HEParams, core_for
+
+    core = core_for(HEParams.for_mode("identify", 128))  # 512-d uses the same ring
+    ctx, pid = core.ctx, core.ctx.first_parms_id()       # the level of the gallery's blocks
+    q = raw.moduli(ctx, pid)
+    n = core.params.poly_degree
+    rng = np.random.default_rng(4)
+
+    def residues(dim):  # uniform reduced residues: what random ciphertexts look like
+        a = kernels.aligned_empty((dim, 2, len(q), n))
+        a[...] = rng.integers(0, 1 << 62, a.shape, dtype=np.uint64) % q[:, None]
+        return a
+
+    def forced(level, fn):
+        def call():
+            prev = kernels.set_simd(level)
+            try:
+                return fn()
+            finally:
+                kernels.set_simd(prev if prev != kernels.simd_level() else "auto")
+        return call
+
+    rows, seal_s = [], {}
+    for dim in (128, 512):
+        probe, block = residues(dim), residues(dim)
+        pc = [raw.from_array(x, ctx, pid, 2.0 ** 45) for x in probe]
+        bc = [raw.from_array(x, ctx, pid, 2.0 ** 45) for x in block]
+        ev, out = core.evaluator, np.empty((1, 3, len(q), n), np.uint64)
+
+        def seal_loop(pc=pc, bc=bc, ev=ev):
+            acc, tmp = seal.Ciphertext(), seal.Ciphertext()
+            ev.multiply(pc[0], bc[0], acc)
+            for a, b in zip(pc[1:], bc[1:]):
+                ev.multiply(a, b, tmp)
+                ev.add_inplace(acc, tmp)
+            return acc
+
+        def ours(nt, probe=probe, block=block, out=out):
+            return lambda: kernels.ckks_block_mac([block], probe, q, out=out, n_threads=nt)
+
+        got = ours(1)()[0]
+        assert np.array_equal(got, raw.to_array(seal_loop())), "native block product differs from SEAL's"
+        t = compare_times({"ours": ours(1), "scalar": forced("scalar", ours(1)), "all": ours(0),
+                           "sealapi": seal_loop},
+                          repeats=3 if quick else 7, warmup=1, budget_s=20, settle_s=_settle(quick))
+        seal_s[dim] = t["sealapi"]
+        rows.append(record(f"he_block_mac_{dim}", n, dim, 1, t["ours"],
+                           "sealapi multiply + add_inplace per dim", t["sealapi"],
+                           scalar_s=t["scalar"], all_threads_s=t["all"], templates_per_s=n / t["ours"],
+                           gb_per_s=(probe.nbytes + block.nbytes) / t["ours"] / 1e9,
+                           note="one 8192-template block, 1 thread; bit-equal to SEAL"))
+        del pc, bc
+    nb = 8 if quick else 16
+    probe = residues(128)
+    blocks = [residues(128) for _ in range(nb)]
+    out = np.empty((nb, 3, len(q), n), np.uint64)
+    t = compare_times({"ours": lambda: kernels.ckks_block_mac(blocks, probe, q, out=out, n_threads=2)},
+                      repeats=3 if quick else 7, warmup=1, budget_s=20, settle_s=_settle(quick))
+    rows.append(record(f"he_block_mac_128_x{nb}", nb * n, 128, 1, t["ours"],
+                       f"sealapi loop, 1-block time x {nb}", seal_s[128] * nb,
+                       templates_per_s=nb * n / t["ours"],
+                       gb_per_s=sum(b.nbytes for b in blocks) / t["ours"] / 1e9,
+                       note=f"{nb} blocks, 2 threads"))
+    return rows
+
+
 def run(quick: bool = False) -> list[dict]:
     """All kernel rows. ``quick``: small galleries (n is in each record)."""
     from engine import kernels
@@ -235,6 +316,7 @@ def run(quick: bool = False) -> list[dict]:
     rows += _hamming(quick)
     rows += _iom(quick)
     rows += _int8_f32(quick)
+    rows += _he_block_mac(quick)
     for r in rows:
         r["simd"] = kernels.simd_level()
         if r.get("bw_frac") is not None:

@@ -55,6 +55,7 @@ NOT_RETRIED: dict[str, str] = {
     "Revoke": "each call moves the subject to a further key version",
     "ReportDecision": "the decision ticket is single use and held by the replica that issued it",
     "RegisterHEContext": "a client stream; registering the next epoch deletes the previous one",
+    "EnrollStream": "a client stream; rows already stored are reported ALREADY_ENROLLED on a repeat (re-send those rejected)",
     "PurgeExpired": "reports what this call deleted; a repeat would report nothing",
     "Decommission": "destroys the store; never repeated behind the caller's back",
     # measures

@@ -15,6 +15,7 @@ from .ratelimit import IntrusionDetector
 from .scope import Scopes
 from .store import Store
 from .usecases.assessments import Assessments  # measures (and OffDevice, Oversight, Termination below)
+from .usecases.bulk import BulkEnrolment
 from .usecases.common import TemplateReader, audit_quietly
 from .usecases.devices import DeviceRegistry, Devices
 from .usecases.enrolment import Enrolment, FilingMonitor
@@ -42,26 +43,43 @@ class MatcherApp:
         self.cfg, self.store = cfg, store
         self.clock = clock or store.clock
         self.contexts = HERegistry()                      # current public HE contexts
-        self.index = GalleryIndex(backend or LocalMatching(cfg.gallery_backend, cfg.he_shards), self.contexts,
-                                  SchemeCache())
+        backend = backend or LocalMatching(cfg.gallery_backend, cfg.he_shards)
+        # pg: replicas over a shared store re-read / reconcile what another replica may change
+        self.shared = bool(getattr(store, "shared", False))
+        if self.shared:
+            from .replicas import CheckedMatching, SharedGalleryIndex
+            self.index = SharedGalleryIndex(store, CheckedMatching(backend, store), self.contexts, SchemeCache())
+        else:
+            self.index = GalleryIndex(backend, self.contexts, SchemeCache())
         self.snapshots = HESnapshots(cfg, store, self.clock, self.index)
         self.index.on_he_change = self.snapshots.on_change
         self.intrusion = IntrusionDetector.from_config(self.clock, cfg)
         self.tickets = TicketBook(self.clock, cfg.he_decision_ttl_s)
         self.device_registry = DeviceRegistry()
+        if self.shared:   # pg
+            from .replicas import SharedDeviceRegistry
+            self.device_registry = SharedDeviceRegistry(store)
+        if cfg.matching != "local":   # pg: one intrusion budget for all replicas
+            from .replicas import RayIntrusion
+            self.intrusion = RayIntrusion(cfg, cfg.ray_namespace, cfg.ray_timeout_s)
         self.scopes = Scopes(self.device_registry.location_class, store.decommissioned)
         self.templates = TemplateReader(cfg, self.index.schemes)
         self.retention = Retention(cfg, store, self.clock, self.index)
 
         self.devices = Devices(store, self.clock, self.device_registry)
         self.lifecycle = Lifecycle(cfg, store, self.clock, self.index)
+        filing = FilingMonitor(cfg, store.filing_alert() is not None)
+        if self.shared:   # pg
+            from .replicas import SharedFilingMonitor
+            filing = SharedFilingMonitor(cfg, filing.raised)
         self.enrolment = Enrolment(cfg, store, self.clock, self.index, self.templates, self.contexts, self.retention,
-                                   FilingMonitor(cfg, store.filing_alert() is not None))
+                                   filing)
         self.matching = Matching(cfg, store, self.index, self.templates, self.contexts, self.tickets, self.intrusion,
                                  self.retention)
         self.he_contexts = HEContexts(store, self.clock, self.index, self.templates)
         self.maintenance = Maintenance(cfg, store, self.clock, self.index, self.retention, self.tickets)
         self.queries = Queries(store)
+        self.bulk = BulkEnrolment(cfg, store, self.clock, self.index, self.templates, self.retention)
         self.recovery = Recovery(cfg, store, self.index, self.contexts, self.device_registry, self.retention,
                                  self.snapshots)
         # measures
@@ -69,7 +87,13 @@ class MatcherApp:
         self.off_device = OffDevice(store, self.clock, self.index)
         self.oversight = Oversight(cfg, store, self.clock, self.enrolment.filing)
         self.termination = Termination(store, self.clock)
-        self.loaded = self.recovery.load()
+        if cfg.matching != "local":   # pg: the Ray shards load the templates, not every replica
+            from .replicas import startup_state
+            self.loaded = startup_state(cfg, store, self.clock)
+            if self.loaded["next_expiry"] is not None:
+                self.retention.note_expiry(self.loaded["next_expiry"])
+        else:
+            self.loaded = self.recovery.load()
 
     def audit(self, ev: AuditEvent, result: str = "OK", reason: str = "") -> None:
         """An audit entry of its own (a refused call); never raises."""

@@ -28,6 +28,7 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     "Verify": frozenset({"device"}),
     "Identify": frozenset({"device"}),
     "Withdraw": frozenset({"device", "operator"}),
+    "EnrollStream": frozenset({"operator", "admin"}),   # pg: bulk enrolment (gallery migration / import)
     "Revoke": frozenset({"device", "operator"}),
     "ListSubjects": frozenset({"operator", "admin"}),
     "GetAuditLog": frozenset({"auditor", "admin"}),

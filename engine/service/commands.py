@@ -15,6 +15,7 @@ import sys
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="TOML/JSON config file (or $VEILFACE_CONFIG)")
     p.add_argument("--data-dir", help="store directory (default ./veilface-data or $VEILFACE_DATA_DIR)")
+    p.add_argument("--store", help="postgresql://... store shared by replicas (default: SQLite in --data-dir)")
 
 
 def register(sub) -> None:
@@ -28,6 +29,7 @@ def register(sub) -> None:
     p.add_argument("--tls-key")
     p.add_argument("--tls-client-ca", help="CA for client certificates (enables mTLS)")
     p.add_argument("--workers", type=int)
+    p.add_argument("--matching", help='"local" (default) or ray://HOST:PORT: galleries in Ray shards')
     p.add_argument("--ready-file", help="write {target, port, pid} here once listening")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=_serve)
@@ -80,7 +82,8 @@ def register(sub) -> None:
 
 def _config(args, **extra):
     from .config import load_config
-    return load_config(getattr(args, "config", None), data_dir=getattr(args, "data_dir", None), **extra)
+    return load_config(getattr(args, "config", None), data_dir=getattr(args, "data_dir", None),
+                       store=getattr(args, "store", None), **extra)
 
 
 def _serve(args) -> int:
@@ -91,7 +94,7 @@ def _serve(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     cfg = _config(args, host=args.host, port=args.port, allow_remote=args.allow_remote,
                   tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-                  workers=args.workers)
+                  workers=args.workers, matching=args.matching)
     if ensure_tokens(cfg):
         print(f"veilface: no tokens configured; created one per role. Their hashes are in "
               f"{cfg.data_dir}/tokens.json, the tokens themselves (shown once) in "
@@ -111,8 +114,10 @@ def _store(args):
     from .status import NotFound
     from .store import DB_NAME, open_store
     cfg = _config(args)
+    if cfg.store:   # pg
+        return cfg, open_store(cfg.data_dir, url=cfg.store, pool_size=4)
     if not (Path(cfg.data_dir) / DB_NAME).exists():
-        raise NotFound(f"no store in {cfg.data_dir} (use --data-dir)")
+        raise NotFound(f"no store in {cfg.data_dir} (use --data-dir or --store)")
     if (Path(cfg.data_dir) / "edge-device.json").exists():   # measures: the store of an engine.edge device
         cfg.deployment = "edge"
     return cfg, open_store(cfg.data_dir)

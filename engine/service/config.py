@@ -114,6 +114,14 @@ class ServiceConfig:
     deployment: str = "central"         # "central": a matcher receiving templates (needs off-device consent);
     #                                     "edge": the engine embedded on the device (engine.edge), nothing leaves it
     records_retention_years: int = 3    # impact assessments kept at least this long after the last processing
+    # pg: shared store, Ray-sharded galleries, bulk enrolment (docs/deployment.md)
+    store: str = ""                     # "" = SQLite in data_dir; "postgresql://user@host/db" (replicas share it)
+    matching: str = "local"             # "local" (in-process galleries) or "ray://HOST:PORT" (Ray GCS address)
+    ray_shards: int = 2                 # gallery shards (Ray actors) of the deployment
+    ray_namespace: str = "veilface"     # Ray namespace of the named shard actors (one per deployment)
+    ray_node_ip: str = ""               # address of the Ray node this replica runs on ("" = Ray's guess)
+    ray_timeout_s: float = 60.0         # a gallery call waits this long for a (restarting) shard
+    bulk_batch_rows: int = 5000         # EnrollStream / import: rows per transaction
 
     # ------------------------------------------------------------------------------
     def token_entries(self) -> list[TokenEntry]:
@@ -251,6 +259,26 @@ def _tokens(v):
     return None
 
 
+def _store_url(v):
+    if not isinstance(v, str):
+        return f"must be a string, got {v!r}"
+    return None if v == "" or v.startswith(("postgresql://", "postgres://")) else \
+        "must be empty (SQLite in data_dir) or a postgresql:// URL"
+
+
+def _matching_url(v):
+    if not isinstance(v, str):
+        return f"must be a string, got {v!r}"
+    if v == "local":
+        return None
+    from .matching.ray_backend import parse_ray_url
+    try:
+        parse_ray_url(v)
+    except ValueError as exc:
+        return f'must be "local" or ray://HOST:PORT ({exc})'
+    return None
+
+
 _CHECKS = {
     "host": _text(required=True), "port": _int(0, 65535), "data_dir": _text(required=True),
     "allow_remote": _bool, "tls_cert": _text(), "tls_key": _text(), "tls_client_ca": _text(), "tokens": _tokens,
@@ -268,6 +296,10 @@ _CHECKS = {
     # measures
     "deployment": lambda v: None if v in DEPLOYMENTS else f"must be one of {', '.join(DEPLOYMENTS)}, got {v!r}",
     "records_retention_years": _int(3, 100),
+    # pg
+    "store": lambda v: _store_url(v), "matching": lambda v: _matching_url(v), "ray_shards": _int(1, 4096),
+    "ray_namespace": _text(required=True), "ray_node_ip": _text(), "ray_timeout_s": _num(0, lo_open=True),
+    "bulk_batch_rows": _int(1, 1_000_000),
 }
 
 
@@ -280,6 +312,7 @@ _ENV = {
     "VEILFACE_RETENTION_DAYS": ("retention_days", int),
     "VEILFACE_MAX_RETENTION_DAYS": ("max_retention_days", int),
     "VEILFACE_WORKERS": ("workers", int), "VEILFACE_GALLERY_BACKEND": ("gallery_backend", str),
+    "VEILFACE_STORE": ("store", str), "VEILFACE_MATCHING": ("matching", str),
 }
 
 

@@ -38,8 +38,9 @@ class VeilfaceServer:
         cfg.validate()
         self.cfg = cfg
         self.clock = clock or SystemClock()
-        self.store = store or open_store(cfg.data_dir, self.clock)
-        self.app = MatcherApp(cfg, self.store, self.clock)
+        self.store = store or open_store(cfg.data_dir, self.clock, url=cfg.store, pool_size=2 * cfg.workers + 4)
+        from .replicas import make_backend  # pg: Ray-sharded galleries when configured
+        self.app = MatcherApp(cfg, self.store, self.clock, backend=make_backend(cfg, self.store))
         self.servicer = MatcherServicer(self.app)
         interceptor = AuthInterceptor(TokenTable(cfg.token_entries()), cfg.health_requires_token,
                                       on_denied=self.app.audit_denied)

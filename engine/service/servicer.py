@@ -234,6 +234,34 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         r = self.app.maintenance.purge(ev)
         return pb.PurgeExpiredResponse(templates_purged=r.templates_purged, subjects_purged=r.subjects_purged)
 
+    # -- pg: bulk enrolment ---------------------------------------------------------------------------
+    @_rpc
+    def EnrollStream(self, request_iterator, context, ev):
+        from .usecases.bulk import BulkRow
+        first: list = []
+
+        def rows():
+            for msg in request_iterator:
+                if not first:
+                    first.append(self._scope(ev, context, tenant=msg.tenant, purpose=msg.purpose, device=msg.device_id,
+                                             device_op="enroll", writes=True))
+                for r in msg.rows:
+                    yield BulkRow(r.subject_id, bytes(r.template), r.consent_id, r.retention_days)
+
+        stream = rows()
+        head = next(stream, None)          # opens the scope (first message) before any row is checked
+        if not first:
+            raise BadRequest("no EnrollStream message was sent", reason="MISSING_ROWS")
+
+        def all_rows():
+            if head is not None:
+                yield head
+            yield from stream
+        r = self.app.bulk.enrol(first[0], all_rows())
+        return pb.EnrollStreamResponse(enrolled=r.enrolled, batches=r.batches, rejected_total=r.rejected_total,
+                                       rejected=[pb.BulkRejected(row=i, subject_id=s, reason=why)
+                                                 for i, s, why in r.rejected])
+
     @_rpc
     def Decommission(self, req, context, ev):
         if req.confirm != "DECOMMISSION":

@@ -82,6 +82,11 @@ class MatchingBackend(ABC):
     def close(self) -> None:
         """Drop every gallery."""
 
+    def clear(self) -> None:
+        """Empty every gallery for good (decommission). A backend whose galleries outlive this
+        process (Ray shards shared by replicas) empties them here and only disconnects in close()."""
+        self.close()
+
 
 def _close(g) -> None:
     close = getattr(g, "close", None)

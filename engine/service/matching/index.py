@@ -161,7 +161,7 @@ class GalleryIndex:
             for st in self._snap.values():
                 st.closed = True
             self._snap.clear()
-        self.backend.close()
+        self.backend.clear()
 
     # -- changes -------------------------------------------------------------------------------------
     def note(self, tenant: str, subject: str, purpose: str, scheme: str, enrolled: Enrolled) -> None:

@@ -18,7 +18,8 @@ per query it runs); it is split into concerns below and holds no logic.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from contextlib import AbstractContextManager
+from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -33,6 +34,11 @@ HE_PREFIX = "he/"
 class StoreError(StatusError):
     """The store cannot be opened as it is (e.g. written by a newer version)."""
     code, reason = "FAILED_PRECONDITION", "STORE_VERSION"
+
+
+class StoreUnavailable(StatusError):
+    """The store cannot be reached right now (a database server restarting): retry."""
+    code, reason = "UNAVAILABLE", "STORE_UNAVAILABLE"
 
 
 class StoreConflict(StatusError):
@@ -349,6 +355,40 @@ class WriteTx(MeasuresTx, ABC):
     def audit(self, ev: AuditEvent, result: str = "OK", reason: str = "") -> int:
         """Append one hash-chained entry in this transaction; marks ``ev.written``; returns its seq."""
 
+    # pg: replicas (shared filing check) and bulk enrolment
+    def lock_subjects(self, tenant: str, subjects: Sequence[str]) -> None:
+        """Hold the subjects' cross-replica locks until this transaction ends (an embedded store
+        serialises its writers already: nothing to do)."""
+        return None
+
+    @abstractmethod
+    def count_persons(self) -> int:
+        """Distinct (tenant, subject) pairs with a stored template, read in this transaction."""
+
+    @abstractmethod
+    def filing_raised(self) -> bool:
+        """Whether a filing alert was recorded (by any replica)."""
+
+    @abstractmethod
+    def consents(self, consent_ids: Sequence[str]) -> dict[str, ConsentRow]:
+        """The consents of ``consent_ids`` that exist, by id (one query: bulk enrolment)."""
+
+    @abstractmethod
+    def subject_states(self, tenant: str, subjects: Sequence[str]) -> dict[str, SubjectRow]:
+        """Key-version state of the given subjects that have one (bulk enrolment)."""
+
+    @abstractmethod
+    def existing_templates(self, tenant: str, subjects: Sequence[str]) -> set[tuple[str, str, str]]:
+        """(subject, purpose, scheme) of the templates the given subjects already have."""
+
+    @abstractmethod
+    def insert_templates(self, rows: Sequence[TemplateRow]) -> None:
+        """Store many templates at once (PostgreSQL: COPY; SQLite: executemany)."""
+
+    @abstractmethod
+    def put_subjects(self, rows: Sequence[SubjectRow]) -> None:
+        """:meth:`put_subject` for many rows."""
+
     # decommission
     @abstractmethod
     def wipe(self) -> WipeCounts:
@@ -459,6 +499,43 @@ class Store(MeasuresReads, ABC):
     @abstractmethod
     def filing_alert(self) -> FilingAlert | None: ...
 
+    # pg: replicas share a store ---------------------------------------------------------------------
+    #: True when several matcher processes may write this store at once (PostgreSQL): the service
+    #: then re-reads what another replica may have changed instead of trusting its memory
+    shared: bool = False
+
+    def subject_lock(self, tenant: str, subject: str) -> AbstractContextManager:
+        """A lock on one subject held across every process sharing the store (none needed for an
+        embedded store: one process, whose in-memory subject locks suffice)."""
+        return nullcontext()
+
+    @abstractmethod
+    def device(self, tenant: str, device_id: str) -> DeviceRow | None: ...
+
+    @abstractmethod
+    def subject_row(self, tenant: str, subject: str) -> SubjectRow | None: ...
+
+    @abstractmethod
+    def subject_index(self, tenant: str, subject: str) -> list[TemplateIndexRow]:
+        """The subject's templates without their blobs (``template`` None)."""
+
+    @abstractmethod
+    def present_subjects(self, tenant: str, purpose: str, scheme: str, key_version: int,
+                         subjects: Sequence[str]) -> set[str]:
+        """Which of ``subjects`` have a stored template in that gallery (filters 1:N results)."""
+
+    @abstractmethod
+    def shard_templates(self, shards: int, shard: int, after_id: int, limit: int) -> list[TemplateIndexRow]:
+        """A page (``id > after_id``, id order, at most ``limit``) of the templates whose subject
+        hashes to ``shard`` of ``shards`` (:func:`shard_of`), blobs included."""
+
+    @abstractmethod
+    def export_templates(self, after_id: int, limit: int) -> list[TemplateRow]:
+        """A page of every stored template (``id > after_id``, id order): ``veilface export``."""
+
+    @abstractmethod
+    def export_consents(self, consent_ids: Sequence[str]) -> list[ConsentRow]: ...
+
     # maintenance
     @abstractmethod
     def checkpoint(self) -> None:
@@ -470,3 +547,16 @@ class Store(MeasuresReads, ABC):
 
     @abstractmethod
     def close(self) -> None: ...
+
+
+# pg: which gallery shard owns a subject --------------------------------------------------------------
+def subject_hash(tenant: str, subject: str) -> int:
+    """A stable non-negative 31-bit hash of (tenant, subject), stored with each template so a
+    gallery shard can select its rows in SQL (``shard_hash % shards``)."""
+    import hashlib
+    return int.from_bytes(hashlib.blake2b(f"{tenant}\0{subject}".encode(), digest_size=4).digest(), "big") >> 1
+
+
+def shard_of(tenant: str, subject: str, shards: int) -> int:
+    """The gallery shard (of ``shards``) that holds ``subject``'s templates."""
+    return subject_hash(tenant, subject) % shards

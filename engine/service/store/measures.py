@@ -146,6 +146,10 @@ class MeasuresTx(ABC):
     def off_device_consent(self, consent_id: str) -> OffDeviceConsentRow | None: ...
 
     @abstractmethod
+    def off_device_consents(self, consent_ids: list[str]) -> dict[str, OffDeviceConsentRow]:
+        """The off-device consents of these consent records (bulk enrolment)."""
+
+    @abstractmethod
     def withdraw_off_device_consents(self, tenant: str, subject: str, purpose: str, at: float) -> int:
         """Mark the subject's open off-device consents withdrawn (``purpose`` "" = every purpose)."""
 

@@ -124,6 +124,16 @@ class MeasuresSQLTx(MeasuresTx):
         r = self._one(f"SELECT {_cols(_OFF_DEVICE_COLS)} FROM off_device_consents WHERE consent_id = ?", (consent_id,))
         return None if r is None else _off_device(r)
 
+    def off_device_consents(self, consent_ids: list[str]) -> dict[str, OffDeviceConsentRow]:
+        out: dict[str, OffDeviceConsentRow] = {}
+        ids = list(dict.fromkeys(consent_ids))
+        for i in range(0, len(ids), 500):
+            part = tuple(ids[i:i + 500])
+            for r in self._x(f"SELECT {_cols(_OFF_DEVICE_COLS)} FROM off_device_consents WHERE consent_id IN "
+                             f"({_marks(part)})", part).fetchall():
+                out[r[0]] = _off_device(r)
+        return out
+
     def withdraw_off_device_consents(self, tenant: str, subject: str, purpose: str, at: float) -> int:
         sql, args = ("UPDATE off_device_consents SET withdrawn_at = ? WHERE tenant = ? AND subject = ? "
                      "AND withdrawn_at IS NULL", [at, tenant, subject])

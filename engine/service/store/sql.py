@@ -15,7 +15,7 @@ from __future__ import annotations
 import functools
 import json
 from abc import abstractmethod
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, fields
 from typing import ClassVar
@@ -44,6 +44,7 @@ from .base import (
     TemplateRow,
     WipeCounts,
     WriteTx,
+    subject_hash,
 )
 from .measures_sql import MeasuresSQLReads, MeasuresSQLTx, measures_schema  # measures (issue 15)
 
@@ -107,7 +108,11 @@ class AddColumn:
 
 
 #: every additive column step, in the order they were introduced (append only; names never reused)
-COLUMN_STEPS: tuple[AddColumn, ...] = ()
+COLUMN_STEPS: tuple[AddColumn, ...] = (
+    # pg: the subject's shard hash (base.subject_hash), so a gallery shard selects its rows in SQL;
+    # NULL in rows stored before it (a shard then filters those in Python)
+    AddColumn("pg_shard_hash", "templates", "shard_hash", "{bigint}"),
+)
 
 
 def schema(d: Dialect) -> list[str]:
@@ -126,7 +131,8 @@ def schema(d: Dialect) -> list[str]:
         f"CREATE TABLE IF NOT EXISTS subjects (tenant TEXT NOT NULL, subject TEXT NOT NULL, "
         f"key_version INTEGER NOT NULL, revoked_upto INTEGER NOT NULL, updated_at {r} NOT NULL, "
         f"PRIMARY KEY (tenant, subject))",
-        TEMPLATES_DDL.format(table="templates", auto_id=aid, real=r, blob=b),
+        TEMPLATES_DDL.replace("UNIQUE (", f"shard_hash {big}, UNIQUE (").format(table="templates", auto_id=aid,
+                                                                                real=r, blob=b),
         "CREATE INDEX IF NOT EXISTS templates_expiry ON templates(expires_at)",
         f"CREATE TABLE IF NOT EXISTS requests (tenant TEXT NOT NULL, request_id TEXT NOT NULL, method TEXT NOT NULL, "
         f"principal TEXT NOT NULL, request_hash TEXT NOT NULL, response {b} NOT NULL, created_at {r} NOT NULL, "
@@ -151,6 +157,8 @@ def schema(d: Dialect) -> list[str]:
     ]
 
 
+# TEMPLATES_DDL is the schema-2 shape (the SQLite 1 -> 2 migration makes it); columns added since are
+# spliced in by schema() and added to older stores by COLUMN_STEPS.
 # templates.id: a never-reused id per stored template; an HE identify gallery snapshot records the
 # id of each template it holds, so a restart expands only the rows whose id is not in it
 TEMPLATES_DDL = (
@@ -163,6 +171,7 @@ _AUDIT_COLS = tuple(f.name for f in fields(AuditRow))
 _CONSENT_COLS = tuple(f.name for f in fields(ConsentRow))
 _DEVICE_COLS = tuple(f.name for f in fields(DeviceRow))
 _TEMPLATE_COLS = tuple(f.name for f in fields(TemplateRow) if f.name != "id")
+_TEMPLATE_INSERT_COLS = (*_TEMPLATE_COLS, "shard_hash")
 _HE_CONTEXT_COLS = tuple(f.name for f in fields(HEContextRow))
 _REQUEST_COLS = tuple(f.name for f in fields(RequestRow))
 _SNAPSHOT_COLS = tuple(f.name for f in fields(HESnapshotRow))
@@ -172,6 +181,20 @@ _WIPED = ("templates", "subjects", "consents", "requests", "he_contexts", "he_sn
 def _consent(r) -> ConsentRow:
     return ConsentRow(r[0], r[1], r[2], r[3], r[4], float(r[5]), int(r[6]), bool(r[7]), r[8], r[9], float(r[10]),
                       r[11], None if r[12] is None else float(r[12]))
+
+
+def _template_values(row: TemplateRow) -> list:
+    return [*(getattr(row, c) for c in _TEMPLATE_COLS), subject_hash(row.tenant, row.subject)]
+
+
+def _in(n: int) -> str:
+    """``(?, ?, ...)`` for an IN list of ``n`` values."""
+    return "(" + ", ".join("?" * n) + ")"
+
+
+def _chunks(items: Sequence, n: int = 500) -> Iterator[Sequence]:
+    for i in range(0, len(items), n):
+        yield items[i:i + n]
 
 
 def _template(r) -> TemplateRow:
@@ -252,9 +275,8 @@ class SQLTx(MeasuresSQLTx, WriteTx):
                          (tenant, subject, purpose, scheme)) is not None
 
     def insert_template(self, row: TemplateRow) -> int:
-        return int(self._one(f"INSERT INTO templates ({', '.join(_TEMPLATE_COLS)}) VALUES "
-                             f"({', '.join('?' * len(_TEMPLATE_COLS))}) RETURNING id",
-                             [getattr(row, c) for c in _TEMPLATE_COLS])[0])
+        return int(self._one(f"INSERT INTO templates ({', '.join(_TEMPLATE_INSERT_COLS)}) VALUES "
+                             f"({', '.join('?' * len(_TEMPLATE_INSERT_COLS))}) RETURNING id", _template_values(row))[0])
 
     def delete_subject_templates(self, tenant: str, subject: str) -> int:
         return self._x("DELETE FROM templates WHERE tenant = ? AND subject = ?", (tenant, subject)).rowcount
@@ -346,6 +368,50 @@ class SQLTx(MeasuresSQLTx, WriteTx):
         self._head = (row.seq, row.hash)
         ev.written = True
         return row.seq
+
+    # pg: replicas and bulk enrolment
+    def count_persons(self) -> int:
+        return int(self._one("SELECT COUNT(*) FROM (SELECT DISTINCT tenant, subject FROM templates) AS persons")[0])
+
+    def filing_raised(self) -> bool:
+        return self._one("SELECT 1 FROM alerts WHERE kind = 'filing' LIMIT 1") is not None
+
+    def consents(self, consent_ids: Sequence[str]) -> dict[str, ConsentRow]:
+        out: dict[str, ConsentRow] = {}
+        for part in _chunks(list(dict.fromkeys(consent_ids))):
+            for r in self._x(f"SELECT {', '.join(_CONSENT_COLS)} FROM consents WHERE consent_id IN {_in(len(part))}",
+                             part).fetchall():
+                out[r[0]] = _consent(r)
+        return out
+
+    def subject_states(self, tenant: str, subjects: Sequence[str]) -> dict[str, SubjectRow]:
+        out: dict[str, SubjectRow] = {}
+        for part in _chunks(list(dict.fromkeys(subjects))):
+            for r in self._x(f"SELECT subject, key_version, revoked_upto, updated_at FROM subjects WHERE tenant = ? "
+                             f"AND subject IN {_in(len(part))}", [tenant, *part]).fetchall():
+                out[r[0]] = SubjectRow(tenant, r[0], int(r[1]), int(r[2]), float(r[3]))
+        return out
+
+    def existing_templates(self, tenant: str, subjects: Sequence[str]) -> set[tuple[str, str, str]]:
+        out: set[tuple[str, str, str]] = set()
+        for part in _chunks(list(dict.fromkeys(subjects))):
+            out.update((r[0], r[1], r[2]) for r in self._x(
+                f"SELECT subject, purpose, scheme FROM templates WHERE tenant = ? AND subject IN {_in(len(part))}",
+                [tenant, *part]).fetchall())
+        return out
+
+    def insert_templates(self, rows: Sequence[TemplateRow]) -> None:
+        """executemany in this transaction (the PostgreSQL store overrides this with COPY)."""
+        try:
+            self.conn.cursor().executemany(self.d.sql(f"INSERT INTO templates ({', '.join(_TEMPLATE_INSERT_COLS)}) VALUES "
+                                             f"{_in(len(_TEMPLATE_INSERT_COLS))}"), [_template_values(r) for r in rows])
+        except self.d.integrity_errors as exc:
+            raise StoreConflict(str(exc)) from None
+
+    def put_subjects(self, rows: Sequence[SubjectRow]) -> None:
+        sql = self.d.sql(self.d.upsert("subjects", ("tenant", "subject", "key_version", "revoked_upto", "updated_at"),
+                                       ("tenant", "subject"), ("key_version", "revoked_upto", "updated_at")))
+        self.conn.cursor().executemany(sql, [(r.tenant, r.subject, r.key_version, r.revoked_upto, r.updated_at) for r in rows])
 
     # decommission
     def wipe(self) -> WipeCounts:
@@ -592,3 +658,49 @@ class SQLStore(MeasuresSQLReads, Store):
             return None
         data = json.loads(row[1])
         return FilingAlert(float(row[0]), data["deadline"], int(data["persons"]), int(data["threshold"]))
+
+    # pg: replicas share a store
+    def device(self, tenant: str, device_id: str) -> DeviceRow | None:
+        r = self._one(f"SELECT {', '.join(_DEVICE_COLS)} FROM devices WHERE tenant = ? AND device_id = ?",
+                      (tenant, device_id))
+        return None if r is None else DeviceRow(r[0], r[1], int(r[2]), r[3], bool(r[4]), float(r[5]))
+
+    def subject_row(self, tenant: str, subject: str) -> SubjectRow | None:
+        r = self._one("SELECT key_version, revoked_upto, updated_at FROM subjects WHERE tenant = ? AND subject = ?",
+                      (tenant, subject))
+        return None if r is None else SubjectRow(tenant, subject, int(r[0]), int(r[1]), float(r[2]))
+
+    def subject_index(self, tenant: str, subject: str) -> list[TemplateIndexRow]:
+        return [TemplateIndexRow(int(r[0]), r[1], r[2], r[3], r[4], int(r[5]), float(r[6]), None) for r in self._all(
+            "SELECT id, tenant, subject, purpose, scheme, key_version, expires_at FROM templates "
+            "WHERE tenant = ? AND subject = ? ORDER BY id", (tenant, subject))]
+
+    def present_subjects(self, tenant: str, purpose: str, scheme: str, key_version: int,
+                         subjects: Sequence[str]) -> set[str]:
+        out: set[str] = set()
+        for part in _chunks(list(dict.fromkeys(subjects))):
+            out.update(r[0] for r in self._all(
+                f"SELECT subject FROM templates WHERE tenant = ? AND purpose = ? AND scheme = ? AND key_version = ? "
+                f"AND subject IN {_in(len(part))}", [tenant, purpose, scheme, int(key_version), *part]))
+        return out
+
+    def shard_templates(self, shards: int, shard: int, after_id: int, limit: int) -> list[TemplateIndexRow]:
+        # h - (h / n) * n: the remainder in integer arithmetic both engines spell the same way
+        rows = self._all(
+            "SELECT id, tenant, subject, purpose, scheme, key_version, expires_at, template, shard_hash FROM templates "
+            "WHERE id > ? AND (shard_hash IS NULL OR shard_hash - (shard_hash / ?) * ? = ?) ORDER BY id LIMIT ?",
+            (int(after_id), int(shards), int(shards), int(shard), int(limit)))
+        return [TemplateIndexRow(int(r[0]), r[1], r[2], r[3], r[4], int(r[5]), float(r[6]), bytes(r[7]))
+                for r in rows if r[8] is not None or subject_hash(r[1], r[2]) % shards == shard]
+
+    def export_templates(self, after_id: int, limit: int) -> list[TemplateRow]:
+        return [_template(r) for r in self._all(
+            f"SELECT id, {', '.join(_TEMPLATE_COLS)} FROM templates WHERE id > ? ORDER BY id LIMIT ?",
+            (int(after_id), int(limit)))]
+
+    def export_consents(self, consent_ids: Sequence[str]) -> list[ConsentRow]:
+        out: list[ConsentRow] = []
+        for part in _chunks(list(dict.fromkeys(consent_ids))):
+            out += [_consent(r) for r in self._all(
+                f"SELECT {', '.join(_CONSENT_COLS)} FROM consents WHERE consent_id IN {_in(len(part))}", part)]
+        return out

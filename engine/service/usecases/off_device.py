@@ -74,7 +74,11 @@ def check_off_device_consent(tx: WriteTx, cfg: ServiceConfig, consent_id: str) -
     """Inside an enrolment on a central matcher: the cited consent carries an active off-device consent."""
     if cfg.deployment != "central":
         return                      # edge: the template stays on the device that stores it
-    row = tx.off_device_consent(consent_id)
+    check_off_device_row(tx.off_device_consent(consent_id))
+
+
+def check_off_device_row(row: OffDeviceConsentRow | None) -> None:
+    """A central enrolment's off-device consent (``row``: the one of the cited consent record, or None)."""
     if row is None:
         raise ConsentRequired("a central matcher stores face templates only with the subject's separate consent to "
                               "off-device storage (record it with the consent: what, to whom, why, notice)",
