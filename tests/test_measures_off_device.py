@@ -187,3 +187,35 @@ def test_hostile_off_device_fields_are_refused_and_nothing_stored(tmp_path, name
         assert counts(s) == (0, 0, 0) and s.client("auditor").verify_audit_chain().ok
         dev = s.device(off_device=OffDeviceTerms("od-2", "template", "central", "1:N"))
         dev.enroll("s1", faces(1)[0], dev.record_consent("s1", NOTICE, 30).consent_id)
+
+
+# -- bulk enrolment applies the same rules -------------------------------------------------------------------
+def _stream(s, rows):
+    import grpc as _grpc
+
+    from engine._proto.veilface.v1 import matcher_pb2_grpc as pb_grpc
+    from tests.support import TOKENS
+    stub = pb_grpc.MatcherStub(_grpc.insecure_channel(s.target))
+    return stub.EnrollStream(iter([pb.EnrollStreamRequest(purpose="access_control", device_id="gate-1", rows=rows)]),
+                             metadata=(("authorization", f"Bearer {TOKENS['operator']}"),))
+
+
+def test_bulk_rows_without_off_device_consent_are_rejected(srv):
+    dev, x = srv.device(), faces(2)
+    with_c = dev.record_consent("s0", NOTICE, 30).consent_id
+    without = dev.record_consent("s1", NOTICE, 30, off_device=False).consent_id
+    r = _stream(srv, [pb.BulkEnrollRow(subject_id="s0", template=dev.protect("s0", x[0]).to_bytes(), consent_id=with_c),
+                      pb.BulkEnrollRow(subject_id="s1", template=dev.protect("s1", x[1]).to_bytes(), consent_id=without)])
+    assert r.enrolled == 1 and [(x.row, x.reason) for x in r.rejected] == [(1, "OFF_DEVICE_CONSENT_REQUIRED")]
+    assert counts(srv)[0] == 1
+
+
+def test_bulk_enrolment_without_an_assessment_stores_nothing(tmp_path):
+    with running_server(tmp_path / "d", ManualClock(MONDAY), assessments=False) as s:
+        s.client("admin").register_device("gate-1", LocationClass.PUBLIC_PLACE, "lobby", True)
+        dev = s.device()
+        c = dev.record_consent("s0", NOTICE, 30).consent_id
+        r = _stream(s, [pb.BulkEnrollRow(subject_id="s0", template=dev.protect("s0", faces(1)[0]).to_bytes(),
+                                         consent_id=c)])
+        assert r.enrolled == 0 and [x.reason for x in r.rejected] == ["IMPACT_ASSESSMENT_REQUIRED"]
+        assert counts(s)[0] == 0
