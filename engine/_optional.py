@@ -29,6 +29,10 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "scipy": ("scipy", "eval"),
     "threadpoolctl": ("threadpoolctl", "eval"),
     "faiss": ("faiss-cpu", "faiss"),
+    # pg: shared PostgreSQL store and Ray shards (listed here so tests/test_packaging.py agrees with pyproject.toml)
+    "psycopg": ("psycopg", "scale"),
+    "psycopg_pool": ("psycopg-pool", "scale"),
+    "ray": ("ray", "scale"),
 }
 
 

@@ -21,7 +21,7 @@ import numpy as np
 
 from ._optional import require
 from .errors import InvalidParameter, NotEnrolled
-from .schemes import Scheme
+from .schemes import CodeMatching, Scheme
 from .template import Template
 from .validation import check_int, check_subject_id
 
@@ -40,8 +40,9 @@ class Gallery(ABC):
     """Common interface of every gallery backend (thread-safe)."""
 
     def __init__(self, scheme: Scheme) -> None:
-        if scheme.encrypted:
-            raise InvalidParameter(f"scheme {scheme.name!r} needs an encrypted gallery (engine.he)")
+        if not isinstance(scheme, CodeMatching):
+            raise InvalidParameter(f"scheme {scheme.name!r} has no clear codes to compare; it needs an "
+                                   "encrypted gallery (scheme.make_gallery, engine.he)")
         self.scheme = scheme
         self._lock = threading.RLock()
 

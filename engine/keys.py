@@ -1,8 +1,14 @@
 """Key material for cancellable schemes (device / key-holder side only).
 
 A subject's transform key is derived with HKDF-SHA256 from the tenant master secret and
-(tenant, subject, key version, scheme). The matcher never sees any of it: re-keying is a new
+(tenant, subject, key version, scheme spec). The matcher never sees any of it: re-keying is a new
 version, and destroying the master secret (or a version) "crypto-shreds" every template.
+
+Derivation v2 binds the *full* scheme spec -- name, algorithm version and canonical parameters
+(:meth:`engine.template.SchemeSpec.key`) -- into the HKDF info, so BioHash-256 and BioHash-512 (or
+rotation float32 and int8) of one subject get unrelated keys. Each scheme also binds its spec into
+the label of its keyed stream (:meth:`engine.schemes.base.CodeMatching.stream_label`), so even one
+key shared across specs yields unrelated transforms.
 
 Transform matrices are expanded from the key with AES-256-CTR (from ``cryptography``) used as
 a deterministic stream, so a template made today is reproducible on any platform and numpy
@@ -19,19 +25,36 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from .errors import InvalidParameter
+from .template import SchemeSpec
 
 KEY_BYTES = 32
-_SALT_PREFIX = b"veilface/v1/tenant:"
+#: derivation label version (v2: the HKDF info binds the full scheme spec)
+DERIVATION = b"veilface/v2"
+_SALT_PREFIX = DERIVATION + b"/tenant:"
+
+
+def scheme_label(scheme) -> str:
+    """The scheme part of the HKDF info: the canonical spec key (``name/vN:{params}``) of a
+    :class:`~engine.template.SchemeSpec` or of a protector's ``spec``; a plain string is used as
+    given (a name alone binds the name only: pass the spec)."""
+    if isinstance(scheme, SchemeSpec):
+        return scheme.key()
+    spec = getattr(scheme, "spec", None)
+    if isinstance(spec, SchemeSpec):
+        return spec.key()
+    if isinstance(scheme, str):
+        return scheme
+    raise InvalidParameter(f"scheme must be a SchemeSpec, a scheme or a string, got {type(scheme).__name__}")
 
 
 @dataclass(frozen=True)
 class KeyRef:
-    """Names one derived key: who it is for, which scheme, which version."""
+    """Names one derived key: who it is for, which scheme spec, which version."""
 
     tenant: str
     subject: str
     version: int
-    scheme: str
+    scheme: str   # scheme_label(): canonical spec key
 
     def info(self) -> bytes:
         for field in (self.tenant, self.subject, self.scheme):
@@ -39,14 +62,16 @@ class KeyRef:
                 raise InvalidParameter("tenant, subject and scheme must be non-empty, without NUL")
         if self.version < 1:
             raise InvalidParameter(f"key version must be >= 1, got {self.version}")
-        return b"\x00".join([self.scheme.encode(), self.subject.encode(), str(self.version).encode()])
+        return b"\x00".join([DERIVATION + b"/key", self.scheme.encode(), self.subject.encode(),
+                             str(self.version).encode()])
 
 
 class KeyDeriver:
     """Derives per-subject transform keys from a tenant master secret (HKDF-SHA256).
 
+    >>> from engine.schemes import make_scheme
     >>> kd = KeyDeriver(b"\\x01" * 32, tenant="acme")
-    >>> len(kd.derive("subject-1", version=1, scheme="biohash"))
+    >>> len(kd.derive("subject-1", version=1, scheme=make_scheme("biohash:bits=256").spec))
     32
     """
 
@@ -63,9 +88,10 @@ class KeyDeriver:
         """A fresh random 32-byte master secret (store it in the device keystore / KMS)."""
         return secrets.token_bytes(KEY_BYTES)
 
-    def derive(self, subject: str, version: int, scheme: str) -> bytes:
-        """The 32-byte key of ``subject`` for ``scheme`` at key ``version``."""
-        ref = KeyRef(self.tenant, subject, int(version), scheme)
+    def derive(self, subject: str, version: int, scheme) -> bytes:
+        """The 32-byte key of ``subject`` for ``scheme`` (a :class:`~engine.template.SchemeSpec`,
+        a scheme object, or a label string) at key ``version``."""
+        ref = KeyRef(self.tenant, subject, int(version), scheme_label(scheme))
         hkdf = HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES,
                     salt=_SALT_PREFIX + self.tenant.encode(), info=ref.info())
         return hkdf.derive(self._master)

@@ -99,11 +99,12 @@ def test_key_source_is_asked_for_group_or_subject_keys():
     per.protect("s1", x, version=2)
     assert src.asked == [(None, 1, "biohash", "access_control"), (None, 3, "biohash", "payments"),
                          ("s1", 2, "biohash", "access_control")]
-    # the local source derives exactly the keys the SDK always derived (templates stay valid)
+    # the local source derives keys bound to the full scheme spec (issue 9 item 6)
     d = KeyDeriver(bytes(range(32)), "default")
     keys = DerivedKeys(d)
-    assert keys.key_for(None, 1, grp.scheme.spec, "access_control") == d.derive("group.access_control", 1, "biohash")
-    assert keys.key_for("s1", 2, grp.scheme.spec, "any") == d.derive("s1", 2, "biohash")
+    assert keys.key_for(None, 1, grp.scheme.spec, "access_control") == d.derive("group.access_control", 1, grp.scheme.spec)
+    assert keys.key_for("s1", 2, grp.scheme.spec, "any") == d.derive("s1", 2, grp.scheme.spec)
+    assert keys.key_for("s1", 2, grp.scheme.spec, "any") != d.derive("s1", 2, "biohash")
     with pytest.raises(TypeError):
         DeviceClient("127.0.0.1:1", TOKENS["device"], "gate-1", b"master secret")
     with pytest.raises(ValueError, match="KeyDeriver"):

@@ -20,7 +20,7 @@ def _backends(scheme):
 
 def _enrol(scheme, gallery, deriver, x):
     for s in range(len(x)):
-        gallery.add(f"subj-{s}", scheme.protect(deriver.derive(f"subj-{s}", 1, scheme.name), x[s, 0]))
+        gallery.add(f"subj-{s}", scheme.protect(deriver.derive(f"subj-{s}", 1, scheme.spec), x[s, 0]))
 
 
 @pytest.mark.parametrize("desc", SCHEMES)
@@ -33,7 +33,7 @@ def test_identify_and_verify_on_clusters(desc, deriver):
         assert len(g) == 60 and "subj-3" in g and "nobody" not in g
         hits = 0
         for s in range(60):
-            probe = scheme.protect(deriver.derive(f"subj-{s}", 1, scheme.name), x[s, 1])
+            probe = scheme.protect(deriver.derive(f"subj-{s}", 1, scheme.spec), x[s, 1])
             res = g.search(probe, k=5)
             assert len(res) == 5 and all(isinstance(m, Match) for m in res)
             assert [m.score for m in res] == sorted((m.score for m in res), reverse=True)
@@ -52,7 +52,7 @@ def test_native_and_faiss_flat_agree(desc, deriver):
         _enrol(scheme, g, deriver, x)
         g.remove("subj-10")
         g.remove("subj-79")
-    probes = np.concatenate([scheme.protect_codes(deriver.derive(f"subj-{s}", 1, scheme.name), x[s, 1])
+    probes = np.concatenate([scheme.protect_codes(deriver.derive(f"subj-{s}", 1, scheme.spec), x[s, 1])
                              for s in range(80)])
     ra, rb = a.search_codes(probes, k=3), b.search_codes(probes, k=3)
     for qa, qb in zip(ra, rb):
@@ -131,7 +131,7 @@ def test_concurrent_search_and_mutation(deriver):
     g = make_gallery(scheme)
     x = clustered(np.random.default_rng(5), subjects=200, samples=1, dim=128)
     _enrol(scheme, g, deriver, x)
-    probe = scheme.protect(deriver.derive("subj-0", 1, scheme.name), x[0, 0])
+    probe = scheme.protect(deriver.derive("subj-0", 1, scheme.spec), x[0, 0])
     errors = []
 
     def searcher():
@@ -151,3 +151,9 @@ def test_concurrent_search_and_mutation(deriver):
     for t in threads:
         t.join()
     assert not errors and len(g) == 1
+
+
+def test_clear_gallery_refuses_a_protector_without_code_matching():
+    pytest.importorskip("tenseal")
+    with pytest.raises(InvalidParameter, match="encrypted gallery"):
+        make_gallery(make_scheme("he:dim=128,mode=identify"))

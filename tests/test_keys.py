@@ -54,3 +54,34 @@ def test_keyed_stream_orthonormal_and_permutation():
 def test_fingerprint_is_not_the_secret(deriver):
     fp = deriver.fingerprint()
     assert len(fp) == 16 and bytes(range(32)).hex()[:16] != fp
+
+
+def test_derivation_binds_the_full_scheme_spec(deriver):
+    """Issue 9 item 6: the HKDF info names the scheme spec (name, algorithm version, parameters),
+    so two parameter sets of one scheme never share a key."""
+    from engine.keys import DERIVATION, KeyRef, scheme_label
+    from engine.schemes import make_scheme
+
+    specs = [make_scheme(d).spec for d in ("biohash:bits=256", "biohash:bits=512", "rotation",
+                                           "rotation:quant=int8", "iom:m=64,q=16")]
+    keys = [deriver.derive("alice", 1, s) for s in specs]
+    assert len(set(keys)) == len(keys)
+    assert deriver.derive("alice", 1, make_scheme("biohash:bits=256")) == keys[0]      # scheme object
+    assert scheme_label(specs[0]) == 'biohash/v2:{"bits":256,"dim":128}'
+    info = KeyRef("t", "alice", 1, scheme_label(specs[0])).info()
+    assert info.startswith(DERIVATION + b"/key\x00") and b'"bits":256' in info
+    assert deriver.derive("alice", 1, specs[0]) != deriver.derive("alice", 1, "biohash")
+    with pytest.raises(InvalidParameter):
+        deriver.derive("alice", 1, 42)
+
+
+def test_derivation_is_pinned():
+    """A change here changes every derived key (re-enrolment of every subject): deliberate only."""
+    from engine.schemes import make_scheme
+
+    kd = KeyDeriver(bytes(range(32)), "pinned")
+    key = kd.derive("subject-1", 1, make_scheme("biohash:bits=256").spec)
+    assert key.hex()[:16] == PINNED_KEY
+
+
+PINNED_KEY = "e28da4145cc0e2b4"

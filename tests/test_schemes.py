@@ -82,11 +82,11 @@ def test_genuine_beats_impostor_and_rekeying_unlinks(scheme, deriver):
     x = clustered(rng, subjects=40, samples=2, dim=scheme.dim, noise=0.6)
     gen, imp, renew = [], [], []
     for s in range(40):
-        k1 = deriver.derive(f"s{s}", 1, scheme.name)
-        k2 = deriver.derive(f"s{s}", 2, scheme.name)
+        k1 = deriver.derive(f"s{s}", 1, scheme.spec)
+        k2 = deriver.derive(f"s{s}", 2, scheme.spec)
         a = scheme.protect_codes(k1, x[s, 0])
         gen.append(scheme.similarities(a, scheme.protect_codes(k1, x[s, 1]))[0, 0])
-        other = deriver.derive(f"s{(s + 1) % 40}", 1, scheme.name)
+        other = deriver.derive(f"s{(s + 1) % 40}", 1, scheme.spec)
         imp.append(scheme.similarities(a, scheme.protect_codes(other, x[(s + 1) % 40, 0]))[0, 0])
         renew.append(scheme.similarities(a, scheme.protect_codes(k2, x[s, 1]))[0, 0])
     gen, imp, renew = map(np.asarray, (gen, imp, renew))
@@ -134,15 +134,49 @@ def test_iom_matches_numpy_definition(rng):
 
 
 def test_templates_are_stable_across_releases():
-    """Pinned digests: a change here silently invalidates every enrolled template."""
+    """Pinned digests: a change here invalidates every enrolled template, so it must come with a
+    new scheme version (templates of the old one are then refused, never mis-scored). Last change:
+    version 2, transform streams bound to the full spec (issue 9 item 6)."""
     x = np.cos(np.arange(128) * 0.37)
     digests = {d: hashlib.sha256(make_scheme(d).protect(b"\x01" * 32, x).data.tobytes()).hexdigest()[:16]
-               for d in ("biohash:bits=256", "iom:m=64,q=16", "iom:variant=urp,m=64,q=16")}
+               for d in PINNED}
     assert digests == PINNED
+    assert {make_scheme(d).version for d in PINNED} == {2}
 
 
-PINNED = {'biohash:bits=256': 'c108a8022e1b58b7', 'iom:m=64,q=16': '9d26f2027ddc909f',
-          'iom:variant=urp,m=64,q=16': 'aeb59c80801794da'}
+PINNED = {'biohash:bits=256': '22b4fc426486745a', 'iom:m=64,q=16': 'f6f79748073bd8e5',
+          'iom:variant=urp,m=64,q=16': '619c89f8659e9401', 'rotation:quant=int8': 'f3e819119a7cd660'}
+
+
+def test_biohash_256_is_not_a_prefix_of_biohash_512(rng):
+    """Issue 9 item 6: under one key (a device that derives keys by name, or a user-held key),
+    the 256-bit code used to be the first half of the 512-bit one."""
+    key = b"k" * 32
+    x = rng.standard_normal((64, 128))
+    short = make_scheme("biohash:bits=256").protect_codes(key, x)
+    long = make_scheme("biohash:bits=512").protect_codes(key, x)
+    agree = np.unpackbits(short, axis=1) == np.unpackbits(long[:, :32], axis=1)
+    assert 0.45 < agree.mean() < 0.55                    # chance, not 100%
+    w256 = make_scheme("biohash:bits=256")._transform(key)
+    w512 = make_scheme("biohash:bits=512")._transform(key)
+    assert not np.allclose(w256, w512[:, :256])
+
+
+def test_rotation_float32_and_int8_do_not_share_a_matrix():
+    key = b"r" * 32
+    f32, i8 = make_scheme("rotation"), make_scheme("rotation:quant=int8")
+    rf, ri = f32._transform(key), i8._transform(key)
+    assert rf.shape == ri.shape and np.abs(rf.T @ ri).max() < 0.5          # unrelated orthonormal bases
+    other_scale = make_scheme("rotation:quant=int8,scale=100")._transform(key)
+    assert not np.allclose(ri, other_scale)
+
+
+def test_old_scheme_versions_are_refused_not_misscored():
+    from engine.template import SchemeSpec
+    for name, params in (("biohash", {"dim": 128, "bits": 256}), ("iom", {"dim": 128, "m": 64, "q": 16,
+                                                                            "variant": "grp"})):
+        with pytest.raises(UnknownScheme):
+            make_scheme(SchemeSpec(name, 1, params))
 
 
 def test_template_round_trip_and_mismatch(scheme, rng):
@@ -174,3 +208,22 @@ def test_codes_of_checks_shape_dtype_and_range():
         s.check_codes(np.full((2, 16), 4, np.uint8))
     with pytest.raises(TemplateFormatError):
         s.codes_of(["not a template"])
+
+
+def test_capabilities_are_mixins_and_encrypted_is_derived(scheme):
+    from engine.schemes import CodeMatching, EncryptedMatching, Protector
+
+    assert isinstance(scheme, Protector) and isinstance(scheme, CodeMatching)
+    assert not isinstance(scheme, EncryptedMatching) and scheme.encrypted is False
+    assert not hasattr(scheme, "make_gallery") and not hasattr(scheme, "protect_probe")
+    assert scheme.stream_label("x").startswith("v2/" + scheme.spec.key())
+
+
+def test_protector_base_requires_protect():
+    from engine.schemes import Protector
+
+    class Half(Protector):
+        name, version = "half", 1
+
+    with pytest.raises(TypeError):
+        Half()

@@ -254,7 +254,7 @@ def test_allowed_schemes_by_descriptor_pins_the_parameters(tmp_path):
 
 
 def test_allowed_schemes_by_spec_key(tmp_path):
-    key = 'rotation/v1:{"dim":128,"quant":"float32"}'
+    key = 'rotation/v2:{"dim":128,"quant":"float32"}'
     with running_server(tmp_path / "d", allowed_schemes=[key]) as s:
         s.client("admin").register_device("gate-1", LocationClass.PUBLIC_PLACE, "lobby", True)
         x = faces(2)
@@ -481,7 +481,7 @@ def test_list_subjects_pages(listed):
 
 def test_list_subjects_shows_schemes_and_purposes(listed):
     first = next(iter(listed.client("operator").list_subjects()))
-    assert list(first.schemes) == ['biohash/v1:{"bits":256,"dim":128}'] and list(first.purposes) == [PURPOSE]
+    assert list(first.schemes) == ['biohash/v2:{"bits":256,"dim":128}'] and list(first.purposes) == [PURPOSE]
 
 
 def test_audit_log_pages_in_order(listed):
@@ -523,7 +523,8 @@ def test_store_holds_no_raw_features_or_keys(tmp_path):
             enrol(dev, f"s{i}", x[i])
         dev.verify("s1", x[1])
     blob = b"".join(p.read_bytes() for p in (tmp_path / "d").iterdir() if p.is_file())
-    key = deriver.derive("group.access_control", 1, "biohash")
+    from engine.schemes import make_scheme
+    key = deriver.derive("group.access_control", 1, make_scheme("biohash:bits=256,dim=128").spec)
     assert key not in blob and bytes(range(32)) not in blob
     for i in range(5):
         assert x[i].tobytes()[:32] not in blob

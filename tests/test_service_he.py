@@ -209,7 +209,7 @@ def test_identify_decided_by_the_decider(identify, rng):
     dev, x = identify
     for i in range(4):
         hits = dev.identify(capture(x[i], rng), top_k=3)
-        assert hits and hits[0][0] == f"s{i}" and hits[0][1] > 0.5
+        assert hits and hits[0][0] == f"s{i}"      # the decider releases ids, not scores
     assert dev.identify(faces(1, seed=99)[0]) == []                # stranger: no match
 
 

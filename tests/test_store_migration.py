@@ -95,7 +95,7 @@ def write_v1(data_dir, n: int = 4) -> list:
     con = sqlite3.connect(data_dir / "veilface.db", isolation_level=None)
     con.executescript(V1_SCHEMA)
     scheme = make_scheme(SCHEME)
-    key = KeyDeriver(bytes(range(32)), "default").derive(f"group.{PURPOSE}", 1, scheme.name)
+    key = KeyDeriver(bytes(range(32)), "default").derive(f"group.{PURPOSE}", 1, scheme.spec)
     x = faces(n, seed=3)
     con.execute("INSERT INTO devices VALUES ('default', 'gate-1', 1, 'lobby', 1, ?)", (T0,))
 

@@ -36,7 +36,8 @@ class DerivedKeys:
     """:class:`KeySource` over a local :class:`engine.keys.KeyDeriver` (master secret on the device).
 
     Group keys are derived for the owner ``"group.<purpose>"``; per-subject keys for the
-    subject id (whatever the purpose). Keys depend on the scheme's name, not its parameters.
+    subject id (whatever the purpose). Keys depend on the full scheme spec (name, algorithm version,
+    parameters: :func:`engine.keys.scheme_label`), so two parameter sets never share a key.
     """
 
     def __init__(self, deriver: KeyDeriver) -> None:
@@ -44,7 +45,7 @@ class DerivedKeys:
 
     def key_for(self, subject: str | None, version: int, scheme_spec: SchemeSpec, purpose: str) -> bytes:
         owner = f"group.{purpose}" if subject is None else subject
-        return self._deriver.derive(owner, version, scheme_spec.name)
+        return self._deriver.derive(owner, version, scheme_spec)
 
 
 def as_key_source(keys: KeyDeriver | KeySource | None) -> KeySource | None:

@@ -40,5 +40,12 @@ class HEUnsupported(HEError, InvalidParameter):
     reason = "HE_UNSUPPORTED"
 
 
+class HEProbeRefused(HEError, ValueError):
+    """The decider refused an encrypted result: the probe's decrypted norm is not ~1 (a scaled or
+    crafted probe), or the result carries no norm to check."""
+
+    reason = "HE_PROBE_REFUSED"
+
+
 __all__ = ["HEError", "HEContextMismatch", "HEEpochRevoked", "HEPrivateContext", "HEFormatError",
-           "HEUnsupported"]
+           "HEUnsupported", "HEProbeRefused"]

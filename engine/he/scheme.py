@@ -1,16 +1,16 @@
-"""The ``he`` scheme: CKKS-encrypted templates behind the common Scheme API.
+"""The ``he`` scheme: CKKS-encrypted templates as an :class:`EncryptedMatching` protector.
 
 >>> s = make_scheme("he:dim=128,mode=identify")                  # doctest: +SKIP
 >>> kh = s.keygen(tenant="acme")                 # key holder (decider / device) -- secret
 >>> pub = kh.public_context()                    # to devices and the matcher
 >>> t = s.protect(pub, embedding)                # device: Template whose data is a ciphertext blob
 >>> g = s.make_gallery(pub); g.add("subj-1", t)  # matcher
->>> blob = g.search(s.protect_probe(pub, probe)) # matcher: encrypted scores
->>> kh.decide(blob, k=5, threshold=0.5)          # key holder: matches
+>>> blob = g.search(s.protect_probe(pub, probe)) # matcher: encrypted scores + probe norm
+>>> kh.decide_identify(blob, threshold=0.5)      # key holder: ids at or above the threshold
 
 ``protect``'s ``key`` argument is the *public* context (or its bytes): an HE template needs no
-secret on the device. ``compare``/``similarities`` are refused: the matcher cannot compute a clear
-score; use :class:`~engine.he.gallery.EncryptedGallery` and the key holder.
+secret on the device. There is no clear comparison: the matcher scores in an encrypted gallery and
+only the key holder decrypts.
 """
 from __future__ import annotations
 
@@ -19,10 +19,12 @@ from typing import ClassVar
 import numpy as np
 
 from ..schemes import register_scheme
-from ..schemes.base import Scheme
+from ..schemes.base import EncryptedMatching, Protector
 from ..template import Template
-from .context import MODES, HEParams, KeyHolder, PublicContext, blob_header
+from .context import KeyHolder, PublicContext, require_public
 from .errors import HEFormatError, HEUnsupported
+from .params import MODES, HEParams
+from .wire import blob_header
 
 
 def _public(key) -> PublicContext:
@@ -36,13 +38,12 @@ def _public(key) -> PublicContext:
 
 
 @register_scheme
-class HEScheme(Scheme):
-    """CKKS (TenSEAL/SEAL) encrypted templates; ``mode="verify"`` (1:1) or ``"identify"`` (1:N)."""
+class HEScheme(EncryptedMatching, Protector):
+    """CKKS (TenSEAL/SEAL) encrypted templates; ``mode="verify"`` (1:1) or ``"identify"`` (1:N).
+    Version 2: sanitised verify results, stride-layout identify uploads (:mod:`engine.he.params`)."""
 
     name: ClassVar[str] = "he"
-    version: ClassVar[int] = 1
-    metric: ClassVar[str] = "he_ckks"
-    encrypted: ClassVar[bool] = True
+    version: ClassVar[int] = 2
 
     def __init__(self, dim: int = 128, mode: str = "identify") -> None:
         super().__init__(dim)
@@ -56,20 +57,11 @@ class HEScheme(Scheme):
         return {"dim": self.dim, "mode": self.mode}
 
     @property
-    def code_shape(self) -> tuple[int, ...]:
-        return (-1,)  # variable-length ciphertext blob
-
-    @property
-    def code_dtype(self) -> np.dtype:
-        return np.dtype(np.uint8)
-
-    @property
     def bytes_per_template(self) -> int:
         """In-memory ciphertext bytes per template in the matcher's search layout."""
         p = self.he_params
-        if p.mode == "verify":
-            return 2 * p.poly_degree * 8
-        return int(2 * p.poly_degree * 2 * 8 * p.dim / p.poly_degree)
+        ct = 2 * p.poly_degree * len(p.data_moduli) * 8
+        return ct if p.mode == "verify" else int(ct * p.dim / p.poly_degree)
 
     # -- key holder --------------------------------------------------------------------------
     def keygen(self, tenant: str = "default", epoch: int = 1) -> KeyHolder:
@@ -97,38 +89,15 @@ class HEScheme(Scheme):
         blob = ctx.encrypt(embedding, role)
         return Template(self.spec, np.frombuffer(blob, dtype=np.uint8).copy(), ctx.epoch)
 
-    def protect_codes(self, key, embeddings) -> np.ndarray:
-        raise HEUnsupported("he templates are variable-length ciphertext blobs; call protect() per embedding")
-
-    def _transform(self, key):  # pragma: no cover - not used by he
-        raise HEUnsupported("he has no transform material")
-
-    def _apply(self, material, x):  # pragma: no cover - not used by he
-        raise HEUnsupported("he has no transform material")
-
     # -- matcher -------------------------------------------------------------------------------
     def make_gallery(self, context, shards: int = 1):
         """Matcher-side encrypted gallery for a *public* context (``shards > 1``: processes)."""
-        from .context import require_public
         ctx = self._check_ctx(require_public(context))
         if shards > 1:
             from .shards import ShardedEncryptedGallery
             return ShardedEncryptedGallery(ctx, shards=shards)
-        from .gallery import EncryptedGallery
-        return EncryptedGallery(ctx)
-
-    def check_codes(self, codes):
-        raise HEUnsupported("he templates are compared by engine.he.EncryptedGallery, not as code arrays")
-
-    def codes_of(self, templates):
-        raise HEUnsupported("he templates are compared by engine.he.EncryptedGallery, not as code arrays")
-
-    def compare(self, a, b) -> float:
-        raise HEUnsupported("the matcher cannot compute a clear HE score; use EncryptedGallery.verify "
-                            "and KeyHolder.verify_decision")
-
-    def to_similarity(self, raw):
-        raise HEUnsupported("he scores are decrypted by the key holder only")
+        from .gallery import make_encrypted_gallery
+        return make_encrypted_gallery(ctx)
 
     @staticmethod
     def describe(template: Template) -> dict:

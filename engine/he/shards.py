@@ -8,7 +8,7 @@ the *public* context. Two ways to split (``split=``):
   ``i % m == r`` of *every* block. A search expands only that share of the probe (the oblivious
   expansion is the fixed per-query cost: ``dim/m`` automorphisms instead of ``dim - 1`` per shard),
   each shard returns partial inner products per block, and the parent adds them ciphertext-wise
-  (:func:`~engine.he.gallery.add_partial_scores`). Adds and removals run on all shards in parallel,
+  (:func:`~engine.he.blobops.add_partial_scores`). Adds and removals run on all shards in parallel,
   each doing its share (removal purges in about half the time).
 * ``"blocks"``: each shard owns whole blocks and expands the whole probe; the parent concatenates.
 
@@ -23,19 +23,21 @@ from collections.abc import Iterable, Sequence
 
 from ..errors import InvalidParameter
 from ..validation import check_subject_id
+from .blobops import add_partial_scores, merge_scores, split_block_blob
 from .context import PublicContext, require_public
 from .errors import HEError, HEFormatError
-from .gallery import SNAPSHOT_FORMAT, _blob_of, add_partial_scores, merge_scores, split_block_blob
+from .gallery import SNAPSHOT_FORMAT
+from .wire import blob_of, pack_blob, unpack_blob
 
 START_TIMEOUT_S = 120.0  # loading the public context (Galois keys) takes a few seconds
 _POLL_S = 0.5
 
 
 def _worker(conn, ctx_bytes: bytes, part: tuple[int, int] = (0, 1)) -> None:  # shard process
-    from .gallery import EncryptedGallery
+    from .identify import IdentifyGallery
 
     try:
-        gallery = EncryptedGallery(PublicContext.from_bytes(ctx_bytes), part=part)
+        gallery = IdentifyGallery(PublicContext.from_bytes(ctx_bytes), part=part)
         conn.send(("ok", None))
     except BaseException as exc:  # noqa: BLE001 -- report start-up failure to the parent
         conn.send(("err", exc))
@@ -78,7 +80,7 @@ def _worker(conn, ctx_bytes: bytes, part: tuple[int, int] = (0, 1)) -> None:  # 
 
 
 class ShardedEncryptedGallery:
-    """Same API as :class:`~engine.he.gallery.EncryptedGallery` (identify mode), over ``shards``
+    """Same API as :class:`~engine.he.identify.IdentifyGallery`, over ``shards``
     processes. Call :meth:`close` (or use as a context manager) to stop the processes.
 
     ``split="dims"`` (default for 1, 2, 4, ... shards) or ``"blocks"``: see the module docstring."""
@@ -220,7 +222,7 @@ class ShardedEncryptedGallery:
         return 2 * p.poly_degree * (len(p.moduli) - 1) * 8 * p.dim / p.poly_degree
 
     def memory_bytes(self) -> int:
-        """Ciphertext bytes held by all shards (see :meth:`EncryptedGallery.memory_bytes`)."""
+        """Ciphertext bytes held by all shards (see :meth:`IdentifyGallery.memory_bytes`)."""
         return int(sum(self._call_all("memory", [()] * self.shards)))
 
     def _pick(self) -> int:
@@ -228,7 +230,7 @@ class ShardedEncryptedGallery:
 
     def add(self, subject_id: str, template) -> None:
         check_subject_id(subject_id)
-        blob = _blob_of(template)
+        blob = blob_of(template)
         with self._lock:
             if self.split == "dims":
                 self._call_all("add", [(subject_id, blob)] * self.shards)
@@ -248,7 +250,7 @@ class ShardedEncryptedGallery:
 
     def add_block(self, subject_ids: Sequence[str], block_blob: bytes) -> None:
         ids = [check_subject_id(s) for s in subject_ids]
-        block_blob = _blob_of(block_blob)
+        block_blob = blob_of(block_blob)
         with self._lock:
             if self.split == "dims":
                 m = self.shards
@@ -282,12 +284,11 @@ class ShardedEncryptedGallery:
 
     # -- snapshot / restore -------------------------------------------------------------------
     def snapshot(self) -> bytes:
-        """One ``sharded_gallery_snapshot`` blob: the :meth:`EncryptedGallery.snapshot` of every
+        """One ``sharded_gallery_snapshot`` blob: the :meth:`IdentifyGallery.snapshot` of every
         shard (taken in parallel) + the split; restore it into the same number of shards and split."""
-        from .context import pack_blob
         with self._lock:
             snaps = self._call_all("snapshot", [()] * self.shards)
-            head = dict(self.ctx._header(), snapshot_format=SNAPSHOT_FORMAT, split=self.split,
+            head = dict(self.ctx.header(), snapshot_format=SNAPSHOT_FORMAT, split=self.split,
                         shards=self.shards)
             return pack_blob("sharded_gallery_snapshot", head, snaps)
 
@@ -305,8 +306,7 @@ class ShardedEncryptedGallery:
 
     def load_snapshot(self, snapshot) -> None:
         """Load :meth:`snapshot` bytes into these (empty) shards; see :meth:`restore`."""
-        from .context import unpack_blob
-        h, parts = unpack_blob(_blob_of(snapshot), "sharded_gallery_snapshot")
+        h, parts = unpack_blob(blob_of(snapshot), "sharded_gallery_snapshot")
         self.ctx.check_header(h, "gallery snapshot")
         if h.get("snapshot_format") != SNAPSHOT_FORMAT:
             raise HEFormatError(f"unknown gallery snapshot format {h.get('snapshot_format')!r}")
@@ -328,13 +328,12 @@ class ShardedEncryptedGallery:
     # -- matching ---------------------------------------------------------------------------
     def search(self, probe) -> bytes:
         """1:N over all shards in parallel -> one ``scores`` blob for the key holder."""
-        blob = _blob_of(probe)
+        blob = blob_of(probe)
         self.ctx.load_ciphertexts(blob, "probe")  # reject foreign/old-epoch probes up front
         results = self._call_all("search", [(blob,)] * self.shards)
         results = [r for r in results if r is not None]
         if not results:
-            from .context import pack_blob
-            return pack_blob("scores", dict(self.ctx._header(), blocks=[]), [])
+                return pack_blob("scores", dict(self.ctx.header(), blocks=[]), [])
         if self.split == "dims":
             return results[0] if len(results) == 1 else add_partial_scores(self.ctx, results)
         return merge_scores(results)

@@ -13,17 +13,17 @@ from typing import Any
 
 from ..errors import InvalidParameter, UnknownScheme
 from ..template import SchemeSpec
-from .base import METRICS, Scheme
+from .base import METRICS, CodeMatching, EncryptedMatching, Protector, Scheme
 from .biohash import BioHash
 from .iom import IoMHash
 from .rotation import Rotation
 
-_REGISTRY: dict[str, type[Scheme]] = {}
+_REGISTRY: dict[str, type[Protector]] = {}
 # Schemes whose modules pull in heavy dependencies are imported on first use.
 _LAZY: dict[str, str] = {"he": "engine.he.scheme"}
 
 
-def register_scheme(cls: type[Scheme]) -> type[Scheme]:
+def register_scheme(cls: type[Protector]) -> type[Protector]:
     """Class decorator: make ``cls`` available to :func:`make_scheme` under ``cls.name``."""
     _REGISTRY[cls.name] = cls
     return cls
@@ -38,7 +38,7 @@ def available_schemes() -> list[str]:
     return sorted(set(_REGISTRY) | set(_LAZY))
 
 
-def scheme_class(name: str) -> type[Scheme]:
+def scheme_class(name: str) -> type[Protector]:
     if name not in _REGISTRY and name in _LAZY:
         importlib.import_module(_LAZY[name])
     try:
@@ -68,7 +68,7 @@ def parse_factory(desc: str) -> tuple[str, dict]:
     return name.strip(), params
 
 
-def make_scheme(desc: str | SchemeSpec, **overrides: Any) -> Scheme:
+def make_scheme(desc: str | SchemeSpec, **overrides: Any) -> Protector:
     """Build a scheme from a factory string or a template's :class:`SchemeSpec`.
 
     Unknown names raise :class:`UnknownScheme`; unknown or out-of-range parameters raise
@@ -91,5 +91,5 @@ def make_scheme(desc: str | SchemeSpec, **overrides: Any) -> Scheme:
     return scheme
 
 
-__all__ = ["Scheme", "METRICS", "BioHash", "IoMHash", "Rotation", "make_scheme",
+__all__ = ["Protector", "CodeMatching", "EncryptedMatching", "Scheme", "METRICS", "BioHash", "IoMHash", "Rotation", "make_scheme",
            "register_scheme", "available_schemes", "scheme_class", "parse_factory"]

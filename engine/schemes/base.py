@@ -1,8 +1,18 @@
-"""The Scheme protocol: ``protect`` on the device, ``compare``/1:N scoring on the matcher.
+"""Protectors: a small base (spec, params, protect) plus capabilities added as mixins.
 
-A scheme is a plain object configured in ``__init__`` (like a scikit-learn estimator); its
+A protector is a plain object configured in ``__init__`` (like a scikit-learn estimator); its
 :class:`~engine.template.SchemeSpec` (name, algorithm version, parameters) travels inside every
 template so that a template from another scheme or parameter set is refused, never mis-scored.
+What a protector can do beyond ``protect`` is said by the mixins it inherits, not by methods that
+raise:
+
+* :class:`CodeMatching` -- cancellable schemes: templates are code arrays the matcher compares in
+  the clear (``codes_of``, ``check_codes``, ``similarities``, ``topk_raw``, ``compare``...);
+* :class:`EncryptedMatching` -- templates are ciphertexts (``protect_probe``, ``make_gallery``);
+  comparing them is the encrypted gallery's job and deciding the key holder's.
+
+:class:`Scheme` (= ``CodeMatching`` + :class:`Protector``) is the base of the cancellable schemes.
+``protector.encrypted`` is derived: True exactly for :class:`EncryptedMatching` protectors.
 """
 from __future__ import annotations
 
@@ -22,24 +32,19 @@ from ..validation import as_embeddings, check_dim
 METRICS = ("hamming", "iom", "ip_int8", "ip_f32")
 
 
-class Scheme(ABC):
-    """Base class of every protection scheme.
+class Protector(ABC):
+    """What every protection scheme is: a named, versioned, parameterised ``protect``.
 
-    Subclasses set ``name``, ``version`` and ``metric`` and implement :meth:`_transform`
-    (key -> transform material) and :meth:`_apply` (material, embeddings -> codes).
-    Similarities are always "higher is more similar".
+    Subclasses set ``name`` and ``version``, report their template-changing :attr:`params` and
+    implement :meth:`protect` (through a capability mixin).
     """
 
     name: ClassVar[str]
     version: ClassVar[int]
-    metric: ClassVar[str]
-    #: True for schemes whose comparisons run on encrypted data (see engine.he)
-    encrypted: ClassVar[bool] = False
 
     def __init__(self, dim: int = 128) -> None:
         self.dim = check_dim(dim)
 
-    # -- description -------------------------------------------------------------------
     @property
     def params(self) -> dict:
         """All parameters that change the template (JSON-serialisable)."""
@@ -48,6 +53,41 @@ class Scheme(ABC):
     @property
     def spec(self) -> SchemeSpec:
         return SchemeSpec(self.name, self.version, self.params)
+
+    @property
+    def encrypted(self) -> bool:
+        """True when templates are ciphertexts compared by an encrypted gallery (derived from the
+        capability, not declared)."""
+        return isinstance(self, EncryptedMatching)
+
+    @property
+    @abstractmethod
+    def bytes_per_template(self) -> int:
+        """Bytes a stored template occupies in the matcher's search layout."""
+
+    @abstractmethod
+    def protect(self, key, embedding, key_version: int = 1) -> Template:
+        """Protect one embedding ``(dim,)`` under ``key``; returns a :class:`Template`."""
+
+    def __repr__(self) -> str:
+        args = ",".join(f"{k}={v}" for k, v in self.params.items())
+        return f"{type(self).__name__}({args})"
+
+
+class CodeMatching(ABC):
+    """Capability: templates are code arrays compared in the clear with the native kernels.
+
+    Subclasses set ``metric`` (one of :data:`METRICS`), describe the code (:attr:`code_shape`,
+    :attr:`code_dtype`) and implement :meth:`_transform` (key -> transform material),
+    :meth:`_apply` (material, embeddings -> codes) and :meth:`to_similarity`. Similarities are
+    always "higher is more similar".
+    """
+
+    metric: ClassVar[str]
+    dim: int
+    spec: SchemeSpec
+    name: ClassVar[str]
+    params: dict
 
     @property
     @abstractmethod
@@ -63,10 +103,6 @@ class Scheme(ABC):
     def bytes_per_template(self) -> int:
         return int(np.prod(self.code_shape)) * np.dtype(self.code_dtype).itemsize
 
-    def __repr__(self) -> str:
-        args = ",".join(f"{k}={v}" for k, v in self.params.items())
-        return f"{type(self).__name__}({args})"
-
     # -- device side ---------------------------------------------------------------------
     def protect(self, key: bytes, embedding, key_version: int = 1) -> Template:
         """Protect one embedding ``(dim,)`` with ``key``; returns a :class:`Template`."""
@@ -81,7 +117,21 @@ class Scheme(ABC):
         return self._apply(self._material(check_key(key)), x)
 
     def _material(self, key: bytes):
-        return _cached_material(self, key)
+        # Expanding a key (QR of a dim x dim matrix) costs milliseconds; a device protects many
+        # captures of one subject in a row, so keep the last few expansions.
+        cache = self.__dict__.setdefault("_material_cache", {})
+        mat = cache.get(key)
+        if mat is None:
+            if len(cache) >= 16:
+                cache.pop(next(iter(cache)))
+            mat = cache[key] = self._transform(key)
+        return mat
+
+    def stream_label(self, part: str = "") -> str:
+        """The keyed-stream label of this scheme's transform: binds the full spec (name, algorithm
+        version, canonical parameters), so one key never yields related material for two parameter
+        sets (a BioHash-256 code is not half of the BioHash-512 code; rotation f32 and int8 differ)."""
+        return f"v2/{self.spec.key()}/{part}"
 
     @abstractmethod
     def _transform(self, key: bytes):
@@ -142,16 +192,21 @@ class Scheme(ABC):
         """Map kernel-native scores to similarities (monotone, higher = more similar)."""
 
 
-def _cached_material(scheme: Scheme, key: bytes):
-    # Expanding a key (QR of a dim x dim matrix) costs milliseconds; a device protects many
-    # captures of one subject in a row, so keep the last few expansions.
-    cache = scheme.__dict__.setdefault("_material_cache", {})
-    mat = cache.get(key)
-    if mat is None:
-        if len(cache) >= 16:
-            cache.pop(next(iter(cache)))
-        mat = cache[key] = scheme._transform(key)
-    return mat
+class EncryptedMatching(ABC):
+    """Capability: templates are ciphertexts; the matcher scores them in an encrypted gallery and
+    only the key holder decrypts (``engine.he``)."""
+
+    @abstractmethod
+    def protect_probe(self, key, embedding, key_version: int | None = None) -> Template:
+        """Encrypt one embedding as a *probe* (its layout may differ from a template's)."""
+
+    @abstractmethod
+    def make_gallery(self, context, shards: int = 1):
+        """The matcher-side encrypted gallery for a *public* context."""
 
 
-__all__ = ["Scheme", "METRICS"]
+class Scheme(CodeMatching, Protector):
+    """Base class of the cancellable schemes (a :class:`Protector` with :class:`CodeMatching`)."""
+
+
+__all__ = ["Protector", "CodeMatching", "EncryptedMatching", "Scheme", "METRICS"]

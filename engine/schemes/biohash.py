@@ -18,7 +18,7 @@ class BioHash(Scheme):
     """
 
     name = "biohash"
-    version = 1
+    version = 2   # 2: transform stream bound to the full spec (CodeMatching.stream_label)
     metric = "hamming"
 
     def __init__(self, dim: int = 128, bits: int = 256) -> None:
@@ -40,7 +40,7 @@ class BioHash(Scheme):
     def _transform(self, key: bytes) -> np.ndarray:
         blocks, left = [], self.bits
         for b in range((self.bits + self.dim - 1) // self.dim):
-            q = KeyedStream(key, f"biohash/v1/block{b}").orthonormal(self.dim)
+            q = KeyedStream(key, self.stream_label(f"block{b}")).orthonormal(self.dim)
             blocks.append(q[:, :min(left, self.dim)])
             left -= self.dim
         return np.ascontiguousarray(np.concatenate(blocks, axis=1), dtype=np.float32)

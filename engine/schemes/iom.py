@@ -23,7 +23,7 @@ class IoMHash(Scheme):
     """
 
     name = "iom"
-    version = 1
+    version = 2   # 2: transform stream bound to the full spec (CodeMatching.stream_label)
     metric = "iom"
 
     def __init__(self, dim: int = 128, m: int = 256, q: int = 16, variant: str = "grp",
@@ -54,7 +54,7 @@ class IoMHash(Scheme):
         return np.dtype(np.uint8)
 
     def _transform(self, key: bytes) -> np.ndarray:
-        stream = KeyedStream(key, f"iom/v1/{self.variant}")
+        stream = KeyedStream(key, self.stream_label())
         if self.variant == "grp":
             # (dim, m*q): one GEMM projects all hashes at once
             return np.ascontiguousarray(stream.normal((self.dim, self.m * self.q)), dtype=np.float32)

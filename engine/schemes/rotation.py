@@ -20,7 +20,7 @@ class Rotation(Scheme):
     """
 
     name = "rotation"
-    version = 1
+    version = 2   # 2: transform stream bound to the full spec (CodeMatching.stream_label)
 
     def __init__(self, dim: int = 128, quant: str = "float32", scale: float | None = None) -> None:
         super().__init__(dim)
@@ -52,7 +52,7 @@ class Rotation(Scheme):
         return np.dtype(np.int8 if self.quant == "int8" else np.float32)
 
     def _transform(self, key: bytes) -> np.ndarray:
-        return np.ascontiguousarray(KeyedStream(key, "rotation/v1").orthonormal(self.dim), dtype=np.float32)
+        return np.ascontiguousarray(KeyedStream(key, self.stream_label()).orthonormal(self.dim), dtype=np.float32)
 
     def _apply(self, r: np.ndarray, x: np.ndarray) -> np.ndarray:
         y = x @ r
