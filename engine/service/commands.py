@@ -236,14 +236,16 @@ def _pia_draft(args) -> int:
     from pathlib import Path
 
     from . import pia
-    from .store import DB_NAME, open_store
+    from .status import NotFound
     cfg = _config(args)
     persons = devices = 0
-    if (Path(cfg.data_dir) / DB_NAME).exists():
-        store = open_store(cfg.data_dir)
+    try:                                   # the current scale, when there is a store (--data-dir / --store)
+        cfg, store = _store(args)
         counts = store.counts()
         persons, devices = max(counts.persons_stored, store.fleet_persons()), counts.devices
         store.close()
+    except NotFound:
+        pass
     doc = pia.draft(args.purpose, tenant=args.tenant, mode=args.mode or cfg.deployment, scheme=args.scheme,
                     today=dt.date.today(), eval_report=args.eval_report, persons_stored=persons, devices=devices,
                     retention_days=cfg.retention_days, records_years=cfg.records_retention_years,
