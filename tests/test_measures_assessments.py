@@ -125,6 +125,15 @@ def test_an_already_lapsed_assessment_is_not_registered(srv):
     assert e.reason == "IMPACT_ASSESSMENT_LAPSED" and stored(srv)[0] == 0
 
 
+def test_templates_stored_before_the_rule_are_reported(tmp_path):
+    from engine.service.store import TemplateRow
+    with running_server(tmp_path / "d", ManualClock(MONDAY), assessments=False) as s:
+        with s.store.transaction() as tx:     # a store from before this rule: a template, no assessment
+            tx.insert_template(TemplateRow("default", "s1", "access_control", "x", 1, b"t", MONDAY, MONDAY + DAY, "c", "g"))
+        assert s.client("auditor").compliance_report()["impact_assessments"]["purposes_without_assessment"] == \
+            ["access_control"]
+
+
 def test_only_operators_and_admins_register(srv):
     for role in ("device", "auditor"):
         assert err(lambda: srv.client(role).register_impact_assessment(doc())).reason == "ROLE_NOT_ALLOWED"

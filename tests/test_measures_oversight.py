@@ -43,6 +43,7 @@ class Fleet:
     def __init__(self, tmp_path, **settings) -> None:
         self.tmp, self.clock, self.settings = tmp_path, ManualClock(MONDAY), settings
         self.devices: dict[str, EdgeDevice] = {}
+        self._uplinks: list[Uplink] = []
         self._cm = running_server(tmp_path / "central", self.clock, **settings)
         self.srv = self._cm.__enter__()
 
@@ -54,12 +55,19 @@ class Fleet:
         return dev
 
     def uplink(self, name: str) -> Uplink:
-        return Uplink(self.srv.target, TOKENS["device"], name)
+        self._uplinks.append(Uplink(self.srv.target, TOKENS["device"], name))
+        return self._uplinks[-1]
+
+    def _close_uplinks(self) -> None:
+        for u in self._uplinks:
+            u.close()
+        self._uplinks.clear()
 
     def send(self, name: str, **limits) -> list:
         return self.devices[name].send_oversight(self.uplink(name).submit, **limits)
 
     def restart(self) -> None:
+        self._close_uplinks()
         self._cm.__exit__(None, None, None)
         self._cm = running_server(self.tmp / "central", self.clock, **self.settings)
         self.srv = self._cm.__enter__()
@@ -71,6 +79,7 @@ class Fleet:
     def close(self) -> None:
         for d in self.devices.values():
             d.close()
+        self._close_uplinks()
         self._cm.__exit__(None, None, None)
 
 

@@ -99,6 +99,7 @@ def test_oversight_keys_bundles_and_persons(store):
         tx.insert_template(TemplateRow("t", "z", "p", BIO, 1, b"x", T0, T0 + 9, "c", "g"))
         assert tx.persons_fleet() == 4                           # b, c, d on the device; b, z here
     assert store.fleet_persons() == 4 and store.stored_subjects("t") == ["b", "z"]
+    assert store.template_purposes() == [("t", "p")]
     assert store.oversight_key_of("t", "d1").public_key == b"k" * 32 and store.oversight_key_of("t", "x") is None
     assert [r.seq for r in store.oversight_index()] == [1, 2] and store.oversight_index()[0].bundle == b""
     assert [r.bundle for r in store.oversight_bundles("t", "d1")] == [b"body", b"body"]

@@ -240,6 +240,10 @@ class MeasuresReads(ABC):
         """Every accepted bundle without its payload, by tenant, device, seq."""
 
     @abstractmethod
+    def template_purposes(self) -> list[tuple[str, str]]:
+        """The distinct (tenant, purpose) pairs holding a stored template."""
+
+    @abstractmethod
     def stored_subjects(self, tenant: str) -> list[str]:
         """The distinct subjects of ``tenant`` with a stored template, sorted (device side: the persons set)."""
 

@@ -262,6 +262,9 @@ class MeasuresSQLReads(MeasuresReads):
         return [_bundle(r) for r in self._all(
             f"SELECT {_cols(_BUNDLE_HEAD_COLS)} FROM oversight_bundles ORDER BY tenant, device_id, seq")]
 
+    def template_purposes(self) -> list[tuple[str, str]]:
+        return [(r[0], r[1]) for r in self._all("SELECT DISTINCT tenant, purpose FROM templates ORDER BY tenant, purpose")]
+
     def stored_subjects(self, tenant: str) -> list[str]:
         return [r[0] for r in self._all("SELECT DISTINCT subject FROM templates WHERE tenant = ? ORDER BY subject",
                                         (tenant,))]

@@ -140,10 +140,9 @@ def assessments_report(store: Store, cfg: ServiceConfig, now: float) -> dict:
             "hash_in_audit_chain": all(_in_chain(r, audited) for r in rows),
             "retain_until": _iso(_retain_until(store, cfg, rows)),
         })
-    with_templates = {p.purpose for p in store.processing_records() if p.templates}
-    assessed = {p for _, p in groups}
+    missing = [f"{t}/{p}" if t != "default" else p for t, p in store.template_purposes() if (t, p) not in groups]
     return {"required_before_enrolment": True, "records_retention_years": cfg.records_retention_years,
-            "current": current, "purposes_without_assessment": sorted(with_templates - assessed)}
+            "current": current, "purposes_without_assessment": missing}
 
 
 def purge_records(store: Store, cfg: ServiceConfig, now: float, actor: tuple[str, str] = ("system", "retention")) -> int:
