@@ -88,8 +88,8 @@ def test_off_device_withdrawal_of_one_purpose_keeps_the_other(srv):
         dev.enroll("s1", x[0], dev.record_consent("s1", NOTICE, 30, purpose=p).consent_id, purpose=p)
     r = dev.withdraw_off_device_consent("s1", purpose="payment")
     assert r.templates_deleted == 1 and dev.verify("s1", x[0]).matched
-    # no template for that purpose any more: Verify answers as for a purpose never enrolled
-    assert err(lambda: dev.verify("s1", x[0], purpose="payment")).reason == "PURPOSE_NOT_CONSENTED"
+    # no template for that purpose any more: Verify answers as for a subject never enrolled
+    assert err(lambda: dev.verify("s1", x[0], purpose="payment")).reason == "NOT_ENROLLED"
     assert counts(srv) == (1, 2, 1)
 
 

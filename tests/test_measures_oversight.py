@@ -269,7 +269,7 @@ RESIGNED = {   # a valid body changed, then signed with the device's real key: o
     "scores in audit details": (_edit_entry("details", json.dumps({"scores": "0.9,0.8"})), "OVERSIGHT_FACE_DATA"),
     "nested audit details": (_edit_entry("details", json.dumps({"a": {"b": 1}})), "BAD_OVERSIGHT_BUNDLE"),
     "huge details": (_edit_entry("details", json.dumps({"a": "x" * 5000})), "BAD_OVERSIGHT_BUNDLE"),
-    "edited entry": (_edit_entry("result", "OK!"), "OVERSIGHT_CHAIN_BROKEN"),
+    "entry with another hash": (_edit_entry("hash", "e" * 64), "OVERSIGHT_CHAIN_BROKEN"),
     "unlinked entry": (_edit_entry("prev_hash", "a" * 64), "OVERSIGHT_CHAIN_BROKEN"),
     "wrong head": (_with("audit.head_hash", "b" * 64), "OVERSIGHT_CHAIN_BROKEN"),
     "range mismatch": (_with("audit.to_seq", 10**6), "BAD_OVERSIGHT_BUNDLE"),

@@ -36,8 +36,8 @@ IDEMPOTENT_METHODS: dict[str, str] = {
     "Verify": "matches; a repeat only adds an audit entry and counts towards the verify-burst limit",
     "Identify": "searches; a repeat only adds an audit entry and counts towards the 1:N limits",
     "Enroll": "carries a request_id (the SDK always sets one): the server replays the stored answer",
-    "ListSubjects": "read-only; page tokens are positions, not server state",
-    "GetAuditLog": "read-only; page tokens are audit sequence numbers",
+    "ListSubjects": "read-only; page tokens are authenticated positions (valid on every replica with the audit key)",
+    "GetAuditLog": "read-only; page tokens are authenticated audit sequence numbers",
     "VerifyAuditChain": "read-only",
     "ComplianceReport": "read-only",
     "ListHEContexts": "read-only",
@@ -62,6 +62,7 @@ NOT_RETRIED: dict[str, str] = {
     "WithdrawOffDeviceConsent": "no idempotency key: a late repeat could delete a central copy made meanwhile",
     "SubmitOversight": "a repeat of an accepted bundle is refused (OVERSIGHT_REPLAYED): the uplink treats that as delivered",
     "RecordFilingCancellation": "a repeat after a lost answer fails with FILING_CANCELLATION_EXISTS",
+    "ResetLockout": "an audited operator action; a repeat would audit it twice and answer cleared=false",
 }
 
 #: UNAVAILABLE: the replica is down or unreachable (or died before answering). CANCELLED: a

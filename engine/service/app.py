@@ -6,12 +6,13 @@ from __future__ import annotations
 import logging
 
 from .audit import AuditEvent
+from .audit_keys import attach_audit_key
 from .auth import Principal
 from .clock import Clock
 from .config import ServiceConfig
 from .encrypted import HERegistry, TicketBook
 from .matching import GalleryIndex, LocalMatching, MatchingBackend, SchemeCache
-from .ratelimit import IntrusionDetector
+from .ratelimit import AuthFailures, IntrusionDetector
 from .scope import Scopes
 from .store import Store
 from .usecases.assessments import Assessments  # measures (and OffDevice, Oversight, Termination below)
@@ -22,6 +23,7 @@ from .usecases.enrolment import Enrolment, FilingMonitor
 from .usecases.he_contexts import HEContexts
 from .usecases.he_snapshots import HESnapshots
 from .usecases.lifecycle import Lifecycle
+from .usecases.lockouts import Lockouts
 from .usecases.maintenance import Maintenance, Retention
 from .usecases.matching import Matching
 from .usecases.off_device import OffDevice
@@ -29,6 +31,7 @@ from .usecases.oversight import Oversight
 from .usecases.queries import Queries
 from .usecases.recovery import Recovery
 from .usecases.termination import Termination
+from .validation import PageTokens
 
 log = logging.getLogger("veilface.service")
 
@@ -42,6 +45,10 @@ class MatcherApp:
                  backend: MatchingBackend | None = None) -> None:
         self.cfg, self.store = cfg, store
         self.clock = clock or store.clock
+        # harden: the audit chain is keyed with a key kept outside the store (before any entry is written)
+        self.audit_key = attach_audit_key(store, cfg.audit_key_path())
+        self.page_tokens = PageTokens(self.audit_key.derive("page-tokens") if self.audit_key else None)
+        self.auth_failures = AuthFailures.from_config(self.clock, cfg)
         self.contexts = HERegistry()                      # current public HE contexts
         backend = backend or LocalMatching(cfg.gallery_backend, cfg.he_shards)
         # pg: replicas over a shared store re-read / reconcile what another replica may change
@@ -76,9 +83,10 @@ class MatcherApp:
                                    filing)
         self.matching = Matching(cfg, store, self.index, self.templates, self.contexts, self.tickets, self.intrusion,
                                  self.retention)
-        self.he_contexts = HEContexts(store, self.clock, self.index, self.templates)
+        self.he_contexts = HEContexts(store, self.clock, self.index, self.templates, cfg.max_he_context_bytes)
         self.maintenance = Maintenance(cfg, store, self.clock, self.index, self.retention, self.tickets)
-        self.queries = Queries(store)
+        self.queries = Queries(store, self.page_tokens)
+        self.lockouts = Lockouts(store, self.intrusion)
         self.bulk = BulkEnrolment(cfg, store, self.clock, self.index, self.templates, self.retention)
         self.recovery = Recovery(cfg, store, self.index, self.contexts, self.device_registry, self.retention,
                                  self.snapshots)
@@ -99,9 +107,11 @@ class MatcherApp:
         """An audit entry of its own (a refused call); never raises."""
         audit_quietly(self.store, ev, result, reason)
 
-    def audit_denied(self, principal: Principal, method: str, code: str, reason: str) -> None:
-        """The auth interceptor's hook: a call refused before it reached a use case."""
-        self.audit(AuditEvent(method, principal.role, principal.name), code, reason)
+    def audit_denied(self, principal: Principal, method: str, code: str, reason: str,
+                     details: dict | None = None) -> None:
+        """The auth interceptor's hook: a call refused before it reached a use case (``method`` is
+        already normalised to a known name by the interceptor)."""
+        self.audit(AuditEvent(method, principal.role, principal.name, details=dict(details or {})), code, reason)
 
     def start_background(self) -> None:
         self.retention.start()

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from ...schemes import make_scheme
 from .. import policy
 from ..clock import Clock
-from ..encrypted import HEEntry, check_registration, parse_public_context
+from ..encrypted import HEEntry, check_registration
 from ..matching import GalleryIndex
 from ..scope import Scope
 from ..store import HEContextRow, Store
+from ..validation import check_public_context
 from .common import TemplateReader
 
 
@@ -39,13 +40,15 @@ class HEContextInfo:
 class HEContexts:
     """RegisterHEContext, ListHEContexts."""
 
-    def __init__(self, store: Store, clock: Clock, index: GalleryIndex, templates: TemplateReader) -> None:
+    def __init__(self, store: Store, clock: Clock, index: GalleryIndex, templates: TemplateReader,
+                 max_bytes: int = 1 << 30) -> None:
         self.store, self.clock, self.index, self.templates = store, clock, index, templates
+        self.max_bytes = max_bytes
 
     def register(self, scope: Scope, body: bytes) -> HEContextInfo:
         """Register the public context ``body`` (``PublicContext.to_bytes()``) for the scope's purpose."""
         tenant, purpose, ev = scope.tenant, scope.purpose, scope.ev
-        ctx = parse_public_context(body, tenant)
+        ctx, public = check_public_context(body, tenant, self.max_bytes)   # validation: nothing stored yet
         scheme = make_scheme(f"he:dim={ctx.dim},mode={ctx.mode}")
         spec_key = scheme.spec.key()
         self.templates.check_allowed(scheme.spec, spec_key)
@@ -53,7 +56,7 @@ class HEContexts:
         ev.details = {"scheme": "he", "mode": ctx.mode, "dim": ctx.dim, "epoch": ctx.epoch,
                       "fingerprint": ctx.fingerprint[:16], "eval_keys": ctx.has_eval_keys, "context_bytes": len(body)}
         now = self.clock.now()
-        public = ctx.to_bytes()        # re-serialised: public key (+ relinearisation, Galois keys) only
+        # ``public``: re-serialised by SEAL from what it parsed -- public key (+ relinearisation, Galois keys) only
         gone: list[str] = []
         retired, n_snap = 0, 0
         with self.store.transaction() as tx:

@@ -81,6 +81,10 @@ def compliance_report(store: Store, cfg: ServiceConfig, now: float) -> dict:
         "off_device_consents": off_device_report(store, cfg),
         "termination": termination_report(store, now),
         "fleet": fleet_report(store, cfg),
+        # harden: stored rows set aside at startup because they failed validation (usecases/recovery.py)
+        "quarantine": [{"id": q.id, "kind": q.kind, "tenant": q.tenant, "subject": q.subject, "purpose": q.purpose,
+                        "scheme": q.scheme, "key_version": q.key_version, "reason": q.reason, "detail": q.detail,
+                        "quarantined_at": q.quarantined_at} for q in store.quarantined()],
     }
 
 
