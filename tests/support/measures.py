@@ -13,7 +13,7 @@ from engine.client import OffDeviceTerms
 
 REPO = Path(__file__).resolve().parents[2]
 EVAL_REPORT = REPO / "docs" / "eval" / "report.json"
-PURPOSES = ("access_control", "payment")
+PURPOSES = ("access_control", "payment", "payments")
 OFF_DEVICE = OffDeviceTerms(notice_version="offdevice-v1", transferred="protected face template (no image, no raw feature)",
                             recipient="the test operator's central matcher", why="one gallery shared by several sites")
 
