@@ -99,6 +99,13 @@ def test_restart_rebuilds_the_gallery_and_keeps_key_versions(tmp_path, clock):
     again.close()
 
 
+def test_one_engine_per_data_dir(tmp_path, clock):
+    dev = EdgeDevice(tmp_path / "d", "gate-1", clock=clock)
+    assert fail(lambda: EdgeDevice(tmp_path / "d", "gate-1", clock=clock)).reason == "DATA_DIR_LOCKED"
+    dev.close()
+    EdgeDevice(tmp_path / "d", "gate-1", clock=clock).close()
+
+
 def test_a_data_dir_belongs_to_one_device(tmp_path, clock):
     EdgeDevice(tmp_path / "d", "gate-1", clock=clock).close()
     assert fail(lambda: EdgeDevice(tmp_path / "d", "gate-2", clock=clock)).reason == "DEVICE_MISMATCH"

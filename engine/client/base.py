@@ -62,6 +62,15 @@ class BaseClient:
         return list(self._call("ListHEContexts", pb.ListHEContextsRequest(
             tenant=tenant or self.tenant, purpose=purpose)).contexts)
 
+    # api: named galleries (any role may read them; a device needs the scheme and purpose)
+    def list_galleries(self, purpose: str = "", tenant: str = "") -> list:
+        """The tenant's named galleries (name, purpose, scheme, counts)."""
+        return list(self._call("ListGalleries", pb.ListGalleriesRequest(
+            tenant=tenant or self.tenant, purpose=purpose)).galleries)
+
+    def describe_gallery(self, name: str, tenant: str = "") -> pb.Gallery:
+        return self._call("DescribeGallery", pb.DescribeGalleryRequest(name=name, tenant=tenant or self.tenant))
+
 
 @dataclass(frozen=True)
 class OffDeviceTerms:

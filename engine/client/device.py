@@ -183,3 +183,56 @@ class DeviceClient(BaseClient):
         self.versions.set(subject_id, r.next_key_version)
         self.versions.enrolled(subject_id, None)
         return r
+
+    # -- api: named galleries and samples (docs/api-model.md) ------------------------------------------
+    def _gallery_purpose(self, gallery: str) -> str:
+        """The purpose of a named gallery (asked once): transform keys are derived per purpose."""
+        cache = self.__dict__.setdefault("_gallery_purposes", {})
+        if gallery not in cache:
+            cache[gallery] = self.describe_gallery(gallery).purpose
+        return cache[gallery]
+
+    def add_sample(self, gallery: str, subject_id: str, embedding=None, consent_id: str = "",
+                   template: Template | None = None, request_id: str | None = None,
+                   retention_days: int = 0) -> pb.Sample:
+        """Protect ``embedding`` locally and add it as one more sample of ``subject_id`` in a named
+        gallery (an enrolment: ``consent_id`` for the gallery's purpose). IndexFaces / add example."""
+        purpose = self._gallery_purpose(gallery)
+        t = template if template is not None else self.protect(subject_id, embedding, purpose=purpose)
+        r = self._call("AddSample", pb.AddSampleRequest(
+            request_id=request_id or uuid.uuid4().hex, gallery=gallery, subject_id=subject_id,
+            template=t.to_bytes(), consent_id=consent_id, device_id=self.device_id,
+            retention_days=retention_days, tenant=self.tenant))
+        self.protection.note_enrolled(subject_id, r.key_version)
+        return r
+
+    def delete_sample(self, gallery: str, subject_id: str, sample_id: str) -> pb.DeleteSampleResponse:
+        return self._call("DeleteSample", pb.DeleteSampleRequest(gallery=gallery, subject_id=subject_id,
+                                                                 sample_id=sample_id, device_id=self.device_id,
+                                                                 tenant=self.tenant))
+
+    def verify_in_gallery(self, gallery: str, subject_id: str, embedding=None, template: Template | None = None,
+                          threshold: float = 0.0) -> pb.GalleryVerifyResponse:
+        """1:1 against the subject's samples in the gallery (the best sample decides)."""
+        purpose = self._gallery_purpose(gallery)
+        t = template if template is not None else self.protect_probe(subject_id, embedding, purpose=purpose)
+        return self._call("GalleryVerify", pb.GalleryVerifyRequest(
+            gallery=gallery, subject_id=subject_id, probe=t.to_bytes(), device_id=self.device_id,
+            threshold=threshold, tenant=self.tenant))
+
+    def search_gallery(self, gallery: str, embedding=None, top_k: int = 5, threshold: float = 0.0,
+                       templates: list[Template] | None = None) -> list[tuple[str, float, str]]:
+        """1:N in a named gallery: ``[(subject_id, score, best sample_id)]`` best first, one per
+        subject (probes under every key version in use, merged). SearchFacesByImage / recognize."""
+        purpose = self._gallery_purpose(gallery)
+        if templates is None:
+            templates = self.protection.identify_probes(embedding, purpose)
+        hits: dict[str, tuple[float, str]] = {}
+        for t in templates:
+            r = self._call("GallerySearch", pb.GallerySearchRequest(
+                gallery=gallery, probe=t.to_bytes(), device_id=self.device_id, top_k=top_k, threshold=threshold,
+                tenant=self.tenant))
+            for c in r.candidates:
+                if c.subject_id not in hits or c.score > hits[c.subject_id][0]:
+                    hits[c.subject_id] = (c.score, c.sample_id)
+        return sorted(((s, sc, sid) for s, (sc, sid) in hits.items()), key=lambda h: -h[1])[:top_k]

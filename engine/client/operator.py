@@ -109,6 +109,36 @@ class OperatorClient(BaseClient):
                                                   chunk=blob[off:off + chunk_bytes])
         return self._call("RegisterHEContext", stream(), timeout=max(self.timeout, 120))
 
+    # -- api: named galleries and samples (docs/api-model.md) -----------------------------------------
+    def create_gallery(self, name: str, purpose: str, scheme: str, description: str = "",
+                       tenant: str = "") -> pb.Gallery:
+        """A named gallery for ``purpose`` holding templates of ``scheme`` (a descriptor such as
+        ``"biohash:bits=256,dim=128"``); CreateCollection / a CompreFace service."""
+        return self._call("CreateGallery", pb.CreateGalleryRequest(name=name, purpose=purpose, scheme=scheme,
+                                                                   description=description, tenant=tenant))
+
+    def delete_gallery(self, name: str, tenant: str = "") -> pb.DeleteGalleryResponse:
+        """Delete the gallery and every sample in it."""
+        return self._call("DeleteGallery", pb.DeleteGalleryRequest(name=name, tenant=tenant))
+
+    def list_samples(self, gallery: str, subject_id: str = "", page_size: int = 100,
+                     tenant: str = "") -> Iterator[pb.Sample]:
+        """Samples of a gallery (of one subject when given), every page; ListFaces."""
+        return self._pages("ListSamples", pb.ListSamplesRequest(
+            gallery=gallery, subject_id=subject_id, page_size=page_size, tenant=tenant), "samples")
+
+    def delete_sample(self, gallery: str, subject_id: str, sample_id: str,
+                      tenant: str = "") -> pb.DeleteSampleResponse:
+        return self._call("DeleteSample", pb.DeleteSampleRequest(gallery=gallery, subject_id=subject_id,
+                                                                 sample_id=sample_id, tenant=tenant))
+
+    def search_by_subject(self, gallery: str, subject_id: str, top_k: int = 5, threshold: float = 0.0,
+                          tenant: str = "") -> list[pb.GalleryCandidate]:
+        """Other subjects of the gallery most similar to an enrolled one (its stored samples are
+        the probes; nothing is uploaded); SearchFaces."""
+        return list(self._call("SearchBySubject", pb.SearchBySubjectRequest(
+            gallery=gallery, subject_id=subject_id, top_k=top_k, threshold=threshold, tenant=tenant)).candidates)
+
 
 def _public_context_bytes(context, eval_keys: bool) -> bytes:
     if isinstance(context, (bytes, bytearray, memoryview)):

@@ -31,6 +31,7 @@ from ..service.audit import AuditEvent, ChainReport
 from ..service.auth import Principal
 from ..service.clock import Clock, SystemClock
 from ..service.config import ServiceConfig
+from ..service.lock import DataDirLock
 from ..service.oversight import MAX_ENTRIES, MAX_PERSONS_DELTA, fingerprint, public_key_bytes
 from ..service.status import AlreadyExists, BadRequest, StatusError, classify
 from ..service.store import OutboxRow, open_store
@@ -82,8 +83,14 @@ class EdgeDevice:
                              "key and the ciphertexts together", reason="SCHEME_NOT_ALLOWED")
         self.cfg = ServiceConfig(data_dir=str(self.data_dir), deployment="edge", **settings).validate()
         self.clock = clock or SystemClock()
-        self.store = open_store(self.data_dir, self.clock)
-        self.app = MatcherApp(self.cfg, self.store, self.clock)
+        # one engine per data dir (its galleries are in this process): the same lock as `veilface serve`
+        self._lock = DataDirLock(self.data_dir, what=f"engine.edge.EdgeDevice {self.device_id}").acquire()
+        try:
+            self.store = open_store(self.data_dir, self.clock)
+            self.app = MatcherApp(self.cfg, self.store, self.clock)
+        except BaseException:
+            self._lock.release()
+            raise
         self.versions = KeyVersions(self.data_dir / VERSIONS_FILE)
         source = as_key_source(keys) or as_key_source(KeyDeriver(keystore.master_secret(self.data_dir), self.tenant))
         self.protection = CancellableProtection(self.scheme, source, "purpose", self.versions)
@@ -248,6 +255,7 @@ class EdgeDevice:
     def close(self) -> None:
         self.app.close()
         self.store.close()
+        self._lock.release()
 
     def __enter__(self) -> EdgeDevice:
         return self

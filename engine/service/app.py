@@ -20,6 +20,7 @@ from .usecases.bulk import BulkEnrolment
 from .usecases.common import TemplateReader, audit_quietly
 from .usecases.devices import DeviceRegistry, Devices
 from .usecases.enrolment import Enrolment, FilingMonitor
+from .usecases.galleries import Galleries, GalleryMatching
 from .usecases.he_contexts import HEContexts
 from .usecases.he_snapshots import HESnapshots
 from .usecases.lifecycle import Lifecycle
@@ -30,6 +31,7 @@ from .usecases.off_device import OffDevice
 from .usecases.oversight import Oversight
 from .usecases.queries import Queries
 from .usecases.recovery import Recovery
+from .usecases.samples import Samples
 from .usecases.termination import Termination
 from .validation import PageTokens
 
@@ -88,6 +90,12 @@ class MatcherApp:
         self.queries = Queries(store, self.page_tokens)
         self.lockouts = Lockouts(store, self.intrusion)
         self.bulk = BulkEnrolment(cfg, store, self.clock, self.index, self.templates, self.retention)
+        # api: named galleries and several samples per subject
+        self.galleries = Galleries(cfg, store, self.clock, self.index, self.templates)
+        self.samples = Samples(cfg, store, self.clock, self.index, self.templates, self.retention,
+                               self.enrolment.filing)
+        self.gallery_matching = GalleryMatching(cfg, store, self.index, self.templates, self.intrusion,
+                                                self.retention)
         self.recovery = Recovery(cfg, store, self.index, self.contexts, self.device_registry, self.retention,
                                  self.snapshots)
         # measures

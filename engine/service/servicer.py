@@ -27,10 +27,12 @@ from .scope import Scope
 from .status import BadRequest, DeadlineExceeded, Decommissioned, Throttled, classify
 from .usecases.devices import DeviceRegistration
 from .usecases.enrolment import EnrolRequest
+from .usecases.galleries import GalleryInfo, GallerySearchResult
 from .usecases.he_contexts import HEContextInfo
 from .usecases.lifecycle import ConsentRequest, Guardian
 from .usecases.matching import DecisionReport, IdentifyRequest, VerifyRequest
 from .usecases.off_device import OffDeviceTerms  # measures
+from .usecases.samples import AddSampleRequest
 
 log = logging.getLogger("veilface.service")
 SERVICE_NAME = "veilface.v1.Matcher"
@@ -319,3 +321,92 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         r = self.app.termination.record_cancellation(scope, req.reference, req.cancelled_on)
         return pb.RecordFilingCancellationResponse(reference=r.reference, cancelled_on=r.cancelled_on,
                                                    deadline=r.deadline, on_time=r.on_time, recorded_at=r.recorded_at)
+
+    # -- api: named galleries and samples (docs/api-model.md) ------------------------------------------
+    def _in_gallery(self, ev: AuditEvent, context, req, device_op: str | None = None, subject: bool = True,
+                    writes: bool = False):
+        """The named gallery of ``req`` and the call's scope (purpose = the gallery's)."""
+        g = self.app.galleries.resolve(ev, req.tenant, req.gallery)
+        scope = self._scope(ev, context, tenant=req.tenant, purpose=g.purpose, writes=writes,
+                            subject=req.subject_id if subject else None,
+                            device=req.device_id if device_op else None, device_op=device_op)
+        return g, scope
+
+    @_rpc
+    def CreateGallery(self, req, context, ev):
+        scope = self._scope(ev, context, tenant=req.tenant, purpose=req.purpose, writes=True)
+        return _gallery(self.app.galleries.create(scope, req.name, req.scheme, req.description))
+
+    @_rpc
+    def ListGalleries(self, req, context, ev):
+        scope = self._scope(ev, context, tenant=req.tenant)
+        return pb.ListGalleriesResponse(galleries=[_gallery(i) for i in self.app.galleries.list(scope, req.purpose)])
+
+    @_rpc
+    def DescribeGallery(self, req, context, ev):
+        g = self.app.galleries.resolve(ev, req.tenant, req.name)
+        scope = self._scope(ev, context, tenant=req.tenant, purpose=g.purpose)
+        return _gallery(self.app.galleries.describe(scope, g))
+
+    @_rpc
+    def DeleteGallery(self, req, context, ev):
+        g = self.app.galleries.resolve(ev, req.tenant, req.name)
+        scope = self._scope(ev, context, tenant=req.tenant, purpose=g.purpose)
+        r = self.app.galleries.delete(scope, g)
+        return pb.DeleteGalleryResponse(name=r.name, samples_deleted=r.samples_deleted, subjects_removed=r.subjects_removed)
+
+    @_rpc
+    def AddSample(self, req, context, ev):
+        g, scope = self._in_gallery(ev, context, req, device_op="enroll", writes=True)
+        digest = hashlib.sha256(req.SerializeToString(deterministic=True)).hexdigest()
+        r = self.app.samples.add(scope, g, AddSampleRequest(bytes(req.template), req.consent_id, req.request_id, digest,
+                                                            req.retention_days))
+        return pb.Sample(gallery=r.gallery, subject_id=r.subject_id, sample_id=r.sample_id, scheme=r.scheme,
+                         key_version=r.key_version, enrolled_at=r.enrolled_at, expires_at=r.expires_at,
+                         replayed=r.replayed)
+
+    @_rpc
+    def ListSamples(self, req, context, ev):
+        g = self.app.galleries.resolve(ev, req.tenant, req.gallery)
+        scope = self._scope(ev, context, tenant=req.tenant, purpose=g.purpose,
+                            subject=req.subject_id if req.subject_id else None)
+        page = self.app.samples.list(scope, g, req.page_size, req.page_token)
+        return pb.ListSamplesResponse(samples=[
+            pb.Sample(gallery=r.gallery, subject_id=r.subject, sample_id=r.sample_id, scheme=r.scheme,
+                      key_version=r.key_version, enrolled_at=r.enrolled_at, expires_at=r.expires_at)
+            for r in page.samples], next_page_token=page.next_page_token)
+
+    @_rpc
+    def DeleteSample(self, req, context, ev):
+        g, scope = self._in_gallery(ev, context, req, device_op="use")
+        r = self.app.samples.delete(scope, g, req.sample_id)
+        return pb.DeleteSampleResponse(samples_left=r.samples_left, subject_removed=r.subject_removed)
+
+    @_rpc
+    def GalleryVerify(self, req, context, ev):
+        g, scope = self._in_gallery(ev, context, req, device_op="verify")
+        r = self.app.gallery_matching.verify(scope, g, bytes(req.probe), req.threshold)
+        return pb.GalleryVerifyResponse(matched=r.matched, score=r.score, threshold=r.threshold,
+                                        fallback=_fallback(r.fallback), sample_id=r.sample_id)
+
+    @_rpc
+    def GallerySearch(self, req, context, ev):
+        g, scope = self._in_gallery(ev, context, req, device_op="identify", subject=False)
+        return _search(self.app.gallery_matching.search(scope, g, bytes(req.probe), req.top_k, req.threshold))
+
+    @_rpc
+    def SearchBySubject(self, req, context, ev):
+        g, scope = self._in_gallery(ev, context, req, device_op="identify")
+        return _search(self.app.gallery_matching.search_by_subject(scope, g, req.top_k, req.threshold))
+
+
+def _gallery(i: GalleryInfo) -> pb.Gallery:
+    return pb.Gallery(tenant=i.tenant, name=i.name, purpose=i.purpose, scheme=i.scheme, description=i.description,
+                      created_at=i.created_at, subjects=i.subjects, samples=i.samples)
+
+
+def _search(r: GallerySearchResult) -> pb.GallerySearchResponse:
+    return pb.GallerySearchResponse(
+        candidates=[pb.GalleryCandidate(subject_id=h.subject_id, score=h.score, sample_id=h.sample_id)
+                    for h in r.candidates],
+        threshold=r.threshold, gallery_size=r.gallery_size, fallback=_fallback(r.fallback))

@@ -16,6 +16,8 @@ from .base import (
     ConsentRow,
     DeviceRow,
     FilingAlert,
+    GalleryRow,
+    GallerySummary,
     HEContextRow,
     HEContextSummary,
     HEEpoch,
@@ -23,6 +25,7 @@ from .base import (
     ProcessingRecord,
     QuarantineRow,
     RequestRow,
+    SampleRow,
     Store,
     StoreConflict,
     StoreCounts,
@@ -68,6 +71,7 @@ __all__ = ["Store", "WriteTx", "StoreError", "StoreConflict", "StoreUnavailable"
            "SCHEMA_VERSION", "ConsentRow", "DeviceRow", "FilingAlert", "HEContextRow", "HEContextSummary", "HEEpoch",
            "HESnapshotRow", "ProcessingRecord", "QuarantineRow", "RequestRow", "StoreCounts", "SubjectRow", "SubjectSummary",
            "TemplateIndexRow", "TemplateKey", "TemplateRow", "WipeCounts",
+           "GalleryRow", "GallerySummary", "SampleRow",
            # measures
            "AssessmentRow", "OffDeviceConsentRow", "OffDeviceSummary", "OutboxRow", "OversightBundleRow",
            "OversightKeyRow", "TerminationRow"]

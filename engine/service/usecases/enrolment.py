@@ -93,7 +93,7 @@ class Enrolment:
         p = self.templates.read(req.template)
         t, kv = p.template, p.template.key_version
         ev.details = {"scheme": t.spec.name, "key_version": kv, "consent_id": req.consent_id[:64],
-                      "request_id": req.request_id[:64]}
+                      "idempotency_key": req.request_id[:64]}
         if p.encrypted:
             # a ciphertext of the current epoch's public context, fully parsed before anything is stored
             entry = check_blob(self.contexts.get(tenant, purpose, p.spec_key), tenant, p.he_header)

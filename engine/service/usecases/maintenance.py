@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from ..audit import AuditEvent
@@ -89,14 +90,29 @@ def compliance_report(store: Store, cfg: ServiceConfig, now: float) -> dict:
 
 
 def decommission(store: Store, cfg: ServiceConfig, now: float, ev: AuditEvent | None = None,
-                 reason: str = "") -> dict:
+                 reason: str = "", clear_memory: Callable[[], None] | None = None, mode: str | None = None) -> dict:
     """Purge every template, key-version record, consent, idempotency record, HE context and
     snapshot; keep the audit log (the proof) and the records the Measures keep (impact
     assessments, oversight bundles); record the termination (open until the filing cancellation
     is recorded); write a deletion certificate to the data dir; rewrite the storage (VACUUM).
-    Returns the certificate."""
+    Returns the certificate.
+
+    ``mode``: how it was run, when not one of the two above.
+    ``clear_memory``: a running matcher's hook that empties its in-memory galleries (called right
+    after the commit). The certificate states only what was done: without the hook (the offline
+    command, which holds the data dir lock so no server is running) it says so instead.
+    """
     ev = ev or AuditEvent("Decommission", "admin", "cli")
-    filing_raised = store.filing_alert() is not None
+    measures = ["all protected templates deleted (SQLite secure_delete: pages overwritten)",
+                "subject key-version registry deleted", "consent and request records deleted",
+                "public HE contexts (all epochs) and HE gallery snapshots deleted",
+                "database VACUUMed and WAL truncated after commit"]
+    if clear_memory is not None:
+        measures.append("in-memory galleries, HE contexts and decision tickets of the running matcher cleared")
+        mode = "online: Decommission RPC of the running matcher"
+    else:
+        mode = mode or "offline: veilface decommission with the data dir locked (no matcher running on it)"
+    filing_raised = store.filing_alert() is not None   # measures
     with store.transaction() as tx:
         head_before = store.audit_head()
         wiped = tx.wipe()
@@ -106,13 +122,9 @@ def decommission(store: Store, cfg: ServiceConfig, now: float, ev: AuditEvent | 
         cert = {
             "type": "veilface-deletion-certificate", "version": 2,
             "issued_at": _iso(now), "issued_at_unix": now, "reason": reason[:200], "store": store.name,
-            **counts,
+            "mode": mode, **counts,
             "audit_head_before": {"seq": head_before[0], "hash": head_before[1]},
-            "measures": ["all protected templates deleted (SQLite secure_delete: pages overwritten)",
-                         "subject key-version registry deleted", "consent and request records deleted",
-                         "public HE contexts (all epochs) and HE gallery snapshots deleted",
-                         "database VACUUMed and WAL truncated after commit",
-                         "in-memory galleries cleared"],
+            "measures": measures,
             "key_material": "the matcher never held transform keys or HE secret keys; destroy the "
                             "tenant master secrets on devices / key holders to crypto-shred any copies",
             # measures: the filing-cancellation deadline and what was done with the face information
@@ -123,6 +135,8 @@ def decommission(store: Store, cfg: ServiceConfig, now: float, ev: AuditEvent | 
                       "filing_cancellation_deadline": cert["filing"]["cancellation_deadline"]}
         tx.audit(ev, "OK")
         record_termination(tx, cfg, now, cert)   # measures
+    if clear_memory is not None:
+        clear_memory()
     store.vacuum()
     out = Path(cfg.data_dir) / f"deletion-certificate-{int(now)}.json"
     out.write_text(json.dumps(cert, indent=1, sort_keys=True))
@@ -208,7 +222,7 @@ class Maintenance:
         return compliance_report(self.store, self.cfg, self.clock.now())
 
     def decommission(self, ev: AuditEvent, reason: str) -> dict:
-        cert = decommission(self.store, self.cfg, self.clock.now(), ev, reason)
-        self.index.clear()
-        self.tickets.clear()
-        return cert
+        def clear_memory() -> None:
+            self.index.clear()
+            self.tickets.clear()
+        return decommission(self.store, self.cfg, self.clock.now(), ev, reason, clear_memory)
