@@ -41,6 +41,9 @@ IDEMPOTENT_METHODS: dict[str, str] = {
     "VerifyAuditChain": "read-only",
     "ComplianceReport": "read-only",
     "ListHEContexts": "read-only",
+    # measures
+    "RegisterImpactAssessment": "registering the current document again answers `unchanged` and stores nothing",
+    "RegisterOversightKey": "registering the same key again answers `unchanged`",
     # api: named galleries and samples
     "ListGalleries": "read-only",
     "DescribeGallery": "read-only",
@@ -63,6 +66,10 @@ NOT_RETRIED: dict[str, str] = {
     "EnrollStream": "a client stream; rows already stored are reported ALREADY_ENROLLED on a repeat (re-send those rejected)",
     "PurgeExpired": "reports what this call deleted; a repeat would report nothing",
     "Decommission": "destroys the store; never repeated behind the caller's back",
+    # measures
+    "WithdrawOffDeviceConsent": "no idempotency key: a late repeat could delete a central copy made meanwhile",
+    "SubmitOversight": "a repeat of an accepted bundle is refused (OVERSIGHT_REPLAYED): the uplink treats that as delivered",
+    "RecordFilingCancellation": "a repeat after a lost answer fails with FILING_CANCELLATION_EXISTS",
     "ResetLockout": "an audited operator action; a repeat would audit it twice and answer cleared=false",
     # api: named galleries and samples
     "CreateGallery": "a repeat after a lost answer fails with GALLERY_EXISTS",

@@ -56,6 +56,39 @@ class OperatorClient(BaseClient):
         return self._call("Decommission", pb.DecommissionRequest(confirm=confirm, reason=reason),
                           timeout=max(self.timeout, 120))
 
+    # -- measures: impact assessments, off-device consent, fleet oversight, termination ------------
+    def register_impact_assessment(self, document, tenant: str = "") -> pb.ImpactAssessmentInfo:
+        """Register an impact assessment: a dict, JSON bytes / text, or a path to a JSON file."""
+        import json  # noqa: PLC0415
+        from pathlib import Path  # noqa: PLC0415
+        if isinstance(document, dict):
+            data = json.dumps(document).encode()
+        elif isinstance(document, Path):
+            data = document.read_bytes()
+        else:
+            data = document.encode() if isinstance(document, str) else bytes(document)
+        return self._call("RegisterImpactAssessment", pb.RegisterImpactAssessmentRequest(tenant=tenant, document=data))
+
+    def withdraw_off_device_consent(self, subject_id: str, purpose: str = "",
+                                    tenant: str = "") -> pb.WithdrawOffDeviceConsentResponse:
+        return self._call("WithdrawOffDeviceConsent", pb.WithdrawOffDeviceConsentRequest(
+            subject_id=subject_id, purpose=purpose, tenant=tenant))
+
+    def register_oversight_key(self, device_id: str, public_key: bytes, tenant: str = "") -> pb.RegisterOversightKeyResponse:
+        """Register an edge device's oversight verification key (raw 32-byte Ed25519)."""
+        return self._call("RegisterOversightKey", pb.RegisterOversightKeyRequest(
+            device_id=device_id, public_key=public_key, tenant=tenant))
+
+    def submit_oversight(self, device_id: str, bundle: bytes, signature: bytes,
+                         tenant: str = "") -> pb.SubmitOversightResponse:
+        """Relay a device's signed bundle (collected offline); the signature proves its origin."""
+        return self._call("SubmitOversight", pb.SubmitOversightRequest(
+            device_id=device_id, bundle=bundle, signature=signature, tenant=tenant))
+
+    def record_filing_cancellation(self, reference: str, cancelled_on: str = "") -> pb.RecordFilingCancellationResponse:
+        return self._call("RecordFilingCancellation", pb.RecordFilingCancellationRequest(
+            reference=reference, cancelled_on=cancelled_on))
+
     def register_he_context(self, context, purpose: str, tenant: str = "",
                             chunk_bytes: int = 256 << 10) -> pb.HEContextInfo:
         """Register the *public* HE context of a tenant epoch for ``purpose`` (operator, admin).

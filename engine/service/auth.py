@@ -49,6 +49,12 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     "RegisterHEContext": frozenset({"admin", "operator"}),
     "ListHEContexts": frozenset({"device", "operator", "auditor", "admin"}),
     "ReportDecision": frozenset({"device"}),
+    # measures
+    "RegisterImpactAssessment": frozenset({"admin", "operator"}),
+    "WithdrawOffDeviceConsent": frozenset({"device", "operator"}),
+    "RegisterOversightKey": frozenset({"admin", "operator"}),
+    "SubmitOversight": frozenset({"device", "operator"}),    # operator: relays bundles collected offline
+    "RecordFilingCancellation": frozenset({"admin", "operator"}),
     # harden
     "ResetLockout": frozenset({"operator", "admin"}),
     # api: named galleries and samples

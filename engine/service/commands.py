@@ -1,4 +1,4 @@
-"""``veilface serve | demo | audit verify|show | report | purge | decommission | token``.
+"""``veilface serve | demo | audit verify|show | report | purge | decommission | token | pia | filing | fleet``.
 
 Registration is cheap: grpc, numpy and the store are imported inside the handlers.
 
@@ -62,11 +62,16 @@ def register(sub) -> None:
     p.add_argument("--log-format", choices=("text", "json"), help="log lines as text (default) or one JSON object each")
     p.set_defaults(func=_serve)
 
-    p = sub.add_parser("demo", help="end-to-end scenario against a freshly started server")
-    p.add_argument("--subjects", type=int, default=300, help="synthetic subjects to enrol (default 300)")
+    p = sub.add_parser("demo", help="end-to-end scenario: edge devices + fleet oversight, and a central matcher")
+    p.add_argument("--mode", choices=("both", "edge", "central"), default="both",
+                   help="edge: on-device enrolment and matching, fleet aggregation of audit and counts; "
+                        "central: a gRPC matcher with off-device consent; both (default): edge, then central")
+    p.add_argument("--subjects", type=int, default=None,
+                   help="synthetic subjects to enrol (default: central 300, edge 60 per device)")
     p.add_argument("--scheme", default="biohash:bits=256,dim=128", help="scheme descriptor (default %(default)s)")
-    p.add_argument("--keep", metavar="DIR", help="keep the data dir here instead of a temp dir")
-    p.add_argument("--in-process", action="store_true", help="run the server in this process")
+    p.add_argument("--data-dir", "--keep", dest="keep", metavar="DIR",
+                   help="keep the data here (sub-directories per device / server) instead of a temp dir")
+    p.add_argument("--in-process", action="store_true", help="run the central server in this process")
     p.set_defaults(func=_demo)
 
     p = sub.add_parser("audit", help="audit log tools (verify, show)",
@@ -109,6 +114,8 @@ def register(sub) -> None:
     p.add_argument("--reason", default="", help="reason written into the certificate (at most 200 characters)")
     _remote(p, "admin")
     p.set_defaults(func=_decommission)
+
+    _register_measures(sub)   # measures: pia, filing, fleet
 
     p = sub.add_parser("token", help="generate a role token and the hash to put in the config")
     p.add_argument("--role", required=True, choices=("device", "operator", "auditor", "admin"),
@@ -157,7 +164,8 @@ def _serve(args) -> int:
 
 def _demo(args) -> int:
     from .demo import run_demo
-    return run_demo(subjects=args.subjects, scheme=args.scheme, keep=args.keep, in_process=args.in_process)
+    return run_demo(mode=args.mode, subjects=args.subjects, scheme=args.scheme, keep=args.keep,
+                    in_process=args.in_process)
 
 
 def _store(args):
@@ -174,6 +182,8 @@ def _store(args):
         return cfg, store
     if not (Path(cfg.data_dir) / DB_NAME).exists():
         raise NotFound(f"no store in {cfg.data_dir} (use --data-dir or --store)")
+    if (Path(cfg.data_dir) / "edge-device.json").exists():   # measures: the store of an engine.edge device
+        cfg.deployment = "edge"
     store = open_store(cfg.data_dir)
     # the audit key (outside the store): needed to verify the chain and to append to it; an offline
     # command never creates one (a store whose chain was never keyed verifies unkeyed)
@@ -251,7 +261,146 @@ def format_report(rep: dict) -> str:
     for p in rep["processing"]:
         lines.append(f"  {p['purpose']:<20} subjects {p['subjects']:>6}  enrolments {p['enrolments']:>6}  "
                      f"verifications {p['verifications']:>6}  identifications {p['identifications']:>6}")
+    if "impact_assessments" in rep:   # measures
+        lines += format_measures(rep)
     return "\n".join(lines)
+
+
+# -- measures: impact assessments, off-device consent, termination, fleet (issue 15) --------------------
+def format_measures(rep: dict) -> list[str]:
+    ia, od, t, fl = rep["impact_assessments"], rep["off_device_consents"], rep["termination"], rep["fleet"]
+    lines = [f"deployment              {rep['deployment']}", "impact assessments:"]
+    for a in ia["current"]:
+        lines.append(f"  {a['purpose']:<20} v{a['version']} review by {a['review_by']}"
+                     f"{' LAPSED' if a['lapsed'] else ''}; hash in audit chain {a['hash_in_audit_chain']}; "
+                     f"kept until >= {a['retain_until']}{'; measured on synthetic data' if a['measured_on_synthetic_data'] else ''}")
+    if ia["purposes_without_assessment"]:
+        lines.append(f"  templates stored WITHOUT an assessment: {', '.join(ia['purposes_without_assessment'])}")
+    lines.append(f"off-device consents     {'required' if od['required'] else 'not needed (edge)'}: active {od['active']}, "
+                 f"withdrawn {od['withdrawn']}, templates without one {od['templates_without_off_device_consent']}")
+    if t.get("decommissioned_at"):
+        state = ("OPEN: cancel the filing by " + t["filing_cancellation_deadline"] + (" (OVERDUE)" if t["overdue"] else "")
+                 if t["open"] else f"closed: filing cancelled ({t['cancellation']['reference']}, "
+                                   f"{t['cancellation']['cancelled_on']})")
+        lines.append(f"termination             {state}")
+    else:
+        lines.append("termination             none")
+    if fl["devices"]:
+        lines.append(f"edge fleet              {fl['edge_devices']} devices; persons stored {fl['persons_distinct']} "
+                     f"(distinct across devices and this matcher; filing threshold {fl['filing_threshold']})")
+        for d in fl["devices"]:
+            lines.append(f"  {d['device_id']:<20} bundles {d['bundles']:>4}  audit entries {d['audit_entries']:>6}  "
+                         f"persons {d['persons']:>6}  chain {d['chain']}")
+    return lines
+
+
+def _register_measures(sub) -> None:
+    p = sub.add_parser("pia", help="personal-information-protection impact assessments (before processing)")
+    psub = p.add_subparsers(dest="pia_command", metavar="ACTION")
+    d = psub.add_parser("draft", help="write an assessment prefilled with what the engine knows and measured")
+    _common(d)
+    d.add_argument("--purpose", required=True)
+    d.add_argument("--tenant", default="default")
+    d.add_argument("--mode", choices=("edge", "central"), default=None, help="deployment (default: the config's)")
+    d.add_argument("--scheme", default="biohash:bits=256,dim=128", help="the protection scheme used")
+    d.add_argument("--eval-report", metavar="PATH", help="a `veilface eval` report.json: its measured figures")
+    d.add_argument("--recipient", default="", help="central mode: who receives the templates")
+    d.add_argument("--out", metavar="FILE", help="write here (default: stdout)")
+    d.set_defaults(func=_pia_draft)
+    r = psub.add_parser("register", help="register a completed assessment (immutable; hash in the audit chain)")
+    _common(r)
+    r.add_argument("file")
+    r.set_defaults(func=_pia_register)
+    s = psub.add_parser("show", help="the registered assessments")
+    _common(s)
+    s.set_defaults(func=_pia_show)
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+
+    p = sub.add_parser("filing", help="the filing with the authority")
+    fsub = p.add_subparsers(dest="filing_command", metavar="ACTION")
+    c = fsub.add_parser("cancel", help="record that the filing was cancelled after a decommission")
+    _common(c)
+    c.add_argument("--reference", required=True, help="the filing number (or 'not-filed')")
+    c.add_argument("--on", default="", help="cancellation date YYYY-MM-DD (default: today)")
+    c.set_defaults(func=_filing_cancel)
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+
+    p = sub.add_parser("fleet", help="edge-fleet oversight held by this (central) store")
+    fsub = p.add_subparsers(dest="fleet_command", metavar="ACTION")
+    v = fsub.add_parser("verify", help="re-verify every stored oversight bundle (signature, chain, links)")
+    _common(v)
+    v.set_defaults(func=_fleet_verify)
+    p.set_defaults(func=lambda a: (p.print_help(), 2)[1])
+
+
+def _pia_draft(args) -> int:
+    import datetime as dt
+    from pathlib import Path
+
+    from . import pia
+    from .status import NotFound
+    cfg = _config(args)
+    persons = devices = 0
+    try:                                   # the current scale, when there is a store (--data-dir / --store)
+        cfg, store = _store(args)
+        counts = store.counts()
+        persons, devices = max(counts.persons_stored, store.fleet_persons()), counts.devices
+        store.close()
+    except NotFound:
+        pass
+    doc = pia.draft(args.purpose, tenant=args.tenant, mode=args.mode or cfg.deployment, scheme=args.scheme,
+                    today=dt.date.today(), eval_report=args.eval_report, persons_stored=persons, devices=devices,
+                    retention_days=cfg.retention_days, records_years=cfg.records_retention_years,
+                    alternatives=list(cfg.fallback_methods), recipient=args.recipient)
+    text = json.dumps(doc, indent=1, ensure_ascii=False)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        print(f"wrote {args.out}: complete the {pia.TODO} fields, then `veilface pia register {args.out}`", file=sys.stderr)
+    else:
+        print(text)
+    return 0
+
+
+def _pia_register(args) -> int:
+    from pathlib import Path
+
+    from .audit import AuditEvent
+    from .usecases.assessments import register_assessment
+    cfg, store = _store(args)
+    info = register_assessment(store, cfg, store.clock.now(), AuditEvent("RegisterImpactAssessment", "operator", "cli"),
+                               Path(args.file).read_bytes())
+    print(f"{'unchanged' if info.unchanged else 'registered'}: {info.tenant}/{info.purpose} v{info.version} "
+          f"sha256 {info.sha256} (audit entry {info.audit_seq}); review by {info.review_by}")
+    return 0
+
+
+def _pia_show(args) -> int:
+    from .usecases.assessments import assessments_report
+    cfg, store = _store(args)
+    print(json.dumps(assessments_report(store, cfg, store.clock.now()), indent=1, sort_keys=True))
+    return 0
+
+
+def _filing_cancel(args) -> int:
+    from .audit import AuditEvent
+    from .usecases.termination import record_cancellation
+    _, store = _store(args)
+    r = record_cancellation(store, store.clock.now(), AuditEvent("RecordFilingCancellation", "operator", "cli"),
+                            args.reference, args.on)
+    print(f"filing cancellation recorded: {r.reference} on {r.cancelled_on} (deadline {r.deadline}, "
+          f"{'on time' if r.on_time else 'LATE'})")
+    return 0
+
+
+def _fleet_verify(args) -> int:
+    from .usecases.oversight import verify_history
+    _, store = _store(args)
+    ok = True
+    for k in store.oversight_keys():
+        r = verify_history(store, k.tenant, k.device_id)
+        ok &= r["ok"]
+        print(f"{k.tenant}/{k.device_id}: {'OK' if r['ok'] else 'BROKEN'} ({r['bundles']} bundles) {r['problem']}")
+    return 0 if ok else 1
 
 
 def _report(args) -> int:

@@ -44,6 +44,7 @@ LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]", "ip6-localhost"}
 
 DEFAULT_THRESHOLDS = {"biohash": 0.70, "iom": 0.20, "rotation": 0.50, "he": 0.50}
 DEFAULT_FALLBACK = ["staff_assisted_check", "identity_document", "pin_or_card"]
+DEPLOYMENTS = ("central", "edge")   # measures: see ServiceConfig.deployment
 
 
 def hash_token(token: str) -> str:
@@ -119,6 +120,10 @@ class ServiceConfig:
     identify_window_s: float = 60.0
     identify_lockout_s: float = 300.0
     request_id_ttl_s: float = 7 * 86400.0
+    # measures: deployment mode and records (issue 15)
+    deployment: str = "central"         # "central": a matcher receiving templates (needs off-device consent);
+    #                                     "edge": the engine embedded on the device (engine.edge), nothing leaves it
+    records_retention_years: int = 3    # impact assessments kept at least this long after the last processing
     # harden (issue 10): audit key, enrolment probing, authentication failures
     audit_key_file: str = ""            # "" = audit.key next to the config file, else in data_dir
     verify_unknown_limit: int = 20      # NOT_ENROLLED answers to one caller within verify_fail_window_s
@@ -185,6 +190,9 @@ class ServiceConfig:
             if not (self.tls_cert and self.tls_key):
                 raise BadRequest(f"refusing to listen on {self.host} without TLS (tls_cert, tls_key)",
                                  reason="TLS_REQUIRED")
+        if self.deployment == "edge" and not self.is_loopback():   # measures
+            raise BadRequest("an edge deployment serves the device it runs on: loopback only (a matcher that "
+                             "receives templates over a network is deployment = \"central\")", reason="REMOTE_NOT_ALLOWED")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise BadRequest("tls_cert and tls_key go together", reason="BAD_CONFIG")
         if self.tls_client_ca and not self.tls_cert:
@@ -329,6 +337,9 @@ _CHECKS = {
     "verify_fail_limit": _int(1), "verify_fail_window_s": _num(0, lo_open=True), "verify_lockout_s": _num(0),
     "identify_limit": _int(1), "identify_nomatch_limit": _int(1), "identify_window_s": _num(0, lo_open=True),
     "identify_lockout_s": _num(0), "request_id_ttl_s": _num(0, lo_open=True),
+    # measures
+    "deployment": lambda v: None if v in DEPLOYMENTS else f"must be one of {', '.join(DEPLOYMENTS)}, got {v!r}",
+    "records_retention_years": _int(3, 100),
     "audit_key_file": _text(), "verify_unknown_limit": _int(1), "auth_fail_limit": _int(1),
     "auth_fail_window_s": _num(0, lo_open=True), "auth_lockout_s": _num(0),
     # pg

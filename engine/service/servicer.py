@@ -22,6 +22,7 @@ from ..errors import REASON_KEY
 from .app import MatcherApp
 from .audit import AuditEvent
 from .auth import current_principal
+from .oversight import SignedBundle  # measures
 from .scope import Scope
 from .status import BadRequest, DeadlineExceeded, Decommissioned, Throttled, classify
 from .usecases.devices import DeviceRegistration
@@ -30,6 +31,7 @@ from .usecases.galleries import GalleryInfo, GallerySearchResult
 from .usecases.he_contexts import HEContextInfo
 from .usecases.lifecycle import ConsentRequest, Guardian
 from .usecases.matching import DecisionReport, IdentifyRequest, VerifyRequest
+from .usecases.off_device import OffDeviceTerms  # measures
 from .usecases.samples import AddSampleRequest
 
 log = logging.getLogger("veilface.service")
@@ -114,12 +116,16 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         scope = self._scope(ev, context, tenant=req.tenant, subject=req.subject_id, purpose=req.purpose,
                             device=req.device_id, writes=True)
         g = req.guardian if req.HasField("guardian") else None
+        o = req.off_device if req.HasField("off_device") else None   # measures
         c = self.app.lifecycle.record_consent(scope, ConsentRequest(
             req.separate_consent, req.notice_version, req.subject_age, req.consented_at,
-            Guardian(g.guardian_ref, g.relationship, g.consented_at) if g is not None else None))
+            Guardian(g.guardian_ref, g.relationship, g.consented_at) if g is not None else None,
+            OffDeviceTerms(o.separate_consent, o.notice_version, o.transferred, o.recipient, o.why, o.consented_at)
+            if o is not None else None))
         return pb.ConsentRecord(consent_id=c.consent_id, subject_id=c.subject_id, purpose=c.purpose,
                                 notice_version=c.notice_version, consented_at=c.consented_at, minor=c.minor,
-                                guardian_consent=c.guardian_consent, withdrawn=False, tenant=c.tenant)
+                                guardian_consent=c.guardian_consent, withdrawn=False, tenant=c.tenant,
+                                off_device=c.off_device)
 
     # -- enrolment and matching ---------------------------------------------------------------------
     @_rpc
@@ -274,6 +280,47 @@ class MatcherServicer(pb_grpc.MatcherServicer):
                                        certificate_sha256=cert["certificate_sha256"],
                                        templates_deleted=cert["templates_deleted"],
                                        subjects_deleted=cert["subjects_deleted"])
+
+    # -- measures: impact assessments, off-device consent, fleet oversight, termination -------------
+    @_rpc
+    def RegisterImpactAssessment(self, req, context, ev):
+        scope = self._scope(ev, context, tenant=req.tenant, writes=True)
+        a = self.app.assessments.register(scope, bytes(req.document))
+        return pb.ImpactAssessmentInfo(assessment_id=a.assessment_id, tenant=a.tenant, purpose=a.purpose,
+                                       version=a.version, sha256=a.sha256, registered_at=a.registered_at,
+                                       assessed_on=a.assessed_on, review_by=a.review_by, audit_seq=a.audit_seq,
+                                       unchanged=a.unchanged)
+
+    @_rpc
+    def WithdrawOffDeviceConsent(self, req, context, ev):
+        scope = self._scope(ev, context, tenant=req.tenant, subject=req.subject_id, device=req.device_id)
+        r = self.app.off_device.withdraw(scope, req.purpose)
+        return pb.WithdrawOffDeviceConsentResponse(templates_deleted=r.templates_deleted,
+                                                   off_device_consents_withdrawn=r.off_device_consents_withdrawn,
+                                                   withdrawn_at=r.withdrawn_at)
+
+    @_rpc
+    def RegisterOversightKey(self, req, context, ev):
+        scope = self._scope(ev, context, tenant=req.tenant, device=req.device_id)
+        k = self.app.oversight.register_key(scope, bytes(req.public_key))
+        return pb.RegisterOversightKeyResponse(fingerprint=k.fingerprint, registered_at=k.registered_at,
+                                               unchanged=k.unchanged)
+
+    @_rpc
+    def SubmitOversight(self, req, context, ev):
+        # not a write guarded by decommission: a terminated matcher still receives the devices' final bundles
+        scope = self._scope(ev, context, tenant=req.tenant, device=req.device_id)
+        r = self.app.oversight.submit(scope, SignedBundle(bytes(req.bundle), bytes(req.signature)))
+        return pb.SubmitOversightResponse(seq=r.seq, head_hash=r.head_hash, audit_entries=r.audit_entries,
+                                          persons_device=r.persons_device, persons_fleet=r.persons_fleet,
+                                          filing_alert_raised=r.filing_alert_raised)
+
+    @_rpc
+    def RecordFilingCancellation(self, req, context, ev):
+        scope = self._scope(ev, context, tenant="")
+        r = self.app.termination.record_cancellation(scope, req.reference, req.cancelled_on)
+        return pb.RecordFilingCancellationResponse(reference=r.reference, cancelled_on=r.cancelled_on,
+                                                   deadline=r.deadline, on_time=r.on_time, recorded_at=r.recorded_at)
 
     # -- api: named galleries and samples (docs/api-model.md) ------------------------------------------
     def _in_gallery(self, ev: AuditEvent, context, req, device_op: str | None = None, subject: bool = True,

@@ -41,6 +41,15 @@ from .base import (
     shard_of,
     subject_hash,
 )
+from .measures import (  # measures (issue 15)
+    AssessmentRow,
+    OffDeviceConsentRow,
+    OffDeviceSummary,
+    OutboxRow,
+    OversightBundleRow,
+    OversightKeyRow,
+    TerminationRow,
+)
 from .sql import SCHEMA_VERSION, Dialect, SQLStore
 from .sqlite import DB_NAME, SQLiteStore
 
@@ -62,4 +71,7 @@ __all__ = ["Store", "WriteTx", "StoreError", "StoreConflict", "StoreUnavailable"
            "SCHEMA_VERSION", "ConsentRow", "DeviceRow", "FilingAlert", "HEContextRow", "HEContextSummary", "HEEpoch",
            "HESnapshotRow", "ProcessingRecord", "QuarantineRow", "RequestRow", "StoreCounts", "SubjectRow", "SubjectSummary",
            "TemplateIndexRow", "TemplateKey", "TemplateRow", "WipeCounts",
-           "GalleryRow", "GallerySummary", "SampleRow"]
+           "GalleryRow", "GallerySummary", "SampleRow",
+           # measures
+           "AssessmentRow", "OffDeviceConsentRow", "OffDeviceSummary", "OutboxRow", "OversightBundleRow",
+           "OversightKeyRow", "TerminationRow"]

@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 from ..audit import AuditEvent, AuditKey, AuditRow, ChainReport
 from ..status import StatusError
+from .measures import MeasuresReads, MeasuresTx  # measures: records of the 2025 Measures (issue 15)
 
 #: prefix of the canonical spec key of an ``he`` (encrypted) template
 HE_PREFIX = "he/"
@@ -302,8 +303,9 @@ class QuarantineRow:
 
 
 # -- the write transaction -------------------------------------------------------------------------
-class WriteTx(ABC):
-    """One open write transaction (see the module docstring)."""
+class WriteTx(MeasuresTx, ABC):
+    """One open write transaction (see the module docstring). The Measures records' methods
+    (assessments, off-device consents, oversight, termination) come from :class:`MeasuresTx`."""
 
     # meta
     @abstractmethod
@@ -486,8 +488,9 @@ class WriteTx(ABC):
 
 
 # -- the store -------------------------------------------------------------------------------------
-class Store(ABC):
-    """Reads and lifecycle of a store; writes go through :meth:`transaction`."""
+class Store(MeasuresReads, ABC):
+    """Reads and lifecycle of a store; writes go through :meth:`transaction`. The Measures
+    records' reads come from :class:`MeasuresReads`."""
 
     #: the store's short name (e.g. the database file name; written into deletion certificates)
     name: str = ""

@@ -50,6 +50,7 @@ from .base import (
     WriteTx,
     subject_hash,
 )
+from .measures_sql import MeasuresSQLReads, MeasuresSQLTx, measures_schema  # measures (issue 15)
 
 SCHEMA_VERSION = 2
 PRIVATE_SPACE = 3            # policy.PRIVATE_SPACE (mirrors veilface.v1.LocationClass)
@@ -212,6 +213,7 @@ def schema(d: Dialect) -> list[str]:
         f"CREATE TABLE IF NOT EXISTS audit_head (id INTEGER PRIMARY KEY CHECK (id = 1), seq {big} NOT NULL, "
         f"hash TEXT NOT NULL)",
         "CREATE INDEX IF NOT EXISTS audit_action ON audit(action)",
+        *measures_schema(d),   # measures: assessments, off-device consents, oversight, terminations
         # harden: rows that failed validation at startup (kept for the operator, deleted like templates)
         f"CREATE TABLE IF NOT EXISTS quarantine (id {aid}, kind TEXT NOT NULL, tenant TEXT NOT NULL, "
         f"subject TEXT NOT NULL, purpose TEXT NOT NULL, scheme TEXT NOT NULL, key_version {big} NOT NULL, "
@@ -282,7 +284,7 @@ def _gallery(r) -> GalleryRow:
 
 
 # -- writes ------------------------------------------------------------------------------------------
-class SQLTx(WriteTx):
+class SQLTx(MeasuresSQLTx, WriteTx):
     """A write transaction on one connection (opened and committed by :meth:`SQLStore.transaction`)."""
 
     def __init__(self, conn, dialect: Dialect, clock: Clock, audit_key: AuditKey | None = None,
@@ -566,7 +568,7 @@ class SQLTx(WriteTx):
 
 
 # -- reads -------------------------------------------------------------------------------------------
-class SQLStore(Store):
+class SQLStore(MeasuresSQLReads, Store):
     """Reads, transactions and schema versioning over DB-API connections of one :class:`Dialect`.
 
     Subclasses implement the connection hooks; ``migrations[v](conn)`` upgrades a store of schema

@@ -24,9 +24,11 @@ from ..matching import GalleryIndex, GalleryKey
 from ..scope import Scope
 from ..status import AlreadyExists, BadRequest, Decommissioned, KeyVersionRevoked, NotFound, Throttled
 from ..store import GalleryRow, RequestRow, SampleRow, Store, SubjectRow, TemplateRow
+from .assessments import check_assessment  # measures
 from .common import TemplateReader
 from .enrolment import FilingMonitor
 from .maintenance import Retention
+from .off_device import check_off_device_consent  # measures
 
 
 @dataclass(frozen=True)
@@ -124,6 +126,9 @@ class Samples:
                 if tx.gallery(tenant, g.name) != g:           # deleted (or re-created) meanwhile
                     raise NotFound(f"no gallery {g.name!r}", reason="GALLERY_NOT_FOUND")
                 policy.check_enrol_consent(tx.consent(req.consent_id), req.consent_id, subject, tenant, g.purpose)
+                # measures: an impact assessment first; off the device only with its own consent
+                check_assessment(tx, tenant, g.purpose, self.clock.now())
+                check_off_device_consent(tx, self.cfg, req.consent_id)
                 state = tx.subject(tenant, subject)
                 cur_kv, revoked = (state.key_version, state.revoked_upto) if state else (0, 0)
                 if kv <= revoked:
