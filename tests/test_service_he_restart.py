@@ -13,11 +13,11 @@ import pytest
 pytest.importorskip("tenseal")
 
 from engine._proto.veilface.v1 import matcher_pb2 as pb  # noqa: E402
-from engine.client import DeviceClient, LocationClass, OperatorClient  # noqa: E402
+from engine.client import LocationClass, OperatorClient  # noqa: E402
 from engine.he import KeyHolder  # noqa: E402
 from engine.service.launcher import ServerProcess, write_config  # noqa: E402
 from engine.service.matching import LocalMatching  # noqa: E402
-from tests.support import NOTICE, PURPOSE, TOKENS, capture, faces, running_server  # noqa: E402
+from tests.support import NOTICE, PURPOSE, TOKENS, capture, device_client, faces, register_assessments, running_server  # noqa: E402,E501
 from tests.support.waiting import wait_until  # noqa: E402
 
 IDENTIFY = "he:dim=128,mode=identify"
@@ -77,7 +77,7 @@ def test_clean_restart_restores_snapshot_without_re_adding(tmp_path, ikh, add_ca
     with running_server(data, he_snapshot_interval_s=3600) as s:
         s.client("admin").register_device("gate-1", LocationClass.PUBLIC_PLACE, "lobby", True)
         s.client("operator").register_he_context(ikh, PURPOSE)
-        dev = DeviceClient(s.target, TOKENS["device"], "gate-1", scheme=IDENTIFY, key_holder=ikh)
+        dev = device_client(s.target, TOKENS["device"], "gate-1", scheme=IDENTIFY, key_holder=ikh)
         for i in range(5):
             enrol(dev, f"s{i}", x[i])
         assert dev.withdraw("s4").templates_deleted == 1
@@ -93,7 +93,7 @@ def test_clean_restart_restores_snapshot_without_re_adding(tmp_path, ikh, add_ca
         assert (loaded["he_snapshots"], loaded["he_restored"], loaded["he_added"], loaded["he_removed"]) == \
             (1, 4, 0, 0)
         assert add_calls == []                                  # nothing was expanded again
-        dev = DeviceClient(s.target, TOKENS["device"], "gate-1", scheme=IDENTIFY, key_holder=ikh)
+        dev = device_client(s.target, TOKENS["device"], "gate-1", scheme=IDENTIFY, key_holder=ikh)
         check_identify(dev, ikh, x, {f"s{i}": i for i in range(4)}, absent=["s4"])
         # the restored gallery keeps working: enrol, withdraw (purge), then a clean stop again
         enrol(dev, "s5", x[5])
@@ -103,7 +103,7 @@ def test_clean_restart_restores_snapshot_without_re_adding(tmp_path, ikh, add_ca
     with running_server(data, clock=clock, he_snapshot_interval_s=3600) as s:
         loaded = s.app.loaded
         assert (loaded["he_restored"], loaded["he_added"], loaded["he_removed"]) == (4, 0, 0) and not add_calls
-        dev = DeviceClient(s.target, TOKENS["device"], "gate-1", scheme=IDENTIFY, key_holder=ikh)
+        dev = device_client(s.target, TOKENS["device"], "gate-1", scheme=IDENTIFY, key_holder=ikh)
         check_identify(dev, ikh, x, {"s1": 1, "s2": 2, "s3": 3, "s5": 5}, absent=["s0", "s4"])
     # without snapshots (he_snapshot_interval_s = 0) the gallery is rebuilt and the stored one deleted
     del add_calls[:]
@@ -119,13 +119,14 @@ def test_sigkill_after_snapshot_later_changes_come_from_the_templates_table(tmp_
     # snapshot after every 4 adds, not on removal: the kill below hits an outdated snapshot
     cfg_path, tokens = write_config(data, he_snapshot_interval_s=3600, he_snapshot_batch=4,
                                     he_snapshot_after_removal=False)
+    register_assessments(data)      # offline, before the server starts (issue 15)
     x = faces(8, seed=41)
     srv = ServerProcess(cfg_path)
     try:
         OperatorClient(srv.target, tokens["admin"]).register_device("gate-1", LocationClass.PUBLIC_PLACE,
                                                                     "lobby", True)
         OperatorClient(srv.target, tokens["operator"]).register_he_context(ikh, PURPOSE)
-        dev = DeviceClient(srv.target, tokens["device"], "gate-1", scheme=IDENTIFY, key_holder=ikh)
+        dev = device_client(srv.target, tokens["device"], "gate-1", scheme=IDENTIFY, key_holder=ikh)
         for i in range(4):
             enrol(dev, f"s{i}", x[i])
         assert wait_until(lambda: bool(snapshot_rows(db)))    # the batch of 4 is snapshotted
@@ -146,7 +147,7 @@ def test_sigkill_after_snapshot_later_changes_come_from_the_templates_table(tmp_
         loaded = srv.info["loaded"]
         assert loaded["he_snapshots"] == 1
         assert (loaded["he_restored"], loaded["he_added"], loaded["he_removed"]) == (2, 3, 1)
-        dev = DeviceClient(srv.target, tokens["device"], "gate-1", scheme=IDENTIFY, key_holder=ikh)
+        dev = device_client(srv.target, tokens["device"], "gate-1", scheme=IDENTIFY, key_holder=ikh)
         check_identify(dev, ikh, x, {"s0": 0, "s2": 6, "s3": 3, "s4": 4, "s5": 5}, absent=["s1"])
         assert all(h != "s2" for h, _ in dev.identify(x[2], top_k=3))       # the old s2 template is gone
         op = OperatorClient(srv.target, tokens["operator"])
@@ -159,7 +160,7 @@ def test_sigkill_after_snapshot_later_changes_come_from_the_templates_table(tmp_
     try:
         loaded = srv.info["loaded"]
         assert (loaded["he_restored"], loaded["he_added"], loaded["he_removed"]) == (5, 0, 0)
-        dev = DeviceClient(srv.target, tokens["device"], "gate-1", scheme=IDENTIFY, key_holder=ikh)
+        dev = device_client(srv.target, tokens["device"], "gate-1", scheme=IDENTIFY, key_holder=ikh)
         check_identify(dev, ikh, x, {"s0": 0, "s2": 6, "s3": 3, "s4": 4, "s5": 5}, absent=["s1"])
     finally:
         srv.stop()
@@ -173,7 +174,7 @@ def test_snapshots_go_with_rotation_and_decommission(tmp_path):
         s.client("admin").register_device("gate-1", LocationClass.PUBLIC_PLACE, "lobby", True)
         op = s.client("operator")
         op.register_he_context(kh, PURPOSE)
-        dev = DeviceClient(s.target, TOKENS["device"], "gate-1", scheme=IDENTIFY, key_holder=kh)
+        dev = device_client(s.target, TOKENS["device"], "gate-1", scheme=IDENTIFY, key_holder=kh)
         enrol(dev, "s0", x[0])
         assert s.app.snapshots.snapshot_due(force=True) == 1
         assert [e for e, _ in snapshot_rows(db)] == [1]
@@ -196,20 +197,20 @@ def test_sharded_gallery_restart_and_changed_shard_layout(tmp_path, ikh):
     with running_server(data, he_shards=2, he_snapshot_interval_s=3600) as s:
         s.client("admin").register_device("gate-1", LocationClass.PUBLIC_PLACE, "lobby", True)
         s.client("operator").register_he_context(ikh, PURPOSE)
-        dev = DeviceClient(s.target, TOKENS["device"], "gate-1", scheme=IDENTIFY, key_holder=ikh)
+        dev = device_client(s.target, TOKENS["device"], "gate-1", scheme=IDENTIFY, key_holder=ikh)
         for i in range(3):
             enrol(dev, f"s{i}", x[i])
         clock = s.clock
     with running_server(data, clock=clock, he_shards=2, he_snapshot_interval_s=3600) as s:
         loaded = s.app.loaded
         assert (loaded["he_snapshots"], loaded["he_restored"], loaded["he_added"]) == (1, 3, 0)
-        dev = DeviceClient(s.target, TOKENS["device"], "gate-1", scheme=IDENTIFY, key_holder=ikh)
+        dev = device_client(s.target, TOKENS["device"], "gate-1", scheme=IDENTIFY, key_holder=ikh)
         check_identify(dev, ikh, x, {f"s{i}": i for i in range(3)})
     # another he_shards: the stored snapshot does not fit, the gallery is rebuilt (and re-snapshotted)
     with running_server(data, clock=clock, he_shards=1, he_snapshot_interval_s=3600) as s:
         loaded = s.app.loaded
         assert (loaded["he_snapshots"], loaded["he_restored"], loaded["he_added"]) == (0, 0, 3)
-        dev = DeviceClient(s.target, TOKENS["device"], "gate-1", scheme=IDENTIFY, key_holder=ikh)
+        dev = device_client(s.target, TOKENS["device"], "gate-1", scheme=IDENTIFY, key_holder=ikh)
         check_identify(dev, ikh, x, {f"s{i}": i for i in range(3)})
     with running_server(data, clock=clock, he_snapshot_interval_s=3600) as s:
         assert s.app.loaded["he_restored"] == 3

@@ -30,7 +30,7 @@ has its own key (strongest unlinkability), which supports 1:1 verification only.
 Modules: :mod:`.channel` (channel, targets, retries), :mod:`.errors`, :mod:`.base` (shared
 calls), :mod:`.operator`, :mod:`.device`, :mod:`.protection` (strategies), :mod:`.keys`.
 """
-from .base import DEFAULT_TIMEOUT, LocationClass
+from .base import DEFAULT_TIMEOUT, LocationClass, OffDeviceTerms
 from .channel import IDEMPOTENT_METHODS, NOT_RETRIED, RetryPolicy, channel
 from .device import DeviceClient
 from .errors import ServiceError
@@ -40,6 +40,7 @@ from .protection import CancellableProtection, HEProtection, Protection, VerifyR
 
 __all__ = [
     "DEFAULT_TIMEOUT", "IDEMPOTENT_METHODS", "NOT_RETRIED", "CancellableProtection", "DerivedKeys", "DeviceClient",
-    "HEProtection", "KeySource", "KeyVersions", "LocationClass", "OperatorClient", "Protection", "RetryPolicy",
+    "HEProtection", "KeySource", "KeyVersions", "LocationClass", "OffDeviceTerms", "OperatorClient", "Protection",
+    "RetryPolicy",
     "ServiceError", "VerifyResult", "channel",
 ]

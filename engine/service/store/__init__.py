@@ -17,6 +17,8 @@ from .base import (
     DeviceRow,
     ExportView,
     FilingAlert,
+    GalleryRow,
+    GallerySummary,
     HEContextRow,
     HEContextSummary,
     HEEpoch,
@@ -24,6 +26,7 @@ from .base import (
     ProcessingRecord,
     QuarantineRow,
     RequestRow,
+    SampleRow,
     Store,
     StoreConflict,
     StoreCounts,
@@ -38,6 +41,15 @@ from .base import (
     WriteTx,
     shard_of,
     subject_hash,
+)
+from .measures import (  # measures (issue 15)
+    AssessmentRow,
+    OffDeviceConsentRow,
+    OffDeviceSummary,
+    OutboxRow,
+    OversightBundleRow,
+    OversightKeyRow,
+    TerminationRow,
 )
 from .sql import SCHEMA_VERSION, Dialect, SQLStore
 from .sqlite import DB_NAME, SQLiteStore
@@ -59,4 +71,8 @@ __all__ = ["Store", "WriteTx", "StoreError", "StoreConflict", "StoreUnavailable"
            "SQLStore", "SQLiteStore", "Dialect", "open_store", "DB_NAME",
            "SCHEMA_VERSION", "ConsentRow", "DeviceRow", "ExportView", "FilingAlert", "HEContextRow", "HEContextSummary", "HEEpoch",
            "HESnapshotRow", "ProcessingRecord", "QuarantineRow", "RequestRow", "StoreCounts", "SubjectRow", "SubjectSummary",
-           "TemplateIndexRow", "TemplateKey", "TemplateRow", "WipeCounts"]
+           "TemplateIndexRow", "TemplateKey", "TemplateRow", "WipeCounts",
+           "GalleryRow", "GallerySummary", "SampleRow",
+           # measures
+           "AssessmentRow", "OffDeviceConsentRow", "OffDeviceSummary", "OutboxRow", "OversightBundleRow",
+           "OversightKeyRow", "TerminationRow"]
