@@ -22,8 +22,11 @@ baseline, speedup`` (+ details). Every baseline is measured in the same run:
   ``baseline_n`` templates, ``speedup`` = templates/s through gRPC over shards / templates/s of that
   baseline; ``decide_ms`` = the decider's decryption + decision on one reply (not in p50);
 * ``scale_enroll_stream``: rows/s of EnrollStream into PostgreSQL with every policy check (consent,
-  device, key version, retention, filing); ``p50_ms`` / ``p99_ms`` per call of ``--stream-batch``
-  rows; ``baseline`` = rows/s of the same EnrollStream into SQLite, ``speedup`` = PostgreSQL / SQLite;
+  device, key version, retention, filing, and the 2025 Measures' impact assessment of the purpose
+  and each row's off-device-storage consent: the matchers are central, their operator registers
+  the assessment through the API and the bench's setup records an off-device consent with every
+  consent, for both stores alike); ``p50_ms`` / ``p99_ms`` per call of ``--stream-batch`` rows;
+  ``baseline`` = rows/s of the same EnrollStream into SQLite, ``speedup`` = PostgreSQL / SQLite;
   ``enroll_rows_per_s`` = per-row unary Enroll into PostgreSQL (4 clients);
 * ``scale_verify_replicas``: Verify throughput and p99 with two replicas vs one over the same store
   and shards (load driver of ``bench.load``): ``baseline`` = req/s of one replica, ``speedup`` =
@@ -206,13 +209,18 @@ def identify_biohash(pg: str, ray_addr: str, node_ip: str, sizes: list[int], sha
 
 # -- scale_enroll_stream -------------------------------------------------------------------------------------
 def _seed_consents(store, subjects: list[str], now: float) -> list[str]:
-    """One consent record per subject, written straight into the store (the bench's setup)."""
-    from engine.service.store import ConsentRow
+    """One consent record per subject, each with its separate off-device-storage consent (the
+    matcher is central: issue 15), written straight into the store (the bench's setup: what
+    RecordConsent with ``off_device`` stores, without one RPC per subject)."""
+    from engine.service.store import ConsentRow, OffDeviceConsentRow
+    from tests.support.measures import OFF_DEVICE as O
     ids = [f"c_{s}" for s in subjects]
     for k in range(0, len(subjects), 10_000):
         with store.transaction() as tx:
             for s, c in zip(subjects[k:k + 10_000], ids[k:k + 10_000]):
                 tx.insert_consent(ConsentRow(c, TENANT, s, PURPOSE, NOTICE, now, 30, False, "", "", 0.0, DEVICE))
+                tx.insert_off_device_consent(OffDeviceConsentRow(c, TENANT, s, PURPOSE, O.notice_version, O.transferred,
+                                                                 O.recipient, O.why, now))
     return ids
 
 
@@ -268,10 +276,15 @@ def _per_row_rate(target: str, token: str, scheme, subjects: list[str], consents
     return len(reqs) / (time.perf_counter() - t0)
 
 
-def _register_device(target: str, token: str) -> None:
+def _register_device(target: str, token: str, assessment: bool = False) -> None:
+    """The enrolling device and, with ``assessment``, the impact assessment of PURPOSE (issue 15:
+    a purpose receives no enrolment before one is registered), through the API."""
     from engine.client import LocationClass, OperatorClient
+    from tests.support.measures import register_assessments
     with OperatorClient(target, token) as op:
         op.register_device(DEVICE, LocationClass.PUBLIC_PLACE, "lobby", True)
+        if assessment:
+            register_assessments(op, (PURPOSE,), TENANT)
 
 
 def enroll_stream(pg: str, rows: int, batch: int, per_row: int, tokens: dict, tmp: Path) -> dict:
@@ -291,7 +304,7 @@ def enroll_stream(pg: str, rows: int, batch: int, per_row: int, tokens: dict, tm
             settings = {"store": dsn} if kind == "postgres" else {}
             srv = _serve(tmp, f"stream-{kind}", tokens, workers=8, bulk_batch_rows=batch, **settings)
             try:
-                _register_device(srv.target, tokens["admin"])
+                _register_device(srv.target, tokens["admin"], assessment=True)
                 store = PostgresStore(dsn, SystemClock(), max_size=2) if kind == "postgres" else SQLiteStore(data)
                 try:
                     consents = _seed_consents(store, subjects + extra, time.time())

@@ -13,10 +13,10 @@ import pytest
 pytest.importorskip("tenseal")
 
 from engine._proto.veilface.v1 import matcher_pb2 as pb  # noqa: E402
-from engine.client import DeviceClient, LocationClass, OperatorClient  # noqa: E402
+from engine.client import LocationClass, OperatorClient  # noqa: E402
 from engine.he import KeyHolder, blob_header  # noqa: E402
 from engine.service.store import shard_of  # noqa: E402
-from tests.support import NOTICE, PURPOSE, TOKENS, capture, faces  # noqa: E402
+from tests.support import NOTICE, PURPOSE, TOKENS, capture, device_client, faces, register_assessments  # noqa: E402
 from tests.support.services import (  # noqa: E402
     drop_schema,
     fresh_schema,
@@ -57,9 +57,10 @@ def test_he_identify_and_verify_on_ray_shards(replica):
     srv, ray_where = replica
     op = OperatorClient(srv.target, TOKENS["admin"])
     op.register_device("gate-1", LocationClass.PUBLIC_PLACE, "lobby", True)
+    register_assessments(op)                                  # issue 15: before any enrolment
     ikh = KeyHolder("identify", 128, tenant="default")
     op.register_he_context(ikh, PURPOSE)
-    dev = DeviceClient(srv.target, TOKENS["device"], "gate-1", scheme=IDENTIFY, timeout=300.0,
+    dev = device_client(srv.target, TOKENS["device"], "gate-1", scheme=IDENTIFY, timeout=300.0,
                        he_context=ikh.public_context(eval_keys=False).to_bytes(), decider=ikh)
     x, rng = faces(6, seed=8), np.random.default_rng(8)
     subjects = [f"s{i}" for i in range(6)]
@@ -95,7 +96,7 @@ def test_he_identify_and_verify_on_ray_shards(replica):
     # HE Verify (1:1) goes to the owning shard; the device's key holder decides
     vkh = KeyHolder("verify", 128, tenant="default")
     op.register_he_context(vkh, "payments")
-    vdev = DeviceClient(srv.target, TOKENS["device"], "gate-1", scheme=VERIFY, key_holder=vkh, purpose="payments",
+    vdev = device_client(srv.target, TOKENS["device"], "gate-1", scheme=VERIFY, key_holder=vkh, purpose="payments",
                         timeout=300.0)
     vdev.enroll("s0", x[0], vdev.record_consent("s0", NOTICE, 30).consent_id)
     assert vdev.verify("s0", capture(x[0], rng)).matched

@@ -32,6 +32,7 @@ from tests.support.services import (
     kill_tree,
     pg_dsn,
     ray_address,
+    ray_worker_pgid,
     remove_namespace,
     shard_places,
 )
@@ -138,9 +139,7 @@ def _restart_ray_worker(addr: str) -> None:
 
 
 def test_failures_ray_node_replica_and_postgres(cluster):
-    pgid = int(os.environ.get("VEILFACE_TEST_RAY_WORKER") or 0)
-    if not pgid:
-        pytest.skip("no killable second Ray node ($VEILFACE_TEST_RAY_WORKER)")
+    pgid = ray_worker_pgid()
     a, b = _replica(cluster, "a"), _replica(cluster, "b")
     x = faces(N, seed=33)
     subjects = _enrol(a.target, x)

@@ -3,30 +3,43 @@
 A dump is UTF-8 text, one JSON object per line (``.gz``: the same, gzip-compressed; the reader
 recognises gzip by its magic bytes). Lines, in this order:
 
-``header``   ``{"kind": "veilface-dump", "version": 1, "created_at": t, "source": "sqlite:veilface.db",
+``header``   ``{"kind": "veilface-dump", "version": 2, "created_at": t, "source": "sqlite:veilface.db",
              "source_schema": 2, "source_audit_head": [seq, "hash"]}``
 ``device``   ``{"kind": "device", "tenant", "device_id", "location_class", "location_kind", "signage",
              "registered_at"}`` -- every registered device (a row's enrolling device must exist)
 ``template`` ``{"kind": "template", "tenant", "subject", "purpose", "template", "enrolled_at",
-             "expires_at", "device", "consent": {...}, "subject_state": {"key_version", "revoked_upto"}}``
+             "expires_at", "device", "consent": {...}, "off_device": {...} | null,
+             "subject_state": {"key_version", "revoked_upto"}}``
              grouped by (tenant, purpose). ``template`` is the base64 of ``Template.to_bytes()``
              (a *protected* template: cancellable codes; scheme and key version are inside it).
              ``consent`` is the consent record the template cites (``consent_id, notice_version,
              consented_at, age, guardian_ref, guardian_relationship, guardian_at, device,
-             withdrawn_at``; its tenant, subject and purpose are the template's).
+             withdrawn_at``; its tenant, subject and purpose are the template's). ``off_device``
+             (version 2) is that consent's separate off-device-storage consent (issue 15:
+             ``notice_version, transferred, recipient, why, consented_at, withdrawn_at``), or null
+             when the source holds none (an edge store, or templates stored before the rule).
 ``end``      ``{"kind": "end", "devices": n, "templates": n, "skipped": {"he": n}, "sha256": hex}``:
              the counts and the SHA-256 of every byte before this line (a truncated or altered
              dump is detected before anything is imported).
 
 Never in a dump: raw features or images (the store has none), keys, the audit log (the target
 writes its own entries), idempotency records, HE contexts and HE templates (bound to an HE
-context of the source: counted under ``skipped``, re-enrol them under the target's context).
+context of the source: counted under ``skipped``, re-enrol them under the target's context),
+impact assessments (the target's operator registers its own: an assessment is about the
+processing *there*; rows of a purpose without one are refused on import).
+
+Versions: 2 adds ``off_device`` to the template lines (required there, null allowed). Version 1
+dumps (written before it) are still read: their template lines must not carry the field, and
+their rows then need an off-device consent already held by a central target.
 
 The reader is strict and bounded: a line is at most :data:`MAX_LINE_BYTES`; every object must
 have exactly its fields (an unknown or duplicated field is refused), of the right type and range.
 Whatever is wrong raises :class:`DumpError` (``INVALID_ARGUMENT``) naming the line. Semantic checks
 (ids, consent, device, key versions, retention, schemes) are the import's: every row passes the
 policy checks of an enrolment there.
+
+(Past 400 lines because the format is defined once, here: the writer and the strict reader of
+each record kind sit side by side so that a field added to one is seen missing in the other.)
 """
 from __future__ import annotations
 
@@ -45,10 +58,12 @@ from typing import IO, Any
 
 from ..template import MAX_TEMPLATE_BYTES
 from .status import BadRequest
-from .store import ConsentRow, DeviceRow
+from .store import ConsentRow, DeviceRow, OffDeviceConsentRow
 
 FORMAT = "veilface-dump"
-VERSION = 1
+VERSION = 2
+#: the dump versions this build reads (1: no ``off_device`` in template lines)
+READ_VERSIONS = (1, 2)
 #: longest accepted line: a template of MAX_TEMPLATE_BYTES in base64 plus its consent record
 MAX_LINE_BYTES = (MAX_TEMPLATE_BYTES * 4) // 3 + 16_384
 #: largest count a dump may claim (and the importer accepts)
@@ -96,6 +111,7 @@ class TemplateRecord:
     consent: ConsentRow
     key_version: int          # subject_state: the subject's key version and highest revoked one
     revoked_upto: int
+    off_device: OffDeviceConsentRow | None = None   # version 2: the consent's off-device-storage consent
 
 
 @dataclass(frozen=True)
@@ -129,14 +145,17 @@ def device_record(d: DeviceRow) -> dict:
 
 def template_record(tenant: str, subject: str, purpose: str, template: bytes, enrolled_at: float,
                     expires_at: float, device: str, consent: ConsentRow, key_version: int,
-                    revoked_upto: int) -> dict:
-    c = consent
+                    revoked_upto: int, off_device: OffDeviceConsentRow | None = None) -> dict:
+    c, o = consent, off_device
     return {"kind": "template", "tenant": tenant, "subject": subject, "purpose": purpose,
             "template": _b64(template), "enrolled_at": enrolled_at, "expires_at": expires_at, "device": device,
             "consent": {"consent_id": c.consent_id, "notice_version": c.notice_version,
                         "consented_at": c.consented_at, "age": c.age, "guardian_ref": c.guardian_ref,
                         "guardian_relationship": c.guardian_relationship, "guardian_at": c.guardian_at,
                         "device": c.device, "withdrawn_at": c.withdrawn_at},
+            "off_device": None if o is None else {
+                "notice_version": o.notice_version, "transferred": o.transferred, "recipient": o.recipient,
+                "why": o.why, "consented_at": o.consented_at, "withdrawn_at": o.withdrawn_at},
             "subject_state": {"key_version": key_version, "revoked_upto": revoked_upto}}
 
 
@@ -255,6 +274,11 @@ class _Fields:
     def sub(self, name: str) -> _Fields:
         return _Fields(self._get(name), self.line, f"{self.where}.{name}")
 
+    def optional_sub(self, name: str) -> _Fields | None:
+        """A nested object, or None where the field is null."""
+        v = self._get(name)
+        return None if v is None else _Fields(v, self.line, f"{self.where}.{name}")
+
     def done(self) -> None:
         extra = sorted(set(self.obj) - self.seen)
         if extra:
@@ -262,8 +286,9 @@ class _Fields:
                             reason="BAD_DUMP_FIELD")
 
 
-def parse_line(raw: bytes, line: int):
-    """One line -> :class:`DumpHeader` | ``DeviceRow`` | :class:`TemplateRecord` | :class:`DumpEnd`."""
+def parse_line(raw: bytes, line: int, version: int = VERSION):
+    """One line -> :class:`DumpHeader` | ``DeviceRow`` | :class:`TemplateRecord` | :class:`DumpEnd`
+    (``version``: the dump's, from its header: which fields a template line has)."""
     try:
         obj = _DECODER.decode(raw.decode("utf-8"))
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -272,9 +297,9 @@ def parse_line(raw: bytes, line: int):
     kind = f.text("kind", 32)
     if kind == FORMAT:
         version = f.integer("version", 0, 1 << 20)
-        if version != VERSION:
-            raise DumpError(f"dump format version {version}; this build reads version {VERSION}", line,
-                            reason="DUMP_VERSION")
+        if version not in READ_VERSIONS:
+            raise DumpError(f"dump format version {version}; this build reads versions "
+                            f"{', '.join(map(str, READ_VERSIONS))}", line, reason="DUMP_VERSION")
         head = f._get("source_audit_head")
         if not (isinstance(head, list) and len(head) == 2 and isinstance(head[0], int)
                 and not isinstance(head[0], bool) and 0 <= head[0] < 2 ** 62 and isinstance(head[1], str)
@@ -295,10 +320,17 @@ def parse_line(raw: bytes, line: int):
                              c.text("guardian_relationship"), c.time("guardian_at"), c.text("device"),
                              c.time("withdrawn_at", optional=True))
         c.done()
+        off = None
+        o = f.optional_sub("off_device") if version >= 2 else None    # version 1: the field is unknown
+        if o is not None:
+            off = OffDeviceConsentRow(consent.consent_id, tenant, subject, purpose, o.text("notice_version"),
+                                      o.text("transferred"), o.text("recipient"), o.text("why"),
+                                      o.time("consented_at"), o.time("withdrawn_at", optional=True))
+            o.done()
         st = f.sub("subject_state")
         kv, revoked = st.integer("key_version"), st.integer("revoked_upto")
         st.done()
-        rec = TemplateRecord(tenant, subject, purpose, template, enrolled, expires, device, consent, kv, revoked)
+        rec = TemplateRecord(tenant, subject, purpose, template, enrolled, expires, device, consent, kv, revoked, off)
     elif kind == "end":
         sk = f.sub("skipped")
         skipped = {k: sk.integer(k, 0, MAX_RECORDS) for k in list(sk.obj)}
@@ -346,7 +378,7 @@ class DumpReader:
         for raw in self._lines():
             if self.end is not None:
                 raise DumpError("data after the end record", self.line)
-            rec = parse_line(raw, self.line)
+            rec = parse_line(raw, self.line, self.header.version if self.header is not None else VERSION)
             if isinstance(rec, DumpEnd):
                 self._check_end(rec)
                 self.end = rec

@@ -41,6 +41,30 @@ def pg_dsn() -> str:
     return dsn
 
 
+def ray_worker_pgid() -> int:
+    """The process group of the second, killable Ray node (skips / fails without one). The failure test that kills it
+    starts a new one and writes its id to ``$VF_SVC_DIR/ray-worker.pgid``, so that file (when
+    there) is newer than ``$VEILFACE_TEST_RAY_WORKER``, which a shell exported once at start. A
+    group that no longer runs counts as none (killing it would kill nothing, and the restart
+    would add a second node at the worker's address)."""
+    svc = os.environ.get("VF_SVC_DIR", "")
+    path = os.path.join(svc, "ray-worker.pgid") if svc else ""
+    text = ""
+    if path and os.path.exists(path):
+        with open(path) as f:
+            text = f.read().strip()
+    text = text or os.environ.get(RAY_WORKER_ENV, "")
+    try:
+        pgid = int(text or 0)
+        if pgid > 0:
+            os.kill(pgid, 0)
+            return pgid
+    except (ValueError, ProcessLookupError, PermissionError):
+        pass
+    _missing(f"no running second Ray node to kill (${RAY_WORKER_ENV} / $VF_SVC_DIR/ray-worker.pgid: {text!r})")
+    return 0
+
+
 def fresh_schema(dsn: str | None = None) -> tuple[str, str]:
     """A new empty schema in the test database: (DSN whose search_path is that schema, schema name)."""
     from urllib.parse import quote

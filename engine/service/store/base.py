@@ -25,7 +25,7 @@ from typing import NamedTuple
 
 from ..audit import AuditEvent, AuditKey, AuditRow, ChainReport
 from ..status import StatusError
-from .measures import MeasuresReads, MeasuresTx  # measures: records of the 2025 Measures (issue 15)
+from .measures import MeasuresReads, MeasuresTx, OffDeviceConsentRow  # measures: records of the 2025 Measures (issue 15)
 
 #: prefix of the canonical spec key of an ``he`` (encrypted) template
 HE_PREFIX = "he/"
@@ -513,6 +513,10 @@ class ExportView(ABC):
 
     @abstractmethod
     def subject_states(self, tenant: str, subjects: Sequence[str]) -> dict[str, SubjectRow]: ...
+
+    @abstractmethod
+    def off_device_consents(self, consent_ids: Sequence[str]) -> dict[str, OffDeviceConsentRow]:
+        """The off-device-storage consents of these consent records (issue 15), where there is one."""
 
     @abstractmethod
     def audit_head(self) -> tuple[int, str]:

@@ -51,6 +51,7 @@ from .base import (
     WriteTx,
     subject_hash,
 )
+from .measures import OffDeviceConsentRow  # pg2: the export view reads them
 from .measures_sql import MeasuresSQLReads, MeasuresSQLTx, measures_schema  # measures (issue 15)
 
 SCHEMA_VERSION = 2
@@ -972,6 +973,9 @@ class SQLExportView(ExportView):
 
     def subject_states(self, tenant: str, subjects: Sequence[str]) -> dict[str, SubjectRow]:
         return self.tx.subject_states(tenant, subjects)
+
+    def off_device_consents(self, consent_ids: Sequence[str]) -> dict[str, OffDeviceConsentRow]:
+        return self.tx.off_device_consents(list(consent_ids))
 
     def devices(self) -> list[DeviceRow]:
         return [DeviceRow(r[0], r[1], int(r[2]), r[3], bool(r[4]), float(r[5]))

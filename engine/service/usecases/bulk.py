@@ -18,7 +18,9 @@ HE (encrypted) templates are refused here (``SCHEME_NOT_SUPPORTED``): enrol thos
 pg2: the filing rule applies to bulk rows too (persons counted in the batch's transaction until an
 alert is recorded). ``veilface import`` (:mod:`.importing`) feeds rows that carry their own device,
 enrolment time and expiry (an import never extends a retention) and a ``prepare`` hook that
-writes the rows' consent records in the batch's transaction before they are checked.
+writes the rows' consent records (and their off-device-storage consents) in the batch's
+transaction before they are checked -- after the impact-assessment check, so a purpose without
+one gets nothing written.
 """
 from __future__ import annotations
 
@@ -37,7 +39,7 @@ from ..config import ServiceConfig
 from ..matching import Enrolled, GalleryIndex, GalleryKey
 from ..scope import Scope
 from ..status import Decommissioned, PreconditionFailed, classify
-from ..store import ConsentRow, Store, SubjectRow, TemplateRow, WriteTx
+from ..store import ConsentRow, OffDeviceConsentRow, Store, SubjectRow, TemplateRow, WriteTx
 from ..validation.templates import check_code_values
 from .assessments import check_assessment  # measures
 from .common import Parsed, TemplateReader
@@ -61,6 +63,7 @@ class BulkRow:
     expires_at: float = 0.0             # kept (capped at max_retention_days from now), never extended
     consent: ConsentRow | None = None   # the consent record it cites (written by the ``prepare`` hook)
     state: tuple[int, int] | None = None  # the subject's (key_version, revoked_upto) in the source
+    off_device: OffDeviceConsentRow | None = None   # its consent's off-device consent (``prepare`` writes it)
 
 
 @dataclass
@@ -144,6 +147,16 @@ class BulkEnrolment:
             if tx.decommissioned():
                 raise Decommissioned("this matcher has been decommissioned")
             tx.lock_subjects(tenant, subjects)
+            # measures: the purpose's impact assessment (every row refused without it, before the
+            # ``prepare`` hook writes anything for them); on a central matcher, each row's
+            # off-device-storage consent (below)
+            try:
+                check_assessment(tx, tenant, purpose, now)
+            except Exception as exc:  # noqa: BLE001
+                for i, _, subject, _ in parsed:
+                    res.reject(i, subject, classify(exc)[1])
+                res.done = batch[-1][0]
+                return
             if prepare is not None:   # pg2: import writes the rows' consent records first
                 refused = prepare(tx, tenant, purpose, [(i, row, s) for i, row, s, _ in parsed])
                 for i, _, subject, _ in parsed:
@@ -152,14 +165,6 @@ class BulkEnrolment:
                 parsed = [pp for pp in parsed if pp[0] not in refused]
             stored: dict | None = None
             consents = tx.consents([row.consent_id for _, row, _, _ in parsed])
-            # measures: the purpose's impact assessment (every row refused without it); on a central
-            # matcher, each row's off-device-storage consent
-            try:
-                check_assessment(tx, tenant, purpose, now)
-            except Exception as exc:  # noqa: BLE001
-                for i, _, subject, _ in parsed:
-                    res.reject(i, subject, classify(exc)[1])
-                return
             off_device = (tx.off_device_consents([row.consent_id for _, row, _, _ in parsed])
                           if self.cfg.deployment == "central" else None)
             states = tx.subject_states(tenant, subjects)

@@ -1,10 +1,12 @@
 """``veilface export``: a store dump (:mod:`engine.service.dump`) written from one consistent
 snapshot of the store, page by page (one page of templates in memory, whatever the store's size).
 
-What goes in: every device, every cancellable template with the consent record it cites and its
-subject's key-version state (what the target needs to check each row again on import). What
-does not: raw features (the store has none), keys, HE templates (bound to the source's HE context;
-counted under ``skipped``), the audit log. The export itself is audited in the source store
+What goes in: every device, every cancellable template with the consent record it cites, that
+consent's separate off-device-storage consent where the store holds one (issue 15; a central
+target needs it) and its subject's key-version state (what the target needs to check each row
+again on import). What does not: raw features (the store has none), keys, HE templates (bound to
+the source's HE context; counted under ``skipped``), the audit log, impact assessments (the
+target's operator registers its own). The export itself is audited in the source store
 (an ``Export`` entry with the counts and the dump's SHA-256): a dump holds protected templates of
 every subject, so who took one is on record.
 """
@@ -50,6 +52,7 @@ def export_store(store: Store, out: IO[bytes], now: float, *, actor: str = "cli"
                 keep = [r for r in rows if not r.scheme.startswith(HE_PREFIX)]
                 res.skipped["he"] += len(rows) - len(keep)
                 consents = v.consents([r.consent_id for r in keep])
+                off_device = v.off_device_consents([r.consent_id for r in keep])
                 states = v.subject_states(tenant, [r.subject for r in keep])
                 for r in keep:
                     c = consents.get(r.consent_id)
@@ -58,8 +61,11 @@ def export_store(store: Store, out: IO[bytes], now: float, *, actor: str = "cli"
                         continue
                     st = states.get(r.subject)
                     kv, revoked = (st.key_version, st.revoked_upto) if st else (r.key_version, 0)
+                    o = off_device.get(r.consent_id)
+                    if o is not None and (o.tenant, o.subject, o.purpose) != (tenant, r.subject, purpose):
+                        o = None        # not this row's (a damaged store): the target must hold its own
                     w.write(template_record(tenant, r.subject, purpose, r.template, r.enrolled_at, r.expires_at,
-                                            r.device, c, kv, revoked))
+                                            r.device, c, kv, revoked, o))
                 if progress is not None:
                     progress.update(len(rows))
         res.sha256 = w.finish(res.skipped)

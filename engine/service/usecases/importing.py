@@ -10,6 +10,16 @@ an expired row is refused) and the filing rule. A refused row is reported with i
 others are stored ``bulk_batch_rows`` at a time, one transaction and one ``EnrollBatch`` audit
 entry per batch, the consent records a batch cites written in the same transaction.
 
+The 2025 Measures (issue 15) on import: the purpose needs an impact assessment registered *here*
+(dumps carry none: the target's operator registers its own), else every row of it is refused
+with ``IMPACT_ASSESSMENT_REQUIRED`` and nothing of them is written. A row's off-device-storage
+consent (dump version 2) is validated like one recorded through RecordConsent and written with
+its consent record; on a central matcher a row needs one -- from the dump, or already held here
+for its consent id (a version-1 dump) -- else it is refused (``OFF_DEVICE_CONSENT_REQUIRED`` /
+``..._WITHDRAWN``) before any of its records is written. A dump's off-device record that differs
+from the one held here is refused (``OFF_DEVICE_CONSENT_CONFLICT``): an import never revives a
+withdrawn off-device consent nor rewrites one.
+
 Devices come first (each one validated like ``RegisterDevice``; one already registered here is
 kept as it is). A malformed line stops the import with :class:`~engine.service.dump.DumpError`:
 what committed before stays (whole batches only), the result says how far it got, and running the
@@ -35,9 +45,11 @@ from ..dump import DumpHeader, DumpReader, TemplateRecord
 from ..matching import GalleryIndex, SchemeCache
 from ..scope import Scope
 from ..status import BadRequest, ConsentRequired, Decommissioned, StatusError, classify
-from ..store import ConsentRow, DeviceRow, Store, SubjectRow, WriteTx
+from ..store import ConsentRow, DeviceRow, OffDeviceConsentRow, Store, SubjectRow, WriteTx
 from .bulk import BulkEnrolment, BulkResult, BulkRow
 from .common import TemplateReader
+from .off_device import REASON as BAD_OFF_DEVICE
+from .off_device import OffDeviceTerms, check_off_device_row, off_device_row
 
 log = logging.getLogger("veilface.service")
 
@@ -56,6 +68,7 @@ class ImportResult:
     devices_present: int = 0
     devices_refused: int = 0
     consents_added: int = 0
+    off_device_added: int = 0      # off-device-storage consents written (issue 15)
     rows_read: int = 0
     lines_done: int = 0            # every line up to here is finished (committed or refused)
     complete: bool = False
@@ -74,6 +87,7 @@ class Importer:
         self.bulk = BulkEnrolment(cfg, store, clock, index, self.templates)
         self._devices: dict[tuple[str, str], int | None] = {}
         self._consents_added = 0
+        self._off_device_added = 0
 
     # -- the run ----------------------------------------------------------------------------------------
     def run(self, stream: IO[bytes], *, actor: str = "cli", progress: Progress | None = None,
@@ -154,39 +168,64 @@ class Importer:
     @staticmethod
     def _row(r: TemplateRecord) -> BulkRow:
         return BulkRow(r.subject, r.template, r.consent.consent_id, device=r.device, enrolled_at=r.enrolled_at,
-                       expires_at=r.expires_at, consent=r.consent, state=(r.key_version, r.revoked_upto))
+                       expires_at=r.expires_at, consent=r.consent, state=(r.key_version, r.revoked_upto),
+                       off_device=r.off_device)
 
     # -- what a batch's rows need, in its transaction ---------------------------------------------------
     def _prepare(self, tx: WriteTx, tenant: str, purpose: str, rows: list) -> dict[int, str]:
+        """Validate the batch's consent (and off-device consent) records, refuse the rows that cannot
+        be stored, then write the records the others cite and raise the subjects' key-version state."""
         refused: dict[int, str] = {}
         wanted: dict[str, ConsentRow] = {}
+        wanted_off: dict[str, OffDeviceConsentRow] = {}
         now = self.clock.now()
         for i, row, subject in rows:
             try:
                 if row.device:
                     policy.require_device(self._device(tenant, row.device), row.device, "enroll")
                 c = self._consent(row.consent, tenant, subject, purpose, now)
+                o = None if row.off_device is None else self._off_device(row.off_device, c, now)
             except Exception as exc:  # noqa: BLE001 - the row's typed reason
                 refused[i] = classify(exc)[1]
                 continue
             if wanted.setdefault(c.consent_id, c) != c:
                 refused[i] = "CONSENT_CONFLICT"
+            elif o is not None and wanted_off.setdefault(c.consent_id, o) != o:
+                refused[i] = "OFF_DEVICE_CONSENT_CONFLICT"
         stored = tx.consents(list(wanted))
-        conflicting = set()
+        stored_off = tx.off_device_consents(list(wanted))
+        conflict: dict[str, str] = {}        # consent id -> why its rows are refused
         for cid, c in wanted.items():
             have = stored.get(cid)
-            if have is None:
-                tx.insert_consent(c)
+            if have is not None and have != c:   # another consent record under this id here
+                conflict[cid] = "CONSENT_CONFLICT"
+            elif cid in wanted_off and stored_off.get(cid, wanted_off[cid]) != wanted_off[cid]:
+                conflict[cid] = "OFF_DEVICE_CONSENT_CONFLICT"
+        central = self.cfg.deployment == "central"
+        for i, row, _ in rows:
+            if i in refused:
+                continue
+            cid = row.consent.consent_id
+            if cid in conflict:
+                refused[i] = conflict[cid]
+                continue
+            if central:                      # measures: a central matcher stores it only with that consent
+                try:
+                    check_off_device_row(wanted_off.get(cid) or stored_off.get(cid))
+                except Exception as exc:  # noqa: BLE001 - the row's typed reason
+                    refused[i] = classify(exc)[1]
+        cited = {row.consent.consent_id for i, row, _ in rows if i not in refused}
+        for cid in sorted(cited):            # only the records of rows that go on to the enrolment checks
+            if cid not in stored:
+                tx.insert_consent(wanted[cid])
                 self._consents_added += 1
-            elif have != c:                  # another consent record under this id here
-                conflicting.add(cid)
+            if cid in wanted_off and cid not in stored_off:
+                tx.insert_off_device_consent(wanted_off[cid])
+                self._off_device_added += 1
         states = tx.subject_states(tenant, [s for i, _, s in rows if i not in refused])
         raised: dict[str, SubjectRow] = {}
         for i, row, subject in rows:
             if i in refused:
-                continue
-            if row.consent.consent_id in conflicting:
-                refused[i] = "CONSENT_CONFLICT"
                 continue
             kv, revoked = row.state or (0, 0)
             cur = raised.get(subject) or states.get(subject)
@@ -196,6 +235,19 @@ class Importer:
         if raised:
             tx.put_subjects(list(raised.values()))
         return refused
+
+    @staticmethod
+    def _off_device(o: OffDeviceConsentRow, consent: ConsentRow, now: float) -> OffDeviceConsentRow:
+        """A row's off-device-storage consent, validated as RecordConsent would (its owner is the consent's)."""
+        if o.consented_at <= 0:              # RecordConsent would read 0 as "now": a dump states its time
+            raise BadRequest("off_device.consented_at must be a unix time", reason=BAD_OFF_DEVICE)
+        if o.withdrawn_at is not None and o.withdrawn_at > now + 300:
+            raise BadRequest("off_device.withdrawn_at is in the future", reason=BAD_OFF_DEVICE)
+        row = off_device_row(consent.consent_id, consent,       # type: ignore[arg-type] - tenant / subject / purpose
+                             OffDeviceTerms(True, o.notice_version, o.transferred, o.recipient, o.why, o.consented_at),
+                             now)
+        return OffDeviceConsentRow(row.consent_id, row.tenant, row.subject, row.purpose, row.notice_version,
+                                   row.transferred, row.recipient, row.why, row.consented_at, o.withdrawn_at)
 
     def _consent(self, c: ConsentRow | None, tenant: str, subject: str, purpose: str, now: float) -> ConsentRow:
         """The cited consent record, validated as RecordConsent would (minor re-derived from the age)."""
@@ -253,12 +305,13 @@ class Importer:
         out.devices_present += len(ok) - len(added)
 
     def _audit_outcome(self, out: ImportResult, actor: str) -> None:
-        out.consents_added = self._consents_added
+        out.consents_added, out.off_device_added = self._consents_added, self._off_device_added
         try:
             self.store.audit(AuditEvent("Import", "admin", actor, details={
                 "source": out.source[:200], "dump_sha256": out.dump_sha256, "complete": out.complete,
                 "enrolled": out.enrolled, "unchanged": out.unchanged, "rejected": out.rejected_total,
-                "batches": out.batches, "devices_added": out.devices_added, "lines_done": out.lines_done}),
+                "batches": out.batches, "devices_added": out.devices_added, "lines_done": out.lines_done,
+                "consents_added": out.consents_added, "off_device_consents_added": out.off_device_added}),
                 "OK" if out.complete else "INCOMPLETE", "" if out.complete else "DUMP_ERROR")
         except Exception:  # noqa: BLE001 - the outcome is printed anyway; the store may be the problem
             log.exception("could not audit the import outcome")
