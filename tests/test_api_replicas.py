@@ -7,10 +7,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.client import DeviceClient, LocationClass, OperatorClient, ServiceError
+from engine.client import LocationClass, OperatorClient, ServiceError
 from engine.service.audit_keys import attach_audit_key
 from engine.service.store import open_store
-from tests.support import NOTICE, PURPOSE, TOKENS, capture, faces
+from tests.support import NOTICE, PURPOSE, TOKENS, capture, device_client, faces, register_assessments
 from tests.test_pg_replicas import DERIVER, _replica, cluster  # noqa: F401 - the fixture
 
 SCHEME = "biohash:bits=256,dim=128"
@@ -21,10 +21,11 @@ def test_named_gallery_samples_across_replicas(cluster):  # noqa: F811 - the imp
     x = faces(3, seed=31)
     rng = np.random.default_rng(31)
     OperatorClient(a.target, TOKENS["admin"]).register_device("gate-1", LocationClass.PUBLIC_PLACE, "lobby", True)
+    register_assessments(OperatorClient(a.target, TOKENS["admin"]))        # issue 15: before any enrolment
     OperatorClient(a.target, TOKENS["operator"]).create_gallery("staff", PURPOSE, SCHEME)
     op_b = OperatorClient(b.target, TOKENS["operator"])
-    with DeviceClient(a.target, TOKENS["device"], "gate-1", DERIVER) as on_a, \
-            DeviceClient(b.target, TOKENS["device"], "gate-1", DERIVER) as on_b:
+    with device_client(a.target, TOKENS["device"], "gate-1", DERIVER) as on_a, \
+            device_client(b.target, TOKENS["device"], "gate-1", DERIVER) as on_b:
         c0 = on_a.record_consent("s0", NOTICE, 30).consent_id
         first = on_a.add_sample("staff", "s0", capture(x[0], rng), c0)
         on_a.add_sample("staff", "s0", capture(x[0], rng), c0)
