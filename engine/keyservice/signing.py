@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -125,6 +125,8 @@ class Decision:
     epoch: int
     issued_at: float
     body: dict
+    payload: bytes = field(default=b"", repr=False)     # the signed bytes, as received
+    signature: bytes = field(default=b"", repr=False)
 
     @property
     def ref(self) -> str:
@@ -147,11 +149,11 @@ def check_decision(verifier: Verifier, payload: bytes, signature: bytes, *, kind
         raise DecisionRejected("decision names another signing key", "DECISION_SIGNATURE_INVALID")
     expect = {"kind": kind, "ticket": ticket, "grant": grant, "tenant": tenant, "purpose": purpose,
               "subject": subject, "device": device, "probe_sha256": probe_sha256, "result_sha256": result_sha256}
-    for field, want in expect.items():
-        if want is not None and body.get(field) != want:
+    for name, want in expect.items():
+        if want is not None and body.get(name) != want:
             reason = {"ticket": "DECISION_TICKET_MISMATCH", "result_sha256": "DECISION_RESULT_MISMATCH",
                       "grant": "DECISION_GRANT_MISMATCH", "probe_sha256": "DECISION_PROBE_MISMATCH"}
-            raise DecisionRejected(f"the signed decision is for another {field}", reason.get(field, "DECISION_MISMATCH"))
+            raise DecisionRejected(f"the signed decision is for another {name}", reason.get(name, "DECISION_MISMATCH"))
     ids = body.get("subject_ids")
     matched, thr = body.get("matched"), body.get("threshold")
     if (not isinstance(ids, list) or not all(isinstance(i, str) for i in ids) or not isinstance(matched, bool)
@@ -165,7 +167,8 @@ def check_decision(verifier: Verifier, payload: bytes, signature: bytes, *, kind
         raise DecisionRejected("identify decision: matched and ids disagree", "DECISION_MALFORMED")
     return Decision(str(body["kind"]), str(body.get("ticket", "")), str(body.get("grant", "")), matched,
                     tuple(ids), float(thr), str(body.get("result_sha256", "")), str(body.get("probe_sha256", "")),
-                    int(body.get("epoch", 0) or 0), float(body.get("issued_at", 0.0) or 0.0), body)
+                    int(body.get("epoch", 0) or 0), float(body.get("issued_at", 0.0) or 0.0), body,
+                    bytes(payload), bytes(signature))
 
 
 def context_statement(tenant: str, purpose: str, mode: str, dim: int, epoch: int, fingerprint: str) -> dict:

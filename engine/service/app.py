@@ -9,7 +9,7 @@ from .audit import AuditEvent
 from .auth import Principal
 from .clock import Clock
 from .config import ServiceConfig
-from .encrypted import HERegistry, TicketBook
+from .encrypted import HERegistry, KeyServiceDecider, TicketBook
 from .matching import GalleryIndex, LocalMatching, MatchingBackend, SchemeCache
 from .ratelimit import IntrusionDetector
 from .scope import Scopes
@@ -35,7 +35,7 @@ class MatcherApp:
     (``loaded`` says what was loaded)."""
 
     def __init__(self, cfg: ServiceConfig, store: Store, clock: Clock | None = None,
-                 backend: MatchingBackend | None = None) -> None:
+                 backend: MatchingBackend | None = None, decider=None) -> None:
         self.cfg, self.store = cfg, store
         self.clock = clock or store.clock
         self.contexts = HERegistry()                      # current public HE contexts
@@ -70,9 +70,11 @@ class MatcherApp:
             filing = SharedFilingMonitor(cfg, filing.raised)
         self.enrolment = Enrolment(cfg, store, self.clock, self.index, self.templates, self.contexts, self.retention,
                                    filing)
+        # keysvc: the key service decides encrypted matches (None: he Verify / Identify are refused)
+        self.decider = decider if decider is not None else KeyServiceDecider.from_config(cfg)
         self.matching = Matching(cfg, store, self.index, self.templates, self.contexts, self.tickets, self.intrusion,
-                                 self.retention)
-        self.he_contexts = HEContexts(store, self.clock, self.index, self.templates)
+                                 self.retention, self.decider)
+        self.he_contexts = HEContexts(store, self.clock, self.index, self.templates, self.decider)
         self.maintenance = Maintenance(cfg, store, self.clock, self.index, self.retention, self.tickets)
         self.queries = Queries(store)
         self.bulk = BulkEnrolment(cfg, store, self.clock, self.index, self.templates, self.retention)
@@ -108,3 +110,5 @@ class MatcherApp:
         self.retention.stop()
         self.snapshots.close()
         self.index.backend.close()
+        if self.decider is not None:   # keysvc
+            self.decider.close()

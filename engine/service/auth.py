@@ -38,7 +38,6 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     "Decommission": frozenset({"admin"}),
     "RegisterHEContext": frozenset({"admin", "operator"}),
     "ListHEContexts": frozenset({"device", "operator", "auditor", "admin"}),
-    "ReportDecision": frozenset({"device"}),
 }
 ANY_ROLE = frozenset({"device", "operator", "auditor", "admin"})
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
