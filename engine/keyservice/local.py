@@ -1,0 +1,120 @@
+"""A key service and a matcher wired to it, in this process, on loopback ports (fresh tokens,
+fresh stores under one directory): what the evaluation's protocol attacks run against, and the
+demo's in-process mode. Real gRPC servers -- only the process is shared."""
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..service.config import ROLES as MATCHER_ROLES
+from ..service.config import ServiceConfig
+from .config import ROLES as KS_ROLES
+from .config import KeyServiceConfig
+
+
+@dataclass
+class LocalDeployment:
+    """A running key service + matcher (``close()`` stops both)."""
+
+    ks: object                  # KeyServiceServer
+    matcher: object             # VeilfaceServer
+    clock: object
+    ks_tokens: dict
+    matcher_tokens: dict
+    extra_matchers: list = field(default_factory=list)
+
+    @property
+    def ks_key(self) -> str:
+        return self.ks.public_key_hex
+
+    def ks_client(self, role: str, device_id: str = "", tenant: str = "", target: str | None = None):
+        """A key-service client; device and operator tokens are bound to a tenant (``tenants`` of
+        :func:`start_local` get their own)."""
+        from .client import KeyServiceClient
+        token = self.ks_tokens.get(f"{role}@{tenant}", self.ks_tokens[role]) if tenant else self.ks_tokens[role]
+        return KeyServiceClient(target or self.ks.target, token, pinned_key=self.ks_key,
+                                device_id=device_id, tenant=tenant)
+
+    def operator(self, role: str = "operator", matcher=None):
+        from ..client import OperatorClient
+        return OperatorClient((matcher or self.matcher).target, self.matcher_tokens[role])
+
+    def device(self, device_id: str = "gate-1", scheme: str = "biohash:bits=256,dim=128", matcher=None, **kw):
+        """A device SDK whose keys, HE context and decisions come from the key service."""
+        from ..client import DeviceClient
+        tenant = kw.get("tenant", "")
+        if "deriver" not in kw and "keyservice" not in kw:
+            kw["keyservice"] = self.ks_client("device", device_id=device_id, tenant=tenant)
+        return DeviceClient((matcher or self.matcher).target, self.matcher_tokens["device"], device_id,
+                            scheme=scheme, **kw)
+
+    def register_device(self, device_id: str = "gate-1", tenant: str = "", matcher=None):
+        from ..client import LocationClass
+        return self.operator("admin", matcher).register_device(device_id, LocationClass.PUBLIC_PLACE, "lobby", True,
+                                                               tenant=tenant)
+
+    def register_he(self, purpose: str, mode: str, dim: int, tenant: str = "", matcher=None):
+        """Create the HE key at the key service; register its public context at the matcher."""
+        ctx, _ = self.ks_client("operator", tenant=tenant).he_context(purpose, mode, dim, eval_keys=True, create=True)
+        return self.operator(matcher=matcher).register_he_context(ctx, purpose, tenant=tenant)
+
+    def start_matcher(self, data_dir, keyservice: str | None = None, keyservice_key: str | None = None, **settings):
+        """Another matcher on the same clock (e.g. wired to a man-in-the-middle key service)."""
+        srv = _matcher(data_dir, self.clock, self.matcher_tokens, keyservice or self.ks.target,
+                       self.ks_tokens["matcher"], keyservice_key or self.ks_key, settings)
+        self.extra_matchers.append(srv)
+        return srv
+
+    def close(self) -> None:
+        for srv in self.extra_matchers:
+            srv.stop(0)
+        self.matcher.stop(0)
+        self.ks.stop(0)
+
+    def __enter__(self) -> LocalDeployment:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _matcher(data_dir, clock, tokens, ks_target, ks_token, ks_key, settings):
+    from ..service.server import VeilfaceServer
+    cfg = ServiceConfig(**{"port": 0, "data_dir": str(data_dir), "workers": 8, "purge_interval_s": 3600.0,
+                           "keyservice": ks_target, "keyservice_token": ks_token, "keyservice_key": ks_key,
+                           **settings})
+    for role, tok in tokens.items():
+        cfg.add_token(role, tok, name=f"{role}-1")
+    return VeilfaceServer(cfg.validate(), clock=clock).start()
+
+
+def start_local(root: str | Path, clock=None, ks_settings: dict | None = None,
+                matcher_settings: dict | None = None, kek: bytes | None = None,
+                tenants: tuple[str, ...] = ()) -> LocalDeployment:
+    """Start a key service (``root/keyservice``) and a matcher (``root/matcher``) that uses it.
+    ``tenants``: other tenants than "default" whose devices and operators get key-service tokens."""
+    from ..service.clock import SystemClock
+    from .server import KeyServiceServer
+    root = Path(root)
+    clock = clock or SystemClock()
+    ks_tokens = {r: f"vf_{r}_{secrets.token_urlsafe(18)}" for r in KS_ROLES}
+    m_tokens = {r: f"vf_{r}_{secrets.token_urlsafe(18)}" for r in MATCHER_ROLES}
+    kcfg = KeyServiceConfig(**{"port": 0, "data_dir": str(root / "keyservice"), **(ks_settings or {})})
+    for role, tok in ks_tokens.items():
+        kcfg.add_token(role, tok, name=f"ks-{role}-1")
+    for tenant in tenants:
+        for role in ("device", "operator"):
+            tok = ks_tokens[f"{role}@{tenant}"] = f"vf_{role}_{secrets.token_urlsafe(18)}"
+            kcfg.add_token(role, tok, name=f"ks-{role}-{tenant}", tenant=tenant)
+    ks = KeyServiceServer(kcfg.validate(), clock=clock, kek=kek if kek is not None else secrets.token_bytes(32)).start()
+    try:
+        matcher = _matcher(root / "matcher", clock, m_tokens, ks.target, ks_tokens["matcher"], ks.public_key_hex,
+                           matcher_settings or {})
+    except BaseException:
+        ks.stop(0)
+        raise
+    return LocalDeployment(ks, matcher, clock, ks_tokens, m_tokens)
+
+
+__all__ = ["LocalDeployment", "start_local"]
