@@ -65,8 +65,7 @@ def handler(args) -> int:
     options = {k: getattr(args, k) for k in ("max_impostor", "attack_templates", "n_gallery", "he_probes",
                                              "attack_subjects")
                if getattr(args, k) is not None}
-    if args.no_protocol_attacks:
-        options["protocol_attacks"] = False
+    options["protocol_attacks"] = not args.no_protocol_attacks
     report = evaluate(args.data, args.schemes, out=args.out, seed=args.seed, subjects=args.subjects,
                       samples=args.samples, dim=args.dim, images_root=args.images_root, labels=args.labels,
                       quick=args.quick, progress=False if args.no_progress else None, plots=not args.no_plots,

@@ -84,8 +84,9 @@ class Options:
     he_gallery: int = 1000
     progress: bool | None = False
     plots: bool = True
-    # keysvc: protocol attacks against the real gRPC services (matcher + key service on loopback)
-    protocol_attacks: bool = True
+    # keysvc: protocol attacks against the real gRPC services (matcher + key service on loopback);
+    # on in `veilface eval`, opt-in from Python (it starts servers)
+    protocol_attacks: bool = False
     attack_subjects: int = 50
 
     def __post_init__(self) -> None:

@@ -10,6 +10,7 @@ from engine.keyservice.config import KeyServiceConfig
 from engine.service.clock import Clock, ManualClock
 
 KS_TOKENS = {r: f"test-ks-token-{r}" for r in KS_ROLES}
+KS_BOUND_DEVICE = "test-ks-token-device-bound-gate-1"     # a device token bound to device gate-1
 KEK = bytes(range(32))
 
 
@@ -42,6 +43,7 @@ def ks_config(data_dir, **settings) -> KeyServiceConfig:
     cfg = KeyServiceConfig(**{"port": 0, "data_dir": str(data_dir), "workers": 8, **settings})
     for role, tok in KS_TOKENS.items():
         cfg.add_token(role, tok, name=f"ks-{role}-1")
+    cfg.add_token("device", KS_BOUND_DEVICE, name="ks-gate-1", device_id="gate-1")
     return cfg.validate()
 
 
@@ -84,5 +86,5 @@ def register_he(ks: RunningKS, matcher, purpose: str, mode: str = "verify", dim:
     return matcher.client("operator").register_he_context(ctx, purpose, tenant=tenant)
 
 
-__all__ = ["KS_TOKENS", "KEK", "RunningKS", "ks_config", "running_keyservice", "running_pair", "ks_device",
+__all__ = ["KS_TOKENS", "KS_BOUND_DEVICE", "KEK", "RunningKS", "ks_config", "running_keyservice", "running_pair", "ks_device",
            "register_he"]

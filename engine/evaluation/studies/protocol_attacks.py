@@ -834,9 +834,9 @@ def run(ctx: ScoreContext, subjects: int = 50, quick: bool = False) -> ProtocolA
     rng = ctx.rng("protocol_attacks")
     steps = ctx.opts.attack_steps
     n = max(2, min(subjects, len([s for s, r in ctx.rows_of.items() if len(r) >= 2])))
-    oracle_subjects, oracle_probes = (2, 32) if quick else (8, 128)
-    dump_subjects, dump_dim = (10, 32) if quick else (30, 64)
-    captures = 60 if quick else 200
+    oracle_subjects, oracle_probes = (2, 16) if quick else (8, 128)
+    dump_subjects, dump_dim = (6, 16) if quick else (30, 64)
+    captures = 40 if quick else 200
     high = {"verify_fail_limit": 1_000_000, "identify_limit": 1_000_000, "identify_nomatch_limit": 1_000_000}
     ks_high = {"device_limit": 1_000_000, "device_subject_limit": 1_000_000, "tenant_limit": 1_000_000,
                "fast_identify": [PURPOSE + "_vl", PURPOSE + "_ct"]}

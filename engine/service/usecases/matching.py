@@ -202,6 +202,10 @@ class Matching:
             raise epoch_revoked("the HE context changed meanwhile; encrypt again")
         blob = self.index.backend.search(key, p.template, 0, None)   # one encrypted score per stored template
         size = self.index.backend.size(key)
+        limit = max(self.cfg.max_message_bytes, self.cfg.max_response_bytes) - 4096
+        if len(blob) > limit:
+            raise Throttled(f"the encrypted result ({len(blob)} bytes) exceeds max_response_bytes; split "
+                            f"the gallery by purpose or raise the limit", reason="HE_RESULT_TOO_LARGE")
         token, tk = self.tickets.issue("identify", scope.tenant, "", scope.purpose, scope.ev.device,
                                        scope.principal.name, caller)
         scope.ev.details.update({"encrypted": True, "gallery_size": size, "decision_ref": tk.ref})
