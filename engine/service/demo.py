@@ -78,6 +78,9 @@ def run_demo(subjects: int = 300, scheme: str = "biohash:bits=256,dim=128", keep
         store.close()
         print(f"\nafter shutdown, `veilface audit verify --data-dir {data_dir}`: {rep}")
         rc = 0 if rep.ok else 1
+    if rc == 0:   # keysvc: key service + a matcher that uses it + the device SDK (engine/keyservice/demo.py)
+        from ..keyservice.demo import run_keyservice_demo
+        rc = 0 if run_keyservice_demo(data_dir / "keyservice-demo", tm) else 1
     print(f"\ndemo {'PASSED' if rc == 0 else 'FAILED'} in {time.perf_counter() - t_all:.1f} s")
     if not keep:
         shutil.rmtree(data_dir, ignore_errors=True)
