@@ -302,7 +302,8 @@ class Report:
                r"| attack | scheme | protocol | success [95% CI] | n | chance | mean \|cos\| | criterion | notes |",
                "|---|---|---|--:|--:|--:|--:|---|---|"]
         for r in pa.records:
-            cos = _num(r.mean_abs_cos) if r.mean_abs_cos is not None else "–"
+            cos = (f"{_num(r.mean_abs_cos)} (chance {_num(r.chance_mean_abs_cos)})" if r.mean_abs_cos is not None
+                   else "–")
             out.append(f"| {r.attack} | `{r.scheme}` | {r.protocol} | {_pct(r.success, 1)} "
                        f"[{_pct(r.ci_low, 1)}, {_pct(r.ci_high, 1)}] | {r.n} | {_pct(r.chance, 2)} | {cos} | "
                        f"{r.criterion} | {r.note} |")
