@@ -11,6 +11,8 @@ its header -- raises :class:`TemplateFormatError`; nothing is guessed.
 """
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +23,53 @@ from .framing import canonical_json, pack_frame, unpack_frame
 MAGIC = b"VFT"
 FORMAT_VERSION = 1
 MAX_TEMPLATE_BYTES = 1 << 20  # 1 MiB: far above any cancellable template; guards the parser
+MAX_HEADER_BYTES = 4096       # a template header is ~150 bytes
+MAX_KEY_VERSION = 2**31 - 1   # key versions travel as int32 in the proto
 _ALLOWED_DTYPES = {"uint8", "uint16", "int8", "float32"}
+_HEADER_KEYS = frozenset({"scheme", "version", "params", "key_version", "dtype", "shape"})
+_NAME = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
+_MAX_PARAMS, _MAX_PARAM_TEXT, _MAX_DIMS = 16, 64, 4
+
+
+def _int(h: dict, key: str, lo: int, hi: int) -> int:
+    v = h[key]
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise TemplateFormatError(f"template header {key} must be an integer in [{lo}, {hi}], got {str(v)[:32]!r}")
+    return v
+
+
+def _params(p) -> dict:
+    """Scheme parameters: a small flat table of names to scalars (nothing nested can ride along)."""
+    if not isinstance(p, dict) or len(p) > _MAX_PARAMS:
+        raise TemplateFormatError("template header params must be a table of at most 16 scalars")
+    for k, v in p.items():
+        if not _NAME.fullmatch(k):
+            raise TemplateFormatError(f"bad parameter name {k[:32]!r}")
+        ok = (isinstance(v, (bool, int)) or (isinstance(v, float) and math.isfinite(v))
+              or (isinstance(v, str) and len(v) <= _MAX_PARAM_TEXT))
+        if not ok:
+            raise TemplateFormatError(f"parameter {k} must be a short scalar")
+    return dict(p)
+
+
+def read_header(h: dict) -> tuple[SchemeSpec, str, tuple[int, ...], int]:
+    """``(spec, dtype, shape, key_version)`` of a parsed template header: exactly the known keys,
+    each of its type and in range (a header is attacker bytes until it passes this)."""
+    if set(h) != _HEADER_KEYS:
+        extra, missing = sorted(set(h) - _HEADER_KEYS), sorted(_HEADER_KEYS - set(h))
+        raise TemplateFormatError(f"template header fields: unknown {extra[:4]}, missing {missing}")
+    scheme, dtype, shape = h["scheme"], h["dtype"], h["shape"]
+    if not isinstance(scheme, str) or not _NAME.fullmatch(scheme):
+        raise TemplateFormatError("template header scheme must be a short lower-case name")
+    if not isinstance(dtype, str) or dtype not in _ALLOWED_DTYPES:
+        raise TemplateFormatError(f"template dtype must be one of {sorted(_ALLOWED_DTYPES)}")
+    if (not isinstance(shape, list) or not 1 <= len(shape) <= _MAX_DIMS
+            or any(isinstance(s, bool) or not isinstance(s, int) or not 0 <= s <= MAX_TEMPLATE_BYTES for s in shape)):
+        raise TemplateFormatError(f"template shape must be 1-{_MAX_DIMS} sizes in [0, {MAX_TEMPLATE_BYTES}]")
+    if math.prod(shape) * np.dtype(dtype).itemsize > MAX_TEMPLATE_BYTES:
+        raise TemplateFormatError(f"template shape {shape} exceeds {MAX_TEMPLATE_BYTES} bytes")
+    spec = SchemeSpec(scheme, _int(h, "version", 1, 1000), _params(h["params"]))
+    return spec, dtype, tuple(shape), _int(h, "key_version", 0, MAX_KEY_VERSION)
 
 
 @dataclass(frozen=True)
@@ -68,16 +116,12 @@ class Template:
 
     @classmethod
     def from_bytes(cls, buf: bytes) -> Template:
-        h, payload = unpack_frame(buf, MAGIC, FORMAT_VERSION, error=TemplateFormatError,
-                                  what="template", max_bytes=MAX_TEMPLATE_BYTES)
-        try:
-            spec = SchemeSpec(str(h["scheme"]), int(h["version"]), dict(h["params"]))
-            dtype, shape, key_version = h["dtype"], tuple(int(s) for s in h["shape"]), int(h["key_version"])
-        except (ValueError, KeyError, TypeError) as exc:
-            raise TemplateFormatError(f"corrupt template header: {exc}") from None
-        if dtype not in _ALLOWED_DTYPES or any(s < 0 for s in shape):
-            raise TemplateFormatError(f"bad payload description {dtype}{list(shape)}")
-        expected = int(np.prod(shape)) * np.dtype(dtype).itemsize
+        """Parse a template frame. Every header field is type- and range-checked (see
+        :func:`read_header`); the payload must fill the declared shape exactly."""
+        h, payload = unpack_frame(buf, MAGIC, FORMAT_VERSION, error=TemplateFormatError, what="template",
+                                  max_bytes=MAX_TEMPLATE_BYTES, max_header_bytes=MAX_HEADER_BYTES)
+        spec, dtype, shape, key_version = read_header(h)
+        expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
         if len(payload) != expected:
             raise TemplateFormatError(f"payload is {len(payload)} bytes, header says {expected}")
         data = np.frombuffer(payload, dtype=dtype).reshape(shape).copy()

@@ -42,7 +42,8 @@ def cluster(tmp_path):
     ns = "vft_" + secrets.token_hex(4)
     settings = {"store": dsn, "matching": f"ray://{addr}", "ray_node_ip": node_ip, "ray_namespace": ns,
                 "ray_shards": 4, "ray_timeout_s": 90.0, "workers": 8, "identify_limit": 100_000,
-                "identify_nomatch_limit": 100_000, "purge_interval_s": 3600.0}
+                "identify_nomatch_limit": 100_000, "purge_interval_s": 3600.0,
+                "audit_key_file": str(tmp_path / "audit.key")}   # harden: replicas of one store share its audit key
     procs: list = []
     yield {"settings": settings, "dsn": dsn, "procs": procs, "tmp": tmp_path, "addr": addr, "node_ip": node_ip, "ns": ns}
     for p in procs:
@@ -193,6 +194,7 @@ def test_failures_ray_node_replica_and_postgres(cluster):
         dev.close()
         _restart_ray_worker(cluster["addr"])
     # 4. one audit chain across both replicas, verified offline
-    out = subprocess.run([sys.executable, "-m", "engine.cli", "audit", "verify", "--store", cluster["dsn"]],
+    out = subprocess.run([sys.executable, "-m", "engine.cli", "audit", "verify", "--store", cluster["dsn"],
+                          "--audit-key-file", cluster["settings"]["audit_key_file"]],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and "OK" in out.stdout, out.stdout + out.stderr

@@ -189,11 +189,12 @@ def test_names_are_refused_as_subject_ids(srv, subject):
     assert e.code == grpc.StatusCode.INVALID_ARGUMENT and e.reason == "BAD_SUBJECT_ID"
 
 
-def test_other_parameters_are_scheme_mismatch(srv):
+def test_other_parameters_are_not_enrolled(srv):
+    # issue 10: enrolled with other parameters answers like "not enrolled" (no enrolment oracle)
     x = faces(1)
     enrol(srv.device(), "s1", x[0])
     e = err(lambda: srv.device(scheme="biohash:bits=512,dim=128").verify("s1", x[0]))
-    assert e.code == grpc.StatusCode.FAILED_PRECONDITION and e.reason == "SCHEME_MISMATCH"
+    assert e.code == grpc.StatusCode.NOT_FOUND and e.reason == "NOT_ENROLLED"
 
 
 def test_unknown_scheme_is_failed_precondition(srv):

@@ -21,6 +21,9 @@ BAD = {
     "guardian_age": [0], "filing_threshold": [0], "filing_working_days": [0], "holidays": [["2025-13-01"], "2025-01-01"],
     "verify_fail_limit": [0], "verify_fail_window_s": [0], "verify_lockout_s": [-1], "identify_limit": [0],
     "identify_nomatch_limit": [0], "identify_window_s": [0], "identify_lockout_s": [-1], "request_id_ttl_s": [0],
+    # harden
+    "audit_key_file": [1], "verify_unknown_limit": [0], "auth_fail_limit": [0], "auth_fail_window_s": [0],
+    "auth_lockout_s": [-1],
 }
 # pg
 BAD.update({"store": [1, "mysql://x", "/tmp/x.db"], "matching": ["ray", "ray://nohost", "ray://h:0", "ray://h:x", 2],

@@ -36,8 +36,8 @@ IDEMPOTENT_METHODS: dict[str, str] = {
     "Verify": "matches; a repeat only adds an audit entry and counts towards the verify-burst limit",
     "Identify": "searches; a repeat only adds an audit entry and counts towards the 1:N limits",
     "Enroll": "carries a request_id (the SDK always sets one): the server replays the stored answer",
-    "ListSubjects": "read-only; page tokens are positions, not server state",
-    "GetAuditLog": "read-only; page tokens are audit sequence numbers",
+    "ListSubjects": "read-only; page tokens are authenticated positions (valid on every replica with the audit key)",
+    "GetAuditLog": "read-only; page tokens are authenticated audit sequence numbers",
     "VerifyAuditChain": "read-only",
     "ComplianceReport": "read-only",
     "ListHEContexts": "read-only",
@@ -54,6 +54,7 @@ NOT_RETRIED: dict[str, str] = {
     "EnrollStream": "a client stream; rows already stored are reported ALREADY_ENROLLED on a repeat (re-send those rejected)",
     "PurgeExpired": "reports what this call deleted; a repeat would report nothing",
     "Decommission": "destroys the store; never repeated behind the caller's back",
+    "ResetLockout": "an audited operator action; a repeat would audit it twice and answer cleared=false",
 }
 
 #: UNAVAILABLE: the replica is down or unreachable (or died before answering). CANCELLED: a

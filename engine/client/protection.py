@@ -197,6 +197,8 @@ class HEProtection(Protection):
         return self.keyservice
 
     def grant(self, kind, probe, subject, purpose) -> str:
+        if self.keyservice is None:      # the matcher refuses the match (no grant / no key service)
+            return ""
         return self._ks().grant_decision(purpose, kind, hashlib.sha256(probe).digest(),
                                          subject=subject if kind == "verify" else "", tenant=self.tenant,
                                          device_id=self.device_id)

@@ -6,12 +6,13 @@ from __future__ import annotations
 import logging
 
 from .audit import AuditEvent
+from .audit_keys import attach_audit_key
 from .auth import Principal
 from .clock import Clock
 from .config import ServiceConfig
 from .encrypted import HERegistry, KeyServiceDecider, TicketBook
 from .matching import GalleryIndex, LocalMatching, MatchingBackend, SchemeCache
-from .ratelimit import IntrusionDetector
+from .ratelimit import AuthFailures, IntrusionDetector
 from .scope import Scopes
 from .store import Store
 from .usecases.bulk import BulkEnrolment
@@ -21,10 +22,12 @@ from .usecases.enrolment import Enrolment, FilingMonitor
 from .usecases.he_contexts import HEContexts
 from .usecases.he_snapshots import HESnapshots
 from .usecases.lifecycle import Lifecycle
+from .usecases.lockouts import Lockouts
 from .usecases.maintenance import Maintenance, Retention
 from .usecases.matching import Matching
 from .usecases.queries import Queries
 from .usecases.recovery import Recovery
+from .validation import PageTokens
 
 log = logging.getLogger("veilface.service")
 
@@ -38,6 +41,10 @@ class MatcherApp:
                  backend: MatchingBackend | None = None, decider=None) -> None:
         self.cfg, self.store = cfg, store
         self.clock = clock or store.clock
+        # harden: the audit chain is keyed with a key kept outside the store (before any entry is written)
+        self.audit_key = attach_audit_key(store, cfg.audit_key_path())
+        self.page_tokens = PageTokens(self.audit_key.derive("page-tokens") if self.audit_key else None)
+        self.auth_failures = AuthFailures.from_config(self.clock, cfg)
         self.contexts = HERegistry()                      # current public HE contexts
         backend = backend or LocalMatching(cfg.gallery_backend, cfg.he_shards)
         # pg: replicas over a shared store re-read / reconcile what another replica may change
@@ -74,9 +81,11 @@ class MatcherApp:
         self.decider = decider if decider is not None else KeyServiceDecider.from_config(cfg)
         self.matching = Matching(cfg, store, self.index, self.templates, self.contexts, self.tickets, self.intrusion,
                                  self.retention, self.decider)
-        self.he_contexts = HEContexts(store, self.clock, self.index, self.templates, self.decider)
+        self.he_contexts = HEContexts(store, self.clock, self.index, self.templates, cfg.max_he_context_bytes,
+                                      self.decider)
         self.maintenance = Maintenance(cfg, store, self.clock, self.index, self.retention, self.tickets)
-        self.queries = Queries(store)
+        self.queries = Queries(store, self.page_tokens)
+        self.lockouts = Lockouts(store, self.intrusion)
         self.bulk = BulkEnrolment(cfg, store, self.clock, self.index, self.templates, self.retention)
         self.recovery = Recovery(cfg, store, self.index, self.contexts, self.device_registry, self.retention,
                                  self.snapshots)
@@ -92,9 +101,11 @@ class MatcherApp:
         """An audit entry of its own (a refused call); never raises."""
         audit_quietly(self.store, ev, result, reason)
 
-    def audit_denied(self, principal: Principal, method: str, code: str, reason: str) -> None:
-        """The auth interceptor's hook: a call refused before it reached a use case."""
-        self.audit(AuditEvent(method, principal.role, principal.name), code, reason)
+    def audit_denied(self, principal: Principal, method: str, code: str, reason: str,
+                     details: dict | None = None) -> None:
+        """The auth interceptor's hook: a call refused before it reached a use case (``method`` is
+        already normalised to a known name by the interceptor)."""
+        self.audit(AuditEvent(method, principal.role, principal.name, details=dict(details or {})), code, reason)
 
     def start_background(self) -> None:
         self.retention.start()

@@ -1,16 +1,28 @@
 """Append-only, hash-chained audit log (who, what, purpose, result -- never biometric data).
 
-Each entry's hash is ``SHA-256(prev_hash || canonical JSON of the entry)``; the newest
-``(seq, hash)`` is also kept in a one-row head record updated in the same transaction.
+Each entry's hash is ``HMAC-SHA256(audit key, prev_hash || canonical JSON of the entry)``; the
+newest ``(seq, hash)`` is also kept in a one-row head record updated in the same transaction.
 :func:`verify_chain` therefore detects an edited entry (hash mismatch), a deleted or
 reordered one (sequence gap / broken ``prev_hash`` link) and a truncated tail (head
 mismatch). The store additionally refuses UPDATE and DELETE on the table (SQLite triggers).
+
+The chain is *keyed*: the audit key lives outside the database (:mod:`.audit_keys`: a 0600 file
+next to the config, or given by config / environment), so someone who can write the database
+but not read the key cannot edit an entry and recompute the chain -- ``veilface audit verify``
+(which has the key) reports the first entry whose HMAC does not match.
+
+Migration from the unkeyed chain (entries hashed ``SHA-256(prev_hash || body)``): when a key is
+first attached to a store that already has entries, the store records the *switch point* -- the
+first keyed sequence number -- authenticated with the key (``seq.HMAC(key, seq)`` in ``meta``).
+Entries before it keep verifying as SHA-256, entries from it on as HMAC; moving the switch point
+(to pass off rewritten entries as unkeyed ones) breaks its MAC and is reported.
 
 This module is pure: the rows come from and go to :mod:`engine.service.store`.
 """
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
@@ -75,19 +87,59 @@ def clean_details(details: dict) -> str:
     return json.dumps(out, sort_keys=True, separators=(",", ":"))
 
 
-def entry_hash(prev_hash: str, row: Mapping) -> str:
+@dataclass(frozen=True)
+class AuditKey:
+    """The secret that keys the chain, and the first sequence number it keys (``keyed_from``;
+    entries before it are the legacy unkeyed chain)."""
+
+    key: bytes
+    keyed_from: int = 1
+
+    @property
+    def key_id(self) -> str:
+        """A non-secret name of the key (which key a store was switched to)."""
+        return hmac.new(self.key, b"veilface/audit-key-id", hashlib.sha256).hexdigest()[:16]
+
+    def keys(self, seq: int) -> bool:
+        return seq >= self.keyed_from
+
+    def switch_record(self) -> str:
+        """The authenticated switch point stored in the database: ``"<seq>.<mac>"``."""
+        return f"{self.keyed_from}.{self._switch_mac(self.keyed_from)}"
+
+    def _switch_mac(self, seq: int) -> str:
+        return hmac.new(self.key, f"veilface/audit-switch/{int(seq)}".encode(), hashlib.sha256).hexdigest()[:32]
+
+    def read_switch(self, record: str | None) -> int | None:
+        """The switch point of a stored record, or None if the record is missing or forged."""
+        seq, _, mac = (record or "").partition(".")
+        if not seq.isdigit() or len(seq) > 19 or not hmac.compare_digest(mac, self._switch_mac(int(seq))):
+            return None
+        return int(seq)
+
+    def derive(self, purpose: str) -> bytes:
+        """A sub-key for another use (e.g. page tokens), independent of the chain key."""
+        return hmac.new(self.key, f"veilface/derive/{purpose}".encode(), hashlib.sha256).digest()
+
+
+def entry_hash(prev_hash: str, row: Mapping, key: AuditKey | None = None) -> str:
+    """SHA-256 (legacy, or no key) or HMAC-SHA256 (from the key's switch point on) of an entry."""
     body = json.dumps({k: row[k] for k in FIELDS}, sort_keys=True, separators=(",", ":"))
-    return hashlib.sha256((prev_hash + "\n" + body).encode()).hexdigest()
+    msg = (prev_hash + "\n" + body).encode()
+    if key is not None and key.keys(int(row["seq"])):
+        return hmac.new(key.key, msg, hashlib.sha256).hexdigest()
+    return hashlib.sha256(msg).hexdigest()
 
 
-def next_entry(head: tuple[int, str], ts: float, ev: AuditEvent, result: str, reason: str = "") -> AuditRow:
+def next_entry(head: tuple[int, str], ts: float, ev: AuditEvent, result: str, reason: str = "",
+               key: AuditKey | None = None) -> AuditRow:
     """The entry that follows ``head`` = (seq, hash); the store inserts it and moves the head."""
     seq, prev = head[0] + 1, head[1]
     row = {"seq": seq, "ts": float(ts), "actor_role": ev.actor_role or "", "actor": ev.actor or "",
            "action": ev.action, "tenant": ev.tenant or "", "subject": ev.subject or "",
            "purpose": ev.purpose or "", "device": ev.device or "", "result": result,
            "reason": reason or "", "details": clean_details(ev.details)}
-    return AuditRow(**row, prev_hash=prev, hash=entry_hash(prev, row))
+    return AuditRow(**row, prev_hash=prev, hash=entry_hash(prev, row, key))
 
 
 @dataclass
@@ -104,9 +156,10 @@ class ChainReport:
         return f"audit chain BROKEN at seq {self.first_bad_seq}: {self.problem}"
 
 
-def verify_chain(rows: Iterable[AuditRow], head: tuple[int, str]) -> ChainReport:
+def verify_chain(rows: Iterable[AuditRow], head: tuple[int, str], key: AuditKey | None = None) -> ChainReport:
     """Walk the whole log (``rows`` in ``seq`` order) against the stored ``head``; any edit,
-    deletion, insertion or reordering is reported."""
+    deletion, insertion or reordering is reported. With ``key`` the entries from its switch
+    point on must carry its HMAC (a chain recomputed without the key fails there)."""
     prev, expected_seq, n = GENESIS, 1, 0
     for rec in rows:
         row = asdict(rec)
@@ -116,8 +169,11 @@ def verify_chain(rows: Iterable[AuditRow], head: tuple[int, str]) -> ChainReport
                                f"sequence gap: expected {expected_seq}, found {seq} (entries deleted or reordered)")
         if row["prev_hash"] != prev:
             return ChainReport(False, n, prev, seq, "prev_hash does not link to the previous entry")
-        if entry_hash(prev, row) != row["hash"]:
-            return ChainReport(False, n, prev, seq, "entry content does not match its hash (edited)")
+        if not hmac.compare_digest(entry_hash(prev, row, key), str(row["hash"])):
+            keyed = key is not None and key.keys(seq)
+            return ChainReport(False, n, prev, seq, "entry content does not match its " +
+                               ("HMAC (edited, or the chain was recomputed without the audit key)" if keyed
+                                else "hash (edited)"))
         prev, expected_seq, n = row["hash"], seq + 1, n + 1
     head_seq, head_hash = head
     if (head_seq, head_hash) != (n, prev):

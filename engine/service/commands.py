@@ -43,8 +43,11 @@ def register(sub) -> None:
 
     p = sub.add_parser("audit", help="audit log tools")
     asub = p.add_subparsers(dest="audit_command", metavar="ACTION")
-    v = asub.add_parser("verify", help="verify the hash chain (detects edits, deletions, reordering)")
+    v = asub.add_parser("verify", help="verify the keyed hash chain (detects edits, deletions, reordering, "
+                                       "a chain recomputed without the audit key)")
     _common(v)
+    v.add_argument("--audit-key-file", help="the audit key (default: audit_key_file of the config, else "
+                                            "DATA_DIR/audit.key)")
     v.set_defaults(func=_audit_verify)
     s = asub.add_parser("show", help="print the last audit entries")
     _common(s)
@@ -77,7 +80,8 @@ def register(sub) -> None:
 def _config(args, **extra):
     from .config import load_config
     return load_config(getattr(args, "config", None), data_dir=getattr(args, "data_dir", None),
-                       store=getattr(args, "store", None), **extra)
+                       audit_key_file=getattr(args, "audit_key_file", None), store=getattr(args, "store", None),
+                       **extra)
 
 
 def _serve(args) -> int:
@@ -104,14 +108,21 @@ def _demo(args) -> int:
 def _store(args):
     from pathlib import Path
 
+    from .audit_keys import attach_audit_key
     from .status import NotFound
     from .store import DB_NAME, open_store
     cfg = _config(args)
     if cfg.store:   # pg
-        return cfg, open_store(cfg.data_dir, url=cfg.store, pool_size=4)
+        store = open_store(cfg.data_dir, url=cfg.store, pool_size=4)
+        attach_audit_key(store, cfg.audit_key_path(), create=False)      # harden
+        return cfg, store
     if not (Path(cfg.data_dir) / DB_NAME).exists():
         raise NotFound(f"no store in {cfg.data_dir} (use --data-dir or --store)")
-    return cfg, open_store(cfg.data_dir)
+    store = open_store(cfg.data_dir)
+    # the audit key (outside the store): needed to verify the chain and to append to it; an offline
+    # command never creates one (a store whose chain was never keyed verifies unkeyed)
+    attach_audit_key(store, cfg.audit_key_path(), create=False)
+    return cfg, store
 
 
 def _audit_verify(args) -> int:
@@ -145,6 +156,9 @@ def format_report(rep: dict) -> str:
         f"intrusion alerts        {rep['intrusion_alerts']}",
         f"audit log               {rep['audit']['entries']} entries, head {rep['audit']['head_hash'][:16]}...",
         f"decommissioned          {rep['decommissioned']}",
+        f"quarantined rows        {len(rep.get('quarantine', []))}" + "".join(
+            f"\n  #{q['id']} {q['kind']} {q['tenant']}/{q['subject'] or '-'} {q['purpose']} {q['reason']}: {q['detail']}"
+            for q in rep.get("quarantine", [])),
         "processing records:",
     ]
     for p in rep["processing"]:

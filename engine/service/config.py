@@ -12,10 +12,12 @@ Environment variables (all optional)::
     VEILFACE_DATA_DIR         store directory (default ./veilface-data)
     VEILFACE_TLS_CERT / VEILFACE_TLS_KEY / VEILFACE_TLS_CLIENT_CA   PEM files (CA => mTLS)
     VEILFACE_ALLOW_REMOTE     1 to allow a non-loopback listen address (with TLS)
-    VEILFACE_TOKENS           "role:sha256hex[:name[:device_id]],..." extra hashed tokens
+    VEILFACE_TOKENS           "role:sha256hex[:name[:device_id[:tenant]]],..." extra hashed tokens
     VEILFACE_FILING_THRESHOLD, VEILFACE_RETENTION_DAYS, VEILFACE_MAX_RETENTION_DAYS,
     VEILFACE_WORKERS, VEILFACE_GALLERY_BACKEND
     VEILFACE_KEYSERVICE, VEILFACE_KEYSERVICE_TOKEN, VEILFACE_KEYSERVICE_KEY   the key service (he decisions)
+    VEILFACE_AUDIT_KEY_FILE   the audit key (default: audit.key next to the config file, else in
+                              the data dir); keep it outside the data dir in production
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import ipaddress
 import json
 import math
 import os
+import re
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +37,7 @@ from typing import Any
 from .status import BadRequest
 
 ROLES = ("device", "operator", "auditor", "admin")
+_TOKEN_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]", "ip6-localhost"}
 
 DEFAULT_THRESHOLDS = {"biohash": 0.70, "iom": 0.20, "rotation": 0.50, "he": 0.50}
@@ -56,6 +60,7 @@ class TokenEntry:
     sha256: str
     name: str = ""
     device_id: str = ""   # if set, a device token may only act as this device
+    tenant: str = ""      # the tenant it acts for; "" = "default" (device, operator) or any (admin, auditor); "*" = any
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -64,6 +69,8 @@ class TokenEntry:
         if len(self.sha256) != 64 or any(c not in "0123456789abcdef" for c in self.sha256):
             raise BadRequest("token sha256 must be 64 hex digits")
         self.name = self.name or self.role
+        if self.tenant not in ("", "*") and not _TOKEN_TENANT.fullmatch(self.tenant):
+            raise BadRequest(f"token tenant must be a tenant id or '*', got {self.tenant!r}")
 
 
 @dataclass
@@ -110,6 +117,12 @@ class ServiceConfig:
     identify_window_s: float = 60.0
     identify_lockout_s: float = 300.0
     request_id_ttl_s: float = 7 * 86400.0
+    # harden (issue 10): audit key, enrolment probing, authentication failures
+    audit_key_file: str = ""            # "" = audit.key next to the config file, else in data_dir
+    verify_unknown_limit: int = 20      # NOT_ENROLLED answers to one caller within verify_fail_window_s
+    auth_fail_limit: int = 20           # failed authentications from one peer address ...
+    auth_fail_window_s: float = 60.0    # ... within this window -> AUTH_THROTTLED
+    auth_lockout_s: float = 300.0
     # pg: shared store, Ray-sharded galleries, bulk enrolment (docs/deployment.md)
     store: str = ""                     # "" = SQLite in data_dir; "postgresql://user@host/db" (replicas share it)
     matching: str = "local"             # "local" (in-process galleries) or "ray://HOST:PORT" (Ray GCS address)
@@ -131,8 +144,12 @@ class ServiceConfig:
     def token_entries(self) -> list[TokenEntry]:
         return [t if isinstance(t, TokenEntry) else TokenEntry(**t) for t in self.tokens]
 
-    def add_token(self, role: str, token: str, name: str = "", device_id: str = "") -> None:
-        self.tokens.append(TokenEntry(role, hash_token(token), name, device_id))
+    def add_token(self, role: str, token: str, name: str = "", device_id: str = "", tenant: str = "") -> None:
+        self.tokens.append(TokenEntry(role, hash_token(token), name, device_id, tenant))
+
+    def audit_key_path(self) -> str:
+        """Where the audit key file is (``audit_key_file``, else ``<data_dir>/audit.key``)."""
+        return self.audit_key_file or str(Path(self.data_dir) / "audit.key")
 
     def is_loopback(self) -> bool:
         host = self.host.strip()
@@ -301,6 +318,8 @@ _CHECKS = {
     "verify_fail_limit": _int(1), "verify_fail_window_s": _num(0, lo_open=True), "verify_lockout_s": _num(0),
     "identify_limit": _int(1), "identify_nomatch_limit": _int(1), "identify_window_s": _num(0, lo_open=True),
     "identify_lockout_s": _num(0), "request_id_ttl_s": _num(0, lo_open=True),
+    "audit_key_file": _text(), "verify_unknown_limit": _int(1), "auth_fail_limit": _int(1),
+    "auth_fail_window_s": _num(0, lo_open=True), "auth_lockout_s": _num(0),
     # pg
     "store": lambda v: _store_url(v), "matching": lambda v: _matching_url(v), "ray_shards": _int(1, 4096),
     "ray_namespace": _text(required=True), "ray_node_ip": _text(), "ray_timeout_s": _num(0, lo_open=True),
@@ -329,6 +348,7 @@ _ENV = {
     "VEILFACE_RETENTION_DAYS": ("retention_days", int),
     "VEILFACE_MAX_RETENTION_DAYS": ("max_retention_days", int),
     "VEILFACE_WORKERS": ("workers", int), "VEILFACE_GALLERY_BACKEND": ("gallery_backend", str),
+    "VEILFACE_AUDIT_KEY_FILE": ("audit_key_file", str),
     "VEILFACE_STORE": ("store", str), "VEILFACE_MATCHING": ("matching", str),
     # keysvc
     "VEILFACE_KEYSERVICE": ("keyservice", str), "VEILFACE_KEYSERVICE_TOKEN": ("keyservice_token", str),
@@ -377,9 +397,12 @@ def load_config(path: str | None = None, env: dict | None = None, **overrides: A
             raise BadRequest("VEILFACE_TOKENS entries are role:sha256[:name[:device_id]]")
         tokens.append({"role": parts[0], "sha256": parts[1],
                        "name": parts[2] if len(parts) > 2 else "",
-                       "device_id": parts[3] if len(parts) > 3 else ""})
+                       "device_id": parts[3] if len(parts) > 3 else "",
+                       "tenant": parts[4] if len(parts) > 4 else ""})
     cfg = ServiceConfig(**values)
     cfg.tokens = [TokenEntry(**t) if isinstance(t, dict) else t for t in tokens]
+    if not cfg.audit_key_file and path:    # the audit key lives next to the config file, outside the data dir
+        cfg.audit_key_file = str(Path(path).resolve().parent / "audit.key")
     return cfg.validate()
 
 

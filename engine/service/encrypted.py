@@ -83,6 +83,18 @@ class HERegistry:
             self._cur = entries
         return len(entries)
 
+    # harden: one row at a time, so startup can set aside a context that does not parse
+    @staticmethod
+    def entry_of(r: HEContextRow) -> HEEntry:
+        """The entry of one stored row (SEAL parses its keys; raises if it cannot)."""
+        from ..he import PublicContext
+        return HEEntry(r.tenant, r.purpose, r.scheme, r.epoch, r.mode, r.dim, r.fingerprint, r.eval_keys,
+                       r.registered_at, PublicContext.from_bytes(r.context))
+
+    def replace(self, entries: list[HEEntry]) -> None:
+        with self._lock:
+            self._cur = {(e.tenant, e.purpose, e.scheme): e for e in entries}
+
     def get(self, tenant: str, purpose: str, scheme: str) -> HEEntry | None:
         with self._lock:
             return self._cur.get((tenant, purpose, scheme))

@@ -9,7 +9,9 @@ import datetime as _dt
 import re
 from typing import TYPE_CHECKING
 
+from . import location
 from .status import BadRequest, ConsentRequired, DeviceNotAllowed, GuardianConsentRequired, PurposeNotConsented
+from .validation import check_notice_version
 
 if TYPE_CHECKING:
     from .store import ConsentRow
@@ -18,9 +20,8 @@ if TYPE_CHECKING:
 UNSPECIFIED, PUBLIC_PLACE, RESTRICTED_AREA, PRIVATE_SPACE = 0, 1, 2, 3
 LOCATION_NAMES = {PUBLIC_PLACE: "public_place", RESTRICTED_AREA: "restricted_area",
                   PRIVATE_SPACE: "private_space"}
-#: location kinds that are private spaces whatever class the caller declares
-PRIVATE_KINDS = {"hotel_room", "guest_room", "bath", "bathroom", "shower", "changing_room",
-                 "fitting_room", "locker_room", "toilet", "restroom", "lavatory", "dormitory"}
+#: location kinds that are private spaces whatever class the caller declares (normalised, no separators)
+PRIVATE_KINDS = location.PRIVATE_KINDS
 
 # Pseudonymous ids: no spaces, no '@' -- a name ("Jane Doe") or an e-mail address is refused.
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
@@ -32,7 +33,7 @@ def check_id(kind: str, value: str, required: bool = True) -> str:
         if required:
             raise BadRequest(f"{kind} is required", reason="MISSING_" + kind.upper().replace(" ", "_"))
         return ""
-    if not _ID.match(value):
+    if not _ID.fullmatch(value):
         raise BadRequest(f"{kind} must be a pseudonymous id ([A-Za-z0-9._:-], at most 128 chars, "
                          f"no spaces): names and e-mail addresses are not stored here",
                          reason="BAD_" + kind.upper().replace(" ", "_"))
@@ -42,7 +43,7 @@ def check_id(kind: str, value: str, required: bool = True) -> str:
 def check_purpose(purpose: str) -> str:
     if not purpose:
         raise BadRequest("purpose is required", reason="MISSING_PURPOSE")
-    if not _PURPOSE.match(purpose):
+    if not _PURPOSE.fullmatch(purpose):
         raise BadRequest("purpose must be a lower-case label like 'access_control'", reason="BAD_PURPOSE")
     return purpose
 
@@ -56,18 +57,34 @@ def device_class(location_class: int, location_kind: str, signage: bool) -> int:
     """Validate a device registration; returns the effective location class.
 
     A device whose location kind is a private space (hotel room, bath, changing room,
-    toilet ...) is registered as PRIVATE_SPACE whatever class was declared. A public-place
-    device must declare signage.
+    toilet ...; :mod:`.location`, whatever the spelling) is registered as PRIVATE_SPACE whatever
+    class was declared; an unknown kind of a private-sounding family is refused unless declared
+    PRIVATE_SPACE. A public-place device must declare signage.
     """
-    kind = (location_kind or "").strip().lower().replace(" ", "_").replace("-", "_")
     if location_class not in LOCATION_NAMES:
         raise BadRequest("location_class is required (PUBLIC_PLACE, RESTRICTED_AREA or PRIVATE_SPACE)",
                          reason="MISSING_LOCATION_CLASS")
-    if kind in PRIVATE_KINDS:
+    kind = location.normalise_kind(location_kind)
+    if location.is_private_kind(kind):
         location_class = PRIVATE_SPACE
+    elif location_class != PRIVATE_SPACE and location.is_private_family(kind):
+        raise BadRequest(f"location kind {kind!r} sounds like a private space but is not a known kind: register "
+                         f"it as PRIVATE_SPACE or use a known kind", reason="AMBIGUOUS_LOCATION_KIND")
     if location_class == PUBLIC_PLACE and not signage:
         raise BadRequest("a device in a public place must declare signage (notice of face "
                          "recognition at the location)", reason="SIGNAGE_REQUIRED")
+    return location_class
+
+
+def effective_class(location_class: int, location_kind: str) -> int:
+    """The class a stored registration has under today's rules (startup re-checks every device:
+    a kind that is private now, in any spelling, makes the device PRIVATE_SPACE)."""
+    try:
+        kind = location.normalise_kind(location_kind)
+    except BadRequest:
+        return PRIVATE_SPACE          # unreadable kind: the safe side
+    if location.is_private_kind(kind) or location.is_private_family(kind):
+        return PRIVATE_SPACE
     return location_class
 
 
@@ -99,9 +116,7 @@ def check_consent_request(separate: bool, notice_version: str, age: int, guardia
         raise ConsentRequired("consent to face processing must be given separately "
                               "(separate_consent = true), not bundled with other terms",
                               reason="SEPARATE_CONSENT_REQUIRED")
-    if not notice_version:
-        raise BadRequest("notice_version is required (which notice the subject was shown)",
-                         reason="MISSING_NOTICE_VERSION")
+    check_notice_version(notice_version)
     if not 1 <= int(age) <= 150:
         raise BadRequest("subject_age (years) is required to apply the under-14 rule",
                          reason="MISSING_SUBJECT_AGE")

@@ -236,14 +236,15 @@ class RayIntrusion:
     so an attacker spreading calls over replicas gets one budget, not one per replica. If the actor
     is lost, Ray restarts it with empty counters (a reset, logged by Ray); calls wait for it."""
 
-    METHODS = ("check_verify", "record_verify", "check_identify", "identify_hit", "record_identify")
+    METHODS = ("check_verify", "record_verify", "check_identify", "identify_hit", "record_identify",
+               "check_unknown", "record_unknown", "reset")     # harden: enrolment probing, ResetLockout
 
     def __init__(self, cfg: ServiceConfig, namespace: str, timeout_s: float) -> None:
         import ray
         settings = {"verify_fail_limit": cfg.verify_fail_limit, "verify_fail_window_s": cfg.verify_fail_window_s,
                     "verify_lockout_s": cfg.verify_lockout_s, "identify_limit": cfg.identify_limit,
                     "identify_nomatch_limit": cfg.identify_nomatch_limit, "identify_window_s": cfg.identify_window_s,
-                    "identify_lockout_s": cfg.identify_lockout_s}
+                    "identify_lockout_s": cfg.identify_lockout_s, "verify_unknown_limit": cfg.verify_unknown_limit}
         self._ray, self.timeout = ray, timeout_s
         self._actor = ray.remote(IntrusionActor).options(
             name="veilface-intrusion", namespace=namespace, lifetime="detached", get_if_exists=True, max_restarts=-1,
@@ -274,6 +275,16 @@ class RayIntrusion:
 
     def record_identify(self, caller: str, matched: bool) -> Alert | None:
         return self._call("record_identify", caller, matched)
+
+    # harden: enrolment probing and the audited ResetLockout
+    def check_unknown(self, caller: str) -> None:
+        self._call("check_unknown", caller)
+
+    def record_unknown(self, caller: str) -> Alert | None:
+        return self._call("record_unknown", caller)
+
+    def reset(self, subject_key: str = "", caller_prefix: str = "") -> int:
+        return self._call("reset", subject_key, caller_prefix)
 
 
 # -- startup --------------------------------------------------------------------------------------------

@@ -1,7 +1,7 @@
 """The request scope: who acts, for which tenant, subject, purpose and device -- checked once.
 
 Every RPC starts the same way: refuse writes on a decommissioned matcher, then validate the
-tenant, the subject id (pseudonymous), the purpose and the device the call acts for (a device
+tenant (and that the caller's token is bound to it), the subject id (pseudonymous), the purpose and the device the call acts for (a device
 token may be bound to one device; an unregistered or private-space device is refused for
 enrolment and 1:N). :meth:`Scopes.open` does that in this fixed order and fills the call's audit
 event as it goes, so a refusal is audited with everything known up to that point.
@@ -42,8 +42,10 @@ class Scope:
 
     @property
     def caller(self) -> str:
-        """Who searches 1:N (intrusion detection counts per caller): the device, else the principal."""
-        return f"{self.tenant}/{self.device or self.principal.name}"
+        """Who calls, for intrusion detection: the authenticated principal (its token) within the
+        tenant -- never the client-chosen device id, which an unbound token could vary for a fresh
+        budget on every call."""
+        return f"{self.tenant}/{self.principal.key}"
 
 
 class Scopes:
@@ -65,6 +67,8 @@ class Scopes:
             raise Decommissioned("this matcher has been decommissioned")
         scope = Scope(principal, ev, time_remaining=time_remaining)
         scope.tenant = ev.tenant = policy.tenant_of(tenant)
+        if principal.tenant not in ("*", scope.tenant):
+            raise PermissionDenied(f"this token acts for tenant {principal.tenant!r}", reason="TENANT_MISMATCH")
         if subject is not None:
             scope.subject = ev.subject = policy.check_id("subject id", subject)
         if purpose is not None:

@@ -43,7 +43,7 @@ class VeilfaceServer:
         self.app = MatcherApp(cfg, self.store, self.clock, backend=make_backend(cfg, self.store))
         self.servicer = MatcherServicer(self.app)
         interceptor = AuthInterceptor(TokenTable(cfg.token_entries()), cfg.health_requires_token,
-                                      on_denied=self.app.audit_denied)
+                                      on_denied=self.app.audit_denied, failures=self.app.auth_failures)
         opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", max(cfg.max_message_bytes, cfg.max_response_bytes, 4 << 20)),
                 ("grpc.so_reuseport", 0)]

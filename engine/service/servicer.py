@@ -223,6 +223,13 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         r = self.app.maintenance.purge(ev)
         return pb.PurgeExpiredResponse(templates_purged=r.templates_purged, subjects_purged=r.subjects_purged)
 
+    # harden: lock-outs --------------------------------------------------------------------------------
+    @_rpc
+    def ResetLockout(self, req, context, ev):
+        scope = self._scope(ev, context, tenant=req.tenant, subject=req.subject_id or None)
+        n = self.app.lockouts.reset(scope, req.token_name, req.reason_code)
+        return pb.ResetLockoutResponse(cleared=n > 0, locks_cleared=n)
+
     # -- pg: bulk enrolment ---------------------------------------------------------------------------
     @_rpc
     def EnrollStream(self, request_iterator, context, ev):

@@ -21,6 +21,7 @@ from .base import (
     HEEpoch,
     HESnapshotRow,
     ProcessingRecord,
+    QuarantineRow,
     RequestRow,
     Store,
     StoreConflict,
@@ -56,5 +57,5 @@ def open_store(data_dir: str | os.PathLike, clock: Clock | None = None, url: str
 __all__ = ["Store", "WriteTx", "StoreError", "StoreConflict", "StoreUnavailable", "shard_of", "subject_hash",
            "SQLStore", "SQLiteStore", "Dialect", "open_store", "DB_NAME",
            "SCHEMA_VERSION", "ConsentRow", "DeviceRow", "FilingAlert", "HEContextRow", "HEContextSummary", "HEEpoch",
-           "HESnapshotRow", "ProcessingRecord", "RequestRow", "StoreCounts", "SubjectRow", "SubjectSummary",
+           "HESnapshotRow", "ProcessingRecord", "QuarantineRow", "RequestRow", "StoreCounts", "SubjectRow", "SubjectSummary",
            "TemplateIndexRow", "TemplateKey", "TemplateRow", "WipeCounts"]

@@ -23,7 +23,7 @@ from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import NamedTuple
 
-from ..audit import AuditEvent, AuditRow, ChainReport
+from ..audit import AuditEvent, AuditKey, AuditRow, ChainReport
 from ..status import StatusError
 
 #: prefix of the canonical spec key of an ``he`` (encrypted) template
@@ -239,6 +239,26 @@ class WipeCounts:
     he_snapshots_deleted: int
 
 
+# harden: rows set aside at startup
+@dataclass(frozen=True)
+class QuarantineRow:
+    """A stored row that failed validation at startup, moved out of service (issue 10): ``kind``
+    is "template" or "he_context"; ``source_id`` the template id (0 for a context)."""
+
+    id: int
+    kind: str
+    tenant: str
+    subject: str
+    purpose: str
+    scheme: str
+    key_version: int
+    source_id: int
+    reason: str
+    detail: str
+    quarantined_at: float
+    expires_at: float
+
+
 # -- the write transaction -------------------------------------------------------------------------
 class WriteTx(ABC):
     """One open write transaction (see the module docstring)."""
@@ -393,6 +413,16 @@ class WriteTx(ABC):
         """Delete every template, subject, consent, request record, HE context and snapshot
         (the audit log, devices and alerts stay)."""
 
+    # harden: quarantine (a stored row that fails validation at startup is moved here, not served)
+    @abstractmethod
+    def quarantine_template(self, template_id: int, reason: str, detail: str, at: float) -> QuarantineRow | None:
+        """Move template ``template_id`` to the quarantine table; None if it no longer exists."""
+
+    @abstractmethod
+    def quarantine_he_context(self, tenant: str, purpose: str, scheme: str, epoch: int, reason: str, detail: str,
+                              at: float) -> QuarantineRow | None:
+        """Move a current HE context to the quarantine table; None if it no longer exists."""
+
 
 # -- the store -------------------------------------------------------------------------------------
 class Store(ABC):
@@ -495,6 +525,20 @@ class Store(ABC):
 
     @abstractmethod
     def filing_alert(self) -> FilingAlert | None: ...
+
+    # harden: quarantine and the audit key
+    @abstractmethod
+    def quarantined(self) -> list[QuarantineRow]:
+        """Rows set aside at startup (without their bytes), oldest first."""
+
+    @abstractmethod
+    def audit_key_id(self) -> str | None:
+        """The id of the key the audit chain is keyed with (None: never keyed)."""
+
+    @abstractmethod
+    def set_audit_key(self, key: AuditKey) -> None:
+        """Key the audit chain: entries from ``key.keyed_from`` on carry its HMAC. Records the key
+        id and the authenticated switch point in the store the first time."""
 
     # pg: replicas share a store ---------------------------------------------------------------------
     #: True when several matcher processes may write this store at once (PostgreSQL): the service

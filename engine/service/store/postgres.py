@@ -157,7 +157,7 @@ class PostgresStore(SQLStore):
     @contextmanager
     def transaction(self) -> Iterator[PostgresTx]:
         with self._writing() as conn:
-            yield PostgresTx(conn, self.dialect, self.clock)
+            yield PostgresTx(conn, self.dialect, self.clock, self._audit_key, self._audit_keyed)   # harden: keyed chain
 
     def _has_table(self, conn, table: str) -> bool:
         return conn.execute("SELECT to_regclass(%s)", (table,)).fetchone()[0] is not None

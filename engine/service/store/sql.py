@@ -20,7 +20,7 @@ from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, fields
 from typing import ClassVar
 
-from ..audit import GENESIS, AuditEvent, AuditRow, ChainReport, next_entry, verify_chain
+from ..audit import GENESIS, AuditEvent, AuditKey, AuditRow, ChainReport, next_entry, verify_chain
 from ..clock import Clock
 from .base import (
     HE_PREFIX,
@@ -32,6 +32,7 @@ from .base import (
     HEEpoch,
     HESnapshotRow,
     ProcessingRecord,
+    QuarantineRow,
     RequestRow,
     Store,
     StoreConflict,
@@ -151,6 +152,11 @@ def schema(d: Dialect) -> list[str]:
         f"CREATE TABLE IF NOT EXISTS audit_head (id INTEGER PRIMARY KEY CHECK (id = 1), seq {big} NOT NULL, "
         f"hash TEXT NOT NULL)",
         "CREATE INDEX IF NOT EXISTS audit_action ON audit(action)",
+        # harden: rows that failed validation at startup (kept for the operator, deleted like templates)
+        f"CREATE TABLE IF NOT EXISTS quarantine (id {aid}, kind TEXT NOT NULL, tenant TEXT NOT NULL, "
+        f"subject TEXT NOT NULL, purpose TEXT NOT NULL, scheme TEXT NOT NULL, key_version {big} NOT NULL, "
+        f"source_id {big} NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL, blob {b} NOT NULL, "
+        f"quarantined_at {r} NOT NULL, expires_at {r} NOT NULL)",
         *d.extra_ddl,
     ]
 
@@ -174,6 +180,11 @@ _HE_CONTEXT_COLS = tuple(f.name for f in fields(HEContextRow))
 _REQUEST_COLS = tuple(f.name for f in fields(RequestRow))
 _SNAPSHOT_COLS = tuple(f.name for f in fields(HESnapshotRow))
 _WIPED = ("templates", "subjects", "consents", "requests", "he_contexts", "he_snapshots")
+_QUARANTINE_COLS = ("id", "kind", "tenant", "subject", "purpose", "scheme", "key_version", "source_id", "reason",
+                    "detail", "quarantined_at", "expires_at")
+# harden: meta keys of the keyed audit chain
+_AUDIT_KEY_ID, _AUDIT_SWITCH = "audit_key_id", "audit_keyed_from"
+NO_EXPIRY = 253_402_300_799.0        # 9999-12-31: a quarantined context has no retention of its own
 
 
 def _consent(r) -> ConsentRow:
@@ -203,9 +214,11 @@ def _template(r) -> TemplateRow:
 class SQLTx(WriteTx):
     """A write transaction on one connection (opened and committed by :meth:`SQLStore.transaction`)."""
 
-    def __init__(self, conn, dialect: Dialect, clock: Clock) -> None:
+    def __init__(self, conn, dialect: Dialect, clock: Clock, audit_key: AuditKey | None = None,
+                 keyed: bool = False) -> None:
         self.conn, self.d, self.clock = conn, dialect, clock
         self._head: tuple[int, str] | None = None
+        self.audit_key, self._keyed = audit_key, keyed     # harden: keyed audit chain
 
     def _x(self, sql: str, args=()):
         try:
@@ -277,6 +290,7 @@ class SQLTx(WriteTx):
                              f"({', '.join('?' * len(_TEMPLATE_INSERT_COLS))}) RETURNING id", _template_values(row))[0])
 
     def delete_subject_templates(self, tenant: str, subject: str) -> int:
+        self._x("DELETE FROM quarantine WHERE tenant = ? AND subject = ?", (tenant, subject))   # harden
         return self._x("DELETE FROM templates WHERE tenant = ? AND subject = ?", (tenant, subject)).rowcount
 
     def delete_he_templates(self, tenant: str, subject: str) -> int:
@@ -298,6 +312,7 @@ class SQLTx(WriteTx):
             "SELECT tenant, subject, purpose, scheme FROM templates WHERE expires_at <= ? ORDER BY id", (now,)).fetchall()]
 
     def delete_expired(self, now: float) -> int:
+        self._x("DELETE FROM quarantine WHERE expires_at <= ?", (now,))        # harden: retention applies there too
         return self._x("DELETE FROM templates WHERE expires_at <= ?", (now,)).rowcount
 
     # idempotent requests
@@ -359,7 +374,10 @@ class SQLTx(WriteTx):
         if self._head is None:   # read (and lock) the head once per transaction: other writers may share the store
             r = self._one("SELECT seq, hash FROM audit_head WHERE id = 1" + self.d.for_update)
             self._head = (0, GENESIS) if r is None else (int(r[0]), str(r[1]))
-        row = next_entry(self._head, self.clock.now(), ev, result, reason)
+        if self._keyed and self.audit_key is None:
+            raise StoreError("this store's audit chain is keyed: attach the audit key before writing to it",
+                             reason="AUDIT_KEY_MISSING")
+        row = next_entry(self._head, self.clock.now(), ev, result, reason, self.audit_key)
         self._x(f"INSERT INTO audit ({', '.join(_AUDIT_COLS)}) VALUES ({', '.join('?' * len(_AUDIT_COLS))})",
                 [getattr(row, c) for c in _AUDIT_COLS])
         self._x(self.d.upsert("audit_head", ("id", "seq", "hash"), ("id",), ("seq", "hash")), (1, row.seq, row.hash))
@@ -413,7 +431,40 @@ class SQLTx(WriteTx):
 
     # decommission
     def wipe(self) -> WipeCounts:
+        self._x("DELETE FROM quarantine")                                      # harden
         return WipeCounts(*(self._x(f"DELETE FROM {t}").rowcount for t in _WIPED))
+
+    # harden: quarantine
+    def _quarantine(self, kind: str, key: tuple, blob: bytes, source_id: int, reason: str, detail: str, at: float,
+                    expires_at: float) -> QuarantineRow:
+        tenant, subject, purpose, scheme, key_version = key
+        qid = int(self._one(
+            "INSERT INTO quarantine (kind, tenant, subject, purpose, scheme, key_version, source_id, reason, detail, "
+            "blob, quarantined_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            (kind, tenant, subject, purpose, scheme, int(key_version), int(source_id), reason[:64], detail[:200],
+             bytes(blob), at, expires_at))[0])
+        return QuarantineRow(qid, kind, tenant, subject, purpose, scheme, int(key_version), int(source_id),
+                             reason[:64], detail[:200], at, expires_at)
+
+    def quarantine_template(self, template_id: int, reason: str, detail: str, at: float) -> QuarantineRow | None:
+        r = self._one("SELECT tenant, subject, purpose, scheme, key_version, template, expires_at FROM templates "
+                      "WHERE id = ?", (template_id,))
+        if r is None:
+            return None
+        row = self._quarantine("template", tuple(r[:5]), r[5], template_id, reason, detail, at, float(r[6]))
+        self._x("DELETE FROM templates WHERE id = ?", (template_id,))
+        return row
+
+    def quarantine_he_context(self, tenant: str, purpose: str, scheme: str, epoch: int, reason: str, detail: str,
+                              at: float) -> QuarantineRow | None:
+        where, args = "tenant = ? AND purpose = ? AND scheme = ? AND epoch = ?", (tenant, purpose, scheme, epoch)
+        r = self._one(f"SELECT context FROM he_contexts WHERE {where}", args)
+        if r is None:
+            return None
+        row = self._quarantine("he_context", (tenant, "", purpose, scheme, epoch), r[0], 0, reason, detail, at,
+                               NO_EXPIRY)
+        self._x(f"DELETE FROM he_contexts WHERE {where}", args)
+        return row
 
 
 # -- reads -------------------------------------------------------------------------------------------
@@ -429,6 +480,8 @@ class SQLStore(Store):
 
     def __init__(self, clock: Clock) -> None:
         self.clock = clock
+        self._audit_key: AuditKey | None = None     # harden: keyed audit chain
+        self._audit_keyed = False
 
     # connection hooks ------------------------------------------------------------------------------
     @abstractmethod
@@ -472,6 +525,7 @@ class SQLStore(Store):
             tx.set_meta("schema_version", str(SCHEMA_VERSION))
             # the chain head exists from the start, so every appender locks the same row (FOR UPDATE)
             tx._x("INSERT INTO audit_head (id, seq, hash) VALUES (1, 0, ?) ON CONFLICT (id) DO NOTHING", (GENESIS,))
+            self._audit_keyed = tx._meta(_AUDIT_KEY_ID) is not None
 
     @abstractmethod
     def _has_table(self, conn, table: str) -> bool:
@@ -480,7 +534,27 @@ class SQLStore(Store):
     @contextmanager
     def transaction(self) -> Iterator[SQLTx]:
         with self._writing() as conn:
-            yield SQLTx(conn, self.dialect, self.clock)
+            yield SQLTx(conn, self.dialect, self.clock, self._audit_key, self._audit_keyed)
+
+    # harden: the audit key and quarantine
+    def audit_key_id(self) -> str | None:
+        row = self._one("SELECT value FROM meta WHERE key = ?", (_AUDIT_KEY_ID,))
+        return None if row is None else str(row[0])
+
+    def set_audit_key(self, key: AuditKey) -> None:
+        with self.transaction() as tx:
+            recorded = tx._meta(_AUDIT_KEY_ID)
+            if recorded is not None and recorded != key.key_id:
+                raise StoreError("the audit chain is keyed with another key", reason="AUDIT_KEY_MISMATCH")
+            if recorded is None:
+                tx.set_meta(_AUDIT_KEY_ID, key.key_id)
+                tx.set_meta(_AUDIT_SWITCH, key.switch_record())
+        self._audit_key, self._audit_keyed = key, True
+
+    def quarantined(self) -> list[QuarantineRow]:
+        return [QuarantineRow(int(r[0]), r[1], r[2], r[3], r[4], r[5], int(r[6]), int(r[7]), r[8], r[9], float(r[10]),
+                              float(r[11]))
+                for r in self._all(f"SELECT {', '.join(_QUARANTINE_COLS)} FROM quarantine ORDER BY id")]
 
     def _all(self, sql: str, args=()) -> list:
         with self._reading() as conn:
@@ -610,8 +684,18 @@ class SQLStore(Store):
         with self._read_tx() as conn:
             r = conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone()
             head = (0, GENESIS) if r is None else (int(r[0]), str(r[1]))
+            key = self._audit_key
+            if key is not None:      # harden: the switch point stored in the database must carry the key's MAC
+                rec = conn.execute(self.dialect.sql("SELECT value FROM meta WHERE key = ?"), (_AUDIT_SWITCH,)).fetchone()
+                switch = key.read_switch(None if rec is None else str(rec[0]))
+                if switch != key.keyed_from:
+                    return ChainReport(False, 0, GENESIS, 1, "the audit key's switch point recorded in the store is "
+                                                             "missing or forged")
+            elif self._audit_keyed:
+                return ChainReport(False, 0, GENESIS, 1, "the audit chain is keyed: verifying it needs the audit key "
+                                                         "(audit_key_file)")
             rows = (AuditRow(*rec) for rec in conn.execute(f"SELECT {', '.join(_AUDIT_COLS)} FROM audit ORDER BY seq"))
-            return verify_chain(rows, head)
+            return verify_chain(rows, head, key)
 
     # retention
     def next_expiry(self) -> float | None:

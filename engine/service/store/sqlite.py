@@ -55,6 +55,27 @@ def _v1_to_v2(conn: sqlite3.Connection) -> None:
     conn.execute("DROP TABLE IF EXISTS template_seq")
 
 
+def _private(path: Path, mode: int) -> None:
+    """chmod an existing file or dir to ``mode`` (stores made by older versions were 0644 / 0755)."""
+    try:
+        if path.exists() and (path.stat().st_mode & 0o777) != mode:
+            os.chmod(path, mode)
+    except OSError:
+        pass
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file with mode 0600 (whatever the umask) if it does not exist. SQLite
+    creates the ``-wal`` and ``-shm`` files with the database file's permissions, so they are
+    0600 from their creation too."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    os.fchmod(fd, 0o600)
+    os.close(fd)
+
+
 class SQLiteStore(SQLStore):
     """The SQLite store. ``path`` is a directory (``veilface.db`` inside) or a ``.db`` file."""
 
@@ -65,19 +86,19 @@ class SQLiteStore(SQLStore):
         super().__init__(clock or SystemClock())
         path = Path(path)
         if path.suffix != ".db":
-            path.mkdir(parents=True, exist_ok=True)
+            path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            _private(path, 0o700)          # the data dir: owner only (made before the mode was enforced too)
             path = path / DB_NAME
         self.path = path
         self.name, self.location = path.name, str(path)
+        _create_private(path)             # 0600 before SQLite opens it: its -wal / -shm inherit the mode
         self._wlock = threading.RLock()
         self._local = threading.local()
         self._readers: list[sqlite3.Connection] = []
         self._wconn = self._connect()
         self._open_schema()
-        try:
-            os.chmod(self.path, 0o600)
-        except OSError:
-            pass
+        for p in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+            _private(p, 0o600)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(str(self.path), timeout=30.0, isolation_level=None, check_same_thread=False)

@@ -6,15 +6,15 @@ import logging
 from dataclasses import dataclass
 
 from ...schemes import make_scheme
-from ...template import MAX_TEMPLATE_BYTES, Template
+from ...template import Template
 from .. import policy
 from ..audit import AuditEvent
 from ..config import ServiceConfig
-from ..encrypted import blob_kind_header, is_he_spec
 from ..matching import SchemeCache
 from ..ratelimit import Alert
-from ..status import BadRequest, PreconditionFailed, Throttled
+from ..status import BadRequest, PreconditionFailed
 from ..store import Store
+from ..validation import check_wire_template
 
 log = logging.getLogger("veilface.service")
 
@@ -42,21 +42,11 @@ class TemplateReader:
         self._allowed_specs: list | None = None    # the descriptors of allowed_schemes, built on first use
 
     def read(self, blob: bytes, what: str = "template") -> Parsed:
-        """``what`` is "template" (Enroll) or "probe" (Verify / Identify)."""
-        if not blob:
-            raise BadRequest(f"{what} is required", reason="MISSING_TEMPLATE")
-        if len(blob) > MAX_TEMPLATE_BYTES:
-            raise Throttled(f"{what} of {len(blob)} bytes is too large", reason="TEMPLATE_TOO_LARGE")
-        t = Template.from_bytes(blob)
-        spec_key = t.spec.key()
-        scheme = self.schemes.of(t.spec)              # UnknownScheme -> FAILED_PRECONDITION
-        self.check_allowed(t.spec, spec_key)
-        if t.key_version < 1:
-            raise BadRequest("template key_version must be >= 1", reason="BAD_KEY_VERSION")
-        if is_he_spec(spec_key):
-            return Parsed(t, scheme, spec_key, blob_kind_header(t, what))   # ciphertext: header checks only
-        scheme.codes_of(t)                             # shape / dtype / range -> INVALID_ARGUMENT
-        return Parsed(t, scheme, spec_key, None)
+        """``what`` is "template" (Enroll) or "probe" (Verify / Identify). Every check of the
+        validation layer (:func:`engine.service.validation.check_wire_template`) runs here,
+        before any use case touches the store."""
+        t, scheme, spec_key, he_header = check_wire_template(blob, what, self.schemes.of, self.check_allowed)
+        return Parsed(t, scheme, spec_key, he_header)
 
     def check_allowed(self, spec, spec_key: str) -> None:
         """``allowed_schemes`` (empty = any): scheme names, canonical spec keys or descriptors

@@ -61,7 +61,7 @@ class Devices:
         ev = scope.ev
         device = ev.device = policy.check_id("device id", reg.device_id)
         cls = policy.device_class(int(reg.location_class), reg.location_kind, reg.signage_declared)
-        kind, now = reg.location_kind[:64], self.clock.now()
+        kind, now = policy.location.normalise_kind(reg.location_kind), self.clock.now()
         ev.details = {"location_class": policy.LOCATION_NAMES[cls], "location_kind": kind,
                       "signage": bool(reg.signage_declared)}
         with self.store.transaction() as tx:

@@ -12,10 +12,11 @@ from dataclasses import dataclass
 from ...schemes import make_scheme
 from .. import policy
 from ..clock import Clock
-from ..encrypted import HEEntry, check_registration, parse_public_context
+from ..encrypted import HEEntry, check_registration
 from ..matching import GalleryIndex
 from ..scope import Scope
 from ..store import HEContextRow, Store
+from ..validation import check_public_context
 from .common import TemplateReader
 
 
@@ -40,14 +41,15 @@ class HEContexts:
     """RegisterHEContext, ListHEContexts."""
 
     def __init__(self, store: Store, clock: Clock, index: GalleryIndex, templates: TemplateReader,
-                 decider=None) -> None:
+                 max_bytes: int = 1 << 30, decider=None) -> None:
         self.store, self.clock, self.index, self.templates = store, clock, index, templates
+        self.max_bytes = max_bytes
         self.decider = decider   # keysvc: with a key service, only its current context is registered
 
     def register(self, scope: Scope, body: bytes) -> HEContextInfo:
         """Register the public context ``body`` (``PublicContext.to_bytes()``) for the scope's purpose."""
         tenant, purpose, ev = scope.tenant, scope.purpose, scope.ev
-        ctx = parse_public_context(body, tenant)
+        ctx, public = check_public_context(body, tenant, self.max_bytes)   # validation: nothing stored yet
         scheme = make_scheme(f"he:dim={ctx.dim},mode={ctx.mode}")
         spec_key = scheme.spec.key()
         self.templates.check_allowed(scheme.spec, spec_key)
@@ -57,7 +59,7 @@ class HEContexts:
         if self.decider is not None:   # keysvc: a context whose secret key the key service does not hold is refused
             self.decider.check_context(tenant, purpose, ctx.mode, ctx.dim, ctx.epoch, ctx.fingerprint)
         now = self.clock.now()
-        public = ctx.to_bytes()        # re-serialised: public key (+ relinearisation, Galois keys) only
+        # ``public``: re-serialised by SEAL from what it parsed -- public key (+ relinearisation, Galois keys) only
         gone: list[str] = []
         retired, n_snap = 0, 0
         with self.store.transaction() as tx:

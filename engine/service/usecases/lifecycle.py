@@ -12,6 +12,7 @@ from ..matching import GalleryIndex
 from ..scope import Scope
 from ..status import BadRequest, NotFound
 from ..store import ConsentRow, Store, SubjectRow
+from ..validation import check_relationship, check_time
 
 
 @dataclass(frozen=True)
@@ -68,17 +69,16 @@ class Lifecycle:
         minor = policy.check_consent_request(req.separate_consent, req.notice_version, req.subject_age,
                                              g.guardian_ref if g else "", self.cfg.guardian_age)
         now = self.clock.now()
-        at = req.consented_at or now
-        if at > now + 300:
-            raise BadRequest("consent time is in the future", reason="BAD_CONSENT_TIME")
+        at = check_time(req.consented_at, now, "consent time")
+        guardian_at = check_time(g.consented_at, now, "guardian consent time") if g else 0.0
+        relationship = check_relationship(g.relationship) if g else ""
         cid = "c_" + secrets.token_hex(12)
-        notice = req.notice_version[:64]
+        notice = req.notice_version
         scope.ev.details = {"consent_id": cid, "notice_version": notice, "minor": minor,
                             "guardian": bool(g and g.guardian_ref)}
         with self.store.transaction() as tx:
             tx.insert_consent(ConsentRow(cid, scope.tenant, scope.subject, scope.purpose, notice, at, int(req.subject_age),
-                                         minor, g.guardian_ref if g else "", g.relationship[:32] if g else "",
-                                         (g.consented_at or now) if g else 0.0, scope.device))
+                                         minor, g.guardian_ref if g else "", relationship, guardian_at, scope.device))
             tx.audit(scope.ev)
         return ConsentRecord(cid, scope.tenant, scope.subject, scope.purpose, notice, at, minor,
                              bool(g and g.guardian_ref))

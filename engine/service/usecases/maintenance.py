@@ -71,6 +71,10 @@ def compliance_report(store: Store, cfg: ServiceConfig, now: float) -> dict:
         "intrusion_alerts": counts.alerts,
         "audit": {"entries": head_seq, "head_hash": head_hash},
         "decommissioned": store.decommissioned(),
+        # harden: stored rows set aside at startup because they failed validation (usecases/recovery.py)
+        "quarantine": [{"id": q.id, "kind": q.kind, "tenant": q.tenant, "subject": q.subject, "purpose": q.purpose,
+                        "scheme": q.scheme, "key_version": q.key_version, "reason": q.reason, "detail": q.detail,
+                        "quarantined_at": q.quarantined_at} for q in store.quarantined()],
     }
 
 

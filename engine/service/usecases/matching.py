@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ...errors import NotEnrolled, SchemeMismatch
+from ...errors import NotEnrolled
 from ...gallery import Match
 from ..config import ServiceConfig
 from ..encrypted import HERegistry, KeyServiceNotConfigured, TicketBook, check_blob, epoch_revoked
 from ..matching import GalleryIndex, GalleryKey
 from ..ratelimit import IntrusionDetector
 from ..scope import Scope
-from ..status import BadRequest, KeyVersionRevoked, PreconditionFailed, PurposeNotConsented, Throttled
+from ..status import BadRequest, KeyVersionRevoked, PreconditionFailed, Throttled
 from ..store import Store
 from .common import Parsed, TemplateReader, report_intrusion
 from .maintenance import Retention
@@ -95,15 +95,12 @@ class Matching:
             self._he_entry(scope, p, "verify")
         ids_key = f"{tenant}/{subject}"
         self.intrusion.check_verify(ids_key)
+        self.intrusion.check_unknown(scope.caller)
         self.retention.maybe_purge()
         entries, revoked = self.index.enrolment(tenant, subject)
-        if not entries:
-            raise NotEnrolled(f"subject {subject!r} is not enrolled")
-        meta = entries.get((purpose, p.spec_key))
-        if meta is None:
-            if purpose not in {pp for pp, _ in entries}:
-                raise PurposeNotConsented(f"subject {subject!r} is not enrolled for purpose {purpose!r}")
-            raise SchemeMismatch(f"subject {subject!r} is enrolled with another scheme or parameters")
+        meta = entries.get((purpose, p.spec_key)) if entries else None
+        if meta is None:     # not enrolled, or enrolled for another purpose / scheme: one answer for all
+            self._not_enrolled(scope)
         if t.key_version <= revoked and not p.encrypted:
             raise KeyVersionRevoked(f"key version {t.key_version} was revoked")
         if t.key_version != meta.key_version:
@@ -111,7 +108,7 @@ class Matching:
                                      reason="KEY_VERSION_MISMATCH")
         key = GalleryKey(tenant, purpose, p.spec_key, meta.key_version)
         if not self.index.backend.is_open(key):
-            raise NotEnrolled(f"subject {subject!r} is not enrolled")
+            self._not_enrolled(scope)
         if p.encrypted:
             return self._verify_encrypted(scope, p, key, req, ids_key)
         score = self.index.backend.verify(key, subject, t)
@@ -122,6 +119,15 @@ class Matching:
         if alert:
             report_intrusion(self.store, alert, tenant, subject, ev.device)
         return VerifyResult(matched, score, thr, self.templates.fallback(matched))
+
+    def _not_enrolled(self, scope: Scope) -> None:
+        """The one answer to "who is enrolled, for what?" a device gets: NOT_ENROLLED, the same
+        code, reason and message whether the subject is unknown or enrolled for another purpose or
+        scheme; each is counted per caller, and probing many subjects is throttled and alerted."""
+        alert = self.intrusion.record_unknown(scope.caller)
+        if alert:
+            report_intrusion(self.store, alert, scope.tenant, device=scope.ev.device)
+        raise NotEnrolled("no enrolment of this subject matches this purpose and scheme")
 
     def _decider(self):
         if self.decider is None:

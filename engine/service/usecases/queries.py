@@ -1,7 +1,6 @@
 """Read-only views: the subjects stored (operator) and the audit log (auditor), paginated."""
 from __future__ import annotations
 
-import base64
 from dataclasses import dataclass
 
 from .. import policy
@@ -9,6 +8,7 @@ from ..audit import AuditEvent, AuditRow, ChainReport
 from ..scope import Scope
 from ..status import BadRequest
 from ..store import Store, SubjectSummary
+from ..validation import PageTokens
 
 
 @dataclass(frozen=True)
@@ -34,38 +34,33 @@ def _page_size(size: int) -> int:
 class Queries:
     """ListSubjects, GetAuditLog, VerifyAuditChain."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, tokens: PageTokens | None = None) -> None:
         self.store = store
+        self.tokens = tokens or PageTokens()     # opaque, authenticated page tokens (validation layer)
 
     def list_subjects(self, scope: Scope, page_size: int = 0, page_token: str = "", purpose: str = "") -> SubjectsPage:
         size = _page_size(page_size)
-        after = ""
-        if page_token:
-            try:
-                after = base64.urlsafe_b64decode(page_token.encode()).decode()
-            except (ValueError, UnicodeDecodeError):
-                raise BadRequest("bad page_token", reason="BAD_PAGE_TOKEN") from None
         purpose = policy.check_purpose(purpose) if purpose else ""
+        query = {"tenant": scope.tenant, "purpose": purpose}
+        after = self.tokens.subject_cursor(page_token, query)
         rows = self.store.list_subjects(scope.tenant, after, size + 1, purpose)
         total = self.store.count_subjects(scope.tenant, purpose)
         more = len(rows) > size
         rows = rows[:size]
-        token = base64.urlsafe_b64encode(rows[-1].subject.encode()).decode() if more and rows else ""
+        token = self.tokens.issue("subjects", query, rows[-1].subject) if more and rows else ""
         scope.ev.details = {"returned": len(rows)}
         return SubjectsPage(rows, token, total)
 
     def audit_log(self, ev: AuditEvent, page_size: int = 0, page_token: str = "", action: str = "",
                   subject: str = "") -> AuditPage:
         size = _page_size(page_size)
-        try:
-            after = int(page_token or 0)
-        except ValueError:
-            raise BadRequest("bad page_token", reason="BAD_PAGE_TOKEN") from None
+        query = {"action": action[:64], "subject": subject[:128]}
+        after = self.tokens.audit_cursor(page_token, query)
         rows = self.store.audit_entries(after, size + 1, action, subject)
         more = len(rows) > size
         rows = rows[:size]
         ev.details = {"returned": len(rows)}
-        return AuditPage(rows, str(rows[-1].seq) if more else "")
+        return AuditPage(rows, self.tokens.issue("audit", query, rows[-1].seq) if more else "")
 
     def verify_chain(self, ev: AuditEvent) -> ChainReport:
         r = self.store.verify_audit()
