@@ -36,17 +36,25 @@ class LocalDeployment:
         return KeyServiceClient(target or self.ks.target, token, pinned_key=self.ks_key,
                                 device_id=device_id, tenant=tenant)
 
-    def operator(self, role: str = "operator", matcher=None):
+    def matcher_token(self, role: str, tenant: str = "") -> str:
+        """The matcher token of ``role`` acting for ``tenant`` (device and operator tokens are bound
+        to one tenant; ``tenants`` of :func:`start_local` get their own)."""
+        return self.matcher_tokens.get(f"{role}@{tenant}", self.matcher_tokens[role]) if tenant else \
+            self.matcher_tokens[role]
+
+    def operator(self, role: str = "operator", matcher=None, tenant: str = ""):
         from ..client import OperatorClient
-        return OperatorClient((matcher or self.matcher).target, self.matcher_tokens[role])
+        return OperatorClient((matcher or self.matcher).target, self.matcher_token(role, tenant))
 
     def device(self, device_id: str = "gate-1", scheme: str = "biohash:bits=256,dim=128", matcher=None, **kw):
-        """A device SDK whose keys, HE context and decisions come from the key service."""
+        """A device SDK whose keys, HE context and decisions come from the key service (unless
+        ``deriver=`` is given)."""
         from ..client import DeviceClient
         tenant = kw.get("tenant", "")
-        if "deriver" not in kw and "keyservice" not in kw:
+        if kw.get("deriver") is None and "keyservice" not in kw:
+            kw.pop("deriver", None)
             kw["keyservice"] = self.ks_client("device", device_id=device_id, tenant=tenant)
-        return DeviceClient((matcher or self.matcher).target, self.matcher_tokens["device"], device_id,
+        return DeviceClient((matcher or self.matcher).target, self.matcher_token("device", tenant), device_id,
                             scheme=scheme, **kw)
 
     def register_device(self, device_id: str = "gate-1", tenant: str = "", matcher=None):
@@ -57,7 +65,7 @@ class LocalDeployment:
     def register_he(self, purpose: str, mode: str, dim: int, tenant: str = "", matcher=None):
         """Create the HE key at the key service; register its public context at the matcher."""
         ctx, _ = self.ks_client("operator", tenant=tenant).he_context(purpose, mode, dim, eval_keys=True, create=True)
-        return self.operator(matcher=matcher).register_he_context(ctx, purpose, tenant=tenant)
+        return self.operator(matcher=matcher, tenant=tenant).register_he_context(ctx, purpose, tenant=tenant)
 
     def start_matcher(self, data_dir, keyservice: str | None = None, keyservice_key: str | None = None, **settings):
         """Another matcher on the same clock (e.g. wired to a man-in-the-middle key service)."""
@@ -85,7 +93,8 @@ def _matcher(data_dir, clock, tokens, ks_target, ks_token, ks_key, settings):
                            "keyservice": ks_target, "keyservice_token": ks_token, "keyservice_key": ks_key,
                            **settings})
     for role, tok in tokens.items():
-        cfg.add_token(role, tok, name=f"{role}-1")
+        role, _, tenant = role.partition("@")
+        cfg.add_token(role, tok, name=f"{role}-{tenant or 1}", tenant=tenant)
     return VeilfaceServer(cfg.validate(), clock=clock).start()
 
 
@@ -93,13 +102,16 @@ def start_local(root: str | Path, clock=None, ks_settings: dict | None = None,
                 matcher_settings: dict | None = None, kek: bytes | None = None,
                 tenants: tuple[str, ...] = ()) -> LocalDeployment:
     """Start a key service (``root/keyservice``) and a matcher (``root/matcher``) that uses it.
-    ``tenants``: other tenants than "default" whose devices and operators get key-service tokens."""
+    ``tenants``: other tenants than "default" whose devices and operators get tokens (of both)."""
     from ..service.clock import SystemClock
     from .server import KeyServiceServer
     root = Path(root)
     clock = clock or SystemClock()
     ks_tokens = {r: f"vf_{r}_{secrets.token_urlsafe(18)}" for r in KS_ROLES}
     m_tokens = {r: f"vf_{r}_{secrets.token_urlsafe(18)}" for r in MATCHER_ROLES}
+    for tenant in tenants:
+        for role in ("device", "operator"):
+            m_tokens[f"{role}@{tenant}"] = f"vf_{role}_{secrets.token_urlsafe(18)}"
     kcfg = KeyServiceConfig(**{"port": 0, "data_dir": str(root / "keyservice"), **(ks_settings or {})})
     for role, tok in ks_tokens.items():
         kcfg.add_token(role, tok, name=f"ks-{role}-1")

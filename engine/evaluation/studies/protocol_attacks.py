@@ -59,6 +59,7 @@ from ..records import OMIT_NONE
 from ..scores import ScoreContext
 
 PURPOSE = "protocol_attacks"
+TENANTS = ("pa-t1", "pa-t2", "pa-c1", "pa-c2", "pa-old", "pa-vl-old")   # tenants of the deployments
 ALPHA = 1e-3           # recovered-template success: |cos| beyond what a random guess reaches with p = 0.001
 SCALE = 4.0            # the scaled basis probes
 
@@ -154,7 +155,7 @@ class _Env:
         from ...service.clock import ManualClock
         self.clock = ManualClock()
         self.root = root
-        self.dep = start_local(root, self.clock, ks_settings, matcher_settings, tenants=("pa-t1", "pa-t2"))
+        self.dep = start_local(root, self.clock, ks_settings, matcher_settings, tenants=TENANTS)
 
     def close(self) -> None:
         self.dep.close()
@@ -454,7 +455,7 @@ def device_compromise(env: _Env, ctx: ScoreContext, scheme_desc: str, n_victims:
     old_state.mkdir()
     (old_state / "keystore.json").write_text(json.dumps({"master_secret": master.hex(), "tenant": old_tenant}))
     kd = KeyDeriver(master, old_tenant)
-    ob = DeviceClient(dep.matcher.target, dep.matcher_tokens["device"], "old-b", kd, scheme=scheme_desc,
+    ob = DeviceClient(dep.matcher.target, dep.matcher_token("device", old_tenant), "old-b", kd, scheme=scheme_desc,
                       purpose=purpose, key_scope="subject", tenant=old_tenant)
     for i, x in enumerate(victims):
         c = ob.record_consent(f"dc-v{i}", "notice-v1", 30)
@@ -578,7 +579,7 @@ def version_linkage(env: _Env, ctx: ScoreContext, scheme_desc: str, n: int, capt
             dev = dep.device("pa-gate", scheme=scheme_desc, purpose=purpose)          # group keys from the key service
         else:
             kd = KeyDeriver(KeyDeriver.new_master_secret(), tenant)
-            dev = DeviceClient(dep.matcher.target, dep.matcher_tokens["device"], "pa-gate", kd, scheme=scheme_desc,
+            dev = DeviceClient(dep.matcher.target, dep.matcher_token("device", tenant), "pa-gate", kd, scheme=scheme_desc,
                                purpose=purpose, tenant=tenant)
         for i in range(n):                                                           # old-version enrolments
             _enrol_at(env, dev, f"old{i}", enrol_x[i], purpose, 1 if proto != "current" else None)
@@ -637,7 +638,7 @@ def cross_tenant_linkage(env: _Env, ctx: ScoreContext, scheme_desc: str, n: int,
             if proto == "current":
                 devs.append(dep.device("pa-gate", scheme=scheme_desc, purpose=purpose, tenant=t))
             else:
-                devs.append(DeviceClient(dep.matcher.target, dep.matcher_tokens["device"], "pa-gate", shared,
+                devs.append(DeviceClient(dep.matcher.target, dep.matcher_token("device", t), "pa-gate", shared,
                                          scheme=scheme_desc, purpose=purpose, tenant=t))
         for i in range(n):
             env.enrol(devs[0], f"a{i}", a_x[i], purpose)
