@@ -146,3 +146,33 @@ def test_decision_records_refuse_replays(store):
         assert not tx.record_decision("t" * 20, "g2", "r2")      # same ticket
         assert not tx.record_decision("u" * 20, "g1", "r3")      # same grant
         assert not tx.record_decision("v" * 20, "g3", "r1")      # same result
+
+
+def test_keyed_chain_resists_an_edit_with_a_recomputed_chain(tmp_path):
+    """An attacker who can write the database but not read the KEK edits an entry, drops the
+    triggers and recomputes every hash and the head (the attack the unkeyed chain cannot see)."""
+    from engine.keyservice.store import _AUDIT_COLS, audit_key
+    from engine.service.audit import GENESIS, entry_hash
+    kek = b"\x07" * 32
+    s = KeyServiceStore(tmp_path / "ks", ManualClock(), audit_key(kek))
+    try:
+        ks = keystore(s, kek)
+        ks.derive("acme", "alice", 1, SPEC)
+        ks.derive("acme", "bob", 1, SPEC)
+        assert s.verify_audit().ok
+        conn = sqlite3.connect(s.path)
+        conn.execute("DROP TRIGGER audit_no_update")
+        cols = [c.strip() for c in _AUDIT_COLS.split(",")]
+        prev = GENESIS
+        for r in conn.execute(f"SELECT {_AUDIT_COLS} FROM audit ORDER BY seq").fetchall():
+            row = dict(zip(cols, r))
+            row["actor"] = "someone-else"
+            h = entry_hash(prev, row)                          # the attacker has no key: plain SHA-256
+            conn.execute("UPDATE audit SET actor = ?, prev_hash = ?, hash = ? WHERE seq = ?", (row["actor"], prev, h, row["seq"]))
+            prev = h
+        conn.execute("UPDATE audit_head SET hash = ? WHERE id = 1", (prev,))
+        conn.commit()
+        conn.close()
+        assert not s.verify_audit().ok
+    finally:
+        s.close()

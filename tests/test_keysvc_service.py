@@ -15,7 +15,7 @@ from engine._proto.veilface.v1 import keyservice_pb2 as kpb
 from engine.client import ServiceError
 from engine.keyservice.signing import Verifier, check_decision
 from engine.schemes import make_scheme
-from tests.support.keyservice import KS_BOUND_DEVICE, KS_TOKENS, running_keyservice
+from tests.support.keyservice import KEK, KS_BOUND_DEVICE, KS_TOKENS, running_keyservice
 
 pytest.importorskip("tenseal")
 
@@ -289,10 +289,34 @@ def test_identify_decisions_release_at_most_max_k_ids(tmp_path):
         assert not any(k in json.loads(sd.payload) for k in ("scores", "score"))
 
 
-def test_cli_token_and_offline_audit_verify(tmp_path, ks, dev, capsys):
+def test_cli_token_and_offline_audit_verify_with_the_kek(tmp_path, ks, dev, capsys, monkeypatch):
     from engine.cli import main
     assert main(["keyservice", "token", "--role", "matcher"]) == 0
     out = capsys.readouterr().out
     assert '"role": "matcher"' in out and "vf_matcher_" in out
     dev.release_key(PURPOSE, SPEC, "VERIFY", subject="alice", key_version=1)
+    monkeypatch.setenv("VEILFACE_KS_KEK", KEK.hex())
     assert main(["keyservice", "audit-verify", "--data-dir", str(ks.cfg.data_dir)]) == 0
+    monkeypatch.setenv("VEILFACE_KS_KEK", "00" * 32)          # the chain is keyed: another key does not verify it
+    assert main(["keyservice", "audit-verify", "--data-dir", str(ks.cfg.data_dir)]) == 1
+
+
+def test_hostile_input_stores_nothing_and_a_restart_is_unaffected(tmp_path):
+    with running_keyservice(tmp_path / "ks") as ks:
+        bound = ks.client("device", token=KS_BOUND_DEVICE)
+        for req in (dict(scheme="x" * 5000), dict(key_version=-1), dict(subject_id="a b"), dict(op=77)):
+            base = dict(tenant="default", purpose=PURPOSE, subject_id="alice", scheme=SPEC, key_version=1,
+                        op=kpb.VERIFY, device_id="gate-1")
+            with pytest.raises(ServiceError):
+                bound._call("ReleaseKey", kpb.ReleaseKeyRequest(**{**base, **req}))
+        with pytest.raises(ServiceError):
+            ks.client("matcher")._call("Decide", kpb.DecideRequest(ticket="T" * 24, grant="g", kind="verify",
+                                                                     tenant="default", purpose=PURPOSE,
+                                                                     probe_sha256=PROBE, result=b"\xff" * 100))
+        rows = ks.server.store._secret("", ())
+        assert [r.kind for r in rows] == ["signing"]               # no master secret was created for them
+        key = bound.release_key(PURPOSE, SPEC, "VERIFY", subject="alice", key_version=1).key
+    with running_keyservice(tmp_path / "ks") as again:           # same data dir, same KEK
+        assert again.client("device", token=KS_BOUND_DEVICE).release_key(
+            PURPOSE, SPEC, "VERIFY", subject="alice", key_version=1).key == key
+        assert again.client("auditor").verify_audit_chain().ok

@@ -42,8 +42,9 @@ def register(sub) -> None:
     t.add_argument("--device-id", default="")
     t.add_argument("--tenant", default="")
     t.set_defaults(func=_token)
-    a = ksub.add_parser("audit-verify", help="verify the key service's audit chain (offline)")
+    a = ksub.add_parser("audit-verify", help="verify the key service's keyed audit chain (offline; needs the KEK)")
     a.add_argument("--data-dir", required=True)
+    a.add_argument("--kek-file", help="the KEK file (default <data-dir>.kek; or $VEILFACE_KS_KEK)")
     a.set_defaults(func=_audit_verify)
 
 
@@ -76,10 +77,13 @@ def _audit_verify(args) -> int:
     from pathlib import Path
 
     from ..service.status import NotFound
-    from .store import DB_NAME, KeyServiceStore
+    from .config import KeyServiceConfig
+    from .keystore import load_kek
+    from .store import DB_NAME, KeyServiceStore, audit_key
     if not (Path(args.data_dir) / DB_NAME).exists():
         raise NotFound(f"no key-service store in {args.data_dir}")
-    store = KeyServiceStore(args.data_dir)
+    cfg = KeyServiceConfig(data_dir=args.data_dir, kek_file=args.kek_file or "")
+    store = KeyServiceStore(args.data_dir, key=audit_key(load_kek(cfg.kek_path(), args.data_dir, create=False)))
     try:
         rep = store.verify_audit()
     finally:

@@ -19,7 +19,7 @@ from .app import KeyServiceApp, Principal
 from .config import KeyServiceConfig
 from .keystore import AESGCMWrapper, SoftwareKeyStore, load_kek
 from .servicer import SERVICE_NAME, KeyServiceAuth, KeyServiceServicer
-from .store import KeyServiceStore
+from .store import KeyServiceStore, audit_key
 
 
 class KeyServiceServer:
@@ -30,9 +30,9 @@ class KeyServiceServer:
         cfg.validate()
         self.cfg = cfg
         self.clock = clock or SystemClock()
-        self.store = KeyServiceStore(cfg.data_dir, self.clock)
+        kek = kek if kek is not None else load_kek(cfg.kek_path(), cfg.data_dir)
+        self.store = KeyServiceStore(cfg.data_dir, self.clock, audit_key(kek))
         try:
-            kek = kek if kek is not None else load_kek(cfg.kek_path(), cfg.data_dir)
             self.keys = SoftwareKeyStore(self.store, AESGCMWrapper(kek))
             self.app = KeyServiceApp(cfg, self.store, self.keys, self.clock)
         except BaseException:

@@ -7,11 +7,17 @@ version of each fast-mode purpose), ``decisions`` (tickets, grants and result ha
 decided, for replay checks) and the hash-chained audit log (``audit`` + ``audit_head``, the chain
 of :mod:`engine.service.audit`; UPDATE / DELETE refused by triggers).
 
+The audit chain is keyed (HMAC-SHA256, :class:`engine.service.audit.AuditKey`) with a key derived
+from the KEK (:func:`audit_key`): whoever can write the database but not read the KEK cannot edit an
+entry and recompute the chain.
+
 ``PRAGMA secure_delete`` is on, so a shredded secret's pages are overwritten with zeros, not just
 unlinked; WAL with ``synchronous=FULL``: what is acknowledged is on disk.
 """
 from __future__ import annotations
 
+import hashlib
+import hmac
 import sqlite3
 import threading
 from collections.abc import Iterator
@@ -19,7 +25,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..service.audit import GENESIS, AuditEvent, AuditRow, ChainReport, next_entry, verify_chain
+from ..service.audit import GENESIS, AuditEvent, AuditKey, AuditRow, ChainReport, next_entry, verify_chain
 from ..service.clock import Clock, SystemClock
 
 DB_NAME = "keyservice.db"
@@ -69,11 +75,16 @@ class SecretRow:
     shredded_at: float | None
 
 
+def audit_key(kek: bytes) -> AuditKey:
+    """The key of the key service's audit chain, derived from its KEK (never stored)."""
+    return AuditKey(hmac.new(kek, b"veilface/keyservice/audit-chain", hashlib.sha256).digest())
+
+
 class Tx:
     """Writes inside one transaction (see :meth:`KeyServiceStore.transaction`)."""
 
-    def __init__(self, conn: sqlite3.Connection, now: float) -> None:
-        self.conn, self.now = conn, now
+    def __init__(self, conn: sqlite3.Connection, now: float, key: AuditKey | None = None) -> None:
+        self.conn, self.now, self.key = conn, now, key
 
     def insert_secret(self, row: SecretRow) -> None:
         self.conn.execute(
@@ -113,7 +124,7 @@ class Tx:
 
     def audit(self, ev: AuditEvent, result: str = "OK", reason: str = "") -> AuditRow:
         head = self.conn.execute("SELECT seq, hash FROM audit_head WHERE id = 1").fetchone() or (0, GENESIS)
-        row = next_entry((int(head[0]), str(head[1])), self.now, ev, result, reason)
+        row = next_entry((int(head[0]), str(head[1])), self.now, ev, result, reason, self.key)
         self.conn.execute(f"INSERT INTO audit ({_AUDIT_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                           (row.seq, row.ts, row.actor_role, row.actor, row.action, row.tenant, row.subject,
                            row.purpose, row.device, row.result, row.reason, row.details, row.prev_hash, row.hash))
@@ -127,7 +138,8 @@ class KeyServiceStore:
     """SQLite store of the key service (one connection, serialised by a lock: the key service's
     load is a few calls per match, not the matcher's)."""
 
-    def __init__(self, data_dir: str | Path, clock: Clock | None = None) -> None:
+    def __init__(self, data_dir: str | Path, clock: Clock | None = None, key: AuditKey | None = None) -> None:
+        self.key = key
         self.dir = Path(data_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         try:
@@ -151,7 +163,7 @@ class KeyServiceStore:
         with self._lock:
             self._conn.execute("BEGIN IMMEDIATE")
             try:
-                yield Tx(self._conn, self.clock.now())
+                yield Tx(self._conn, self.clock.now(), self.key)
             except BaseException:
                 self._conn.execute("ROLLBACK")
                 raise
@@ -214,7 +226,7 @@ class KeyServiceStore:
     def verify_audit(self) -> ChainReport:
         with self._lock:
             rows = self._conn.execute(f"SELECT {_AUDIT_COLS} FROM audit ORDER BY seq").fetchall()
-        return verify_chain((AuditRow(*r) for r in rows), self.audit_head())
+        return verify_chain((AuditRow(*r) for r in rows), self.audit_head(), self.key)
 
     def raw_bytes(self) -> bytes:
         """The database file and its WAL as stored on disk (tests look for leaked key bytes)."""
@@ -234,4 +246,4 @@ class KeyServiceStore:
                 self._conn.close()
 
 
-__all__ = ["DB_NAME", "SecretRow", "KeyServiceStore", "Tx"]
+__all__ = ["DB_NAME", "SecretRow", "KeyServiceStore", "Tx", "audit_key"]
