@@ -32,14 +32,33 @@ SCHEMES = {
 PURPOSE = "access_control"
 
 
+def _assessment() -> dict:
+    """The impact assessment a central matcher needs before enrolling for PURPOSE (issue 15)."""
+    import datetime
+
+    from engine.service import pia
+    doc = pia.draft(PURPOSE, tenant="bench", mode="central", today=datetime.date.today(),
+                    eval_report=Path(__file__).resolve().parents[1] / "docs" / "eval" / "report.json",
+                    recipient="the benchmark matcher")
+    doc.update(legal_basis="load benchmark on synthetic subjects", necessity="throughput measurement",
+               assessor="benchmark")
+    doc["deployment"]["off_device"]["why"] = "throughput measurement of the central matcher"
+    return doc
+
+
+# the separate off-device-storage consent every synthetic subject gives (central matcher, issue 15)
+OFF_DEVICE = ("offdevice-bench", "protected face template", "the benchmark matcher", "throughput measurement")
+
+
 def _enrol(target, tokens, scheme_desc, prefix, centres, workers=4):
-    from engine.client import DeviceClient
+    from engine.client import DeviceClient, OffDeviceTerms
     from engine.keys import KeyDeriver
     deriver = KeyDeriver(bytes(range(32)), "bench")
     n = len(centres)
 
     def work(w):
-        dev = DeviceClient(target, tokens["device"], "bench-dev", deriver, scheme=scheme_desc, tenant="bench")
+        dev = DeviceClient(target, tokens["device"], "bench-dev", deriver, scheme=scheme_desc, tenant="bench",
+                           off_device=OffDeviceTerms(*OFF_DEVICE))
         for i in range(w, n, workers):
             c = dev.record_consent(f"{prefix}{i:06d}", "notice-bench", 30)
             dev.enroll(f"{prefix}{i:06d}", centres[i], c.consent_id, request_id=f"{prefix}{i}")
@@ -121,6 +140,7 @@ def run(quick: bool = True, schemes: list[str] | None = None, clients: int = 8,
         assert srv.target.startswith("127.0.0.1:"), srv.target
         OperatorClient(srv.target, tokens["admin"]).register_device(
             "bench-dev", LocationClass.RESTRICTED_AREA, "bench", tenant="bench")
+        OperatorClient(srv.target, tokens["admin"]).register_impact_assessment(_assessment(), tenant="bench")
         rng = np.random.default_rng(0)
         for name in schemes:
             desc = SCHEMES.get(name, name)

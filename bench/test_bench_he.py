@@ -48,3 +48,38 @@ def test_he_verify_tenseal_dot(benchmark, pair):
     benchmark.group = f"he_verify_{pair['dim']}"
     score = benchmark(lambda: pair["tp"].dot(pair["tt"]).decrypt()[0])
     assert abs(score - pair["truth"]) < 1e-3
+
+
+@pytest.fixture(scope="module")
+def identify(bench_rng):
+    """Two 128-d blocks (16,384 encrypted templates) and one expanded probe."""
+    from engine.he import EncryptedGallery, KeyHolder, raw
+
+    kh = KeyHolder("identify", 128, "bench")
+    pub = kh.public_context()
+    g = EncryptedGallery(pub)
+    y = bench_rng.standard_normal((8192, 128))
+    y /= np.linalg.norm(y, axis=1, keepdims=True)
+    arr = raw.to_arrays(pub.encrypt_block(y))
+    for b in range(2):
+        g.add_block([f"b{b}_{j}" for j in range(8192)], arr)
+    probe = pub.encrypt(y[5], "probe")
+    pieces = g.expand_probe(g._load_probe(probe))
+    return {"g": g, "pieces": pieces, "array": g.probe_array(pieces), "blocks": g.block_arrays(),
+            "cts": [g.block_ciphertexts(b) for b in range(2)]}
+
+
+def test_he_identify_blocks_native(benchmark, identify):
+    """Kernel + SEAL rescale/relinearise, pipelined (what a search does after the expansion)."""
+    benchmark.group = "he_identify_128_2_blocks"
+    d = identify
+    parts = benchmark(lambda: d["g"].search_arrays(d["array"], d["blocks"], d["pieces"][0].scale))
+    assert len(parts) == 2
+
+
+def test_he_identify_blocks_sealapi(benchmark, identify):
+    """The SEAL-only loop (multiply + add_inplace per dimension) on the same blocks."""
+    benchmark.group = "he_identify_128_2_blocks"
+    d = identify
+    out = benchmark(lambda: d["g"].search_cts(d["pieces"], d["cts"]))
+    assert len(out) == 2

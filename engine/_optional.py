@@ -33,6 +33,11 @@ EXTRAS: dict[str, tuple[str, str]] = {
     "psycopg": ("psycopg", "scale"),
     "psycopg_pool": ("psycopg-pool", "scale"),
     "ray": ("ray", "scale"),
+    # api: observability (engine/service/observability.py)
+    "prometheus_client": ("prometheus-client", "server"),
+    "opentelemetry": ("opentelemetry-sdk", "tracing"),
+    "opentelemetry.instrumentation.grpc": ("opentelemetry-instrumentation-grpc", "tracing"),
+    "opentelemetry.exporter.otlp.proto.grpc": ("opentelemetry-exporter-otlp-proto-grpc", "tracing"),
 }
 
 

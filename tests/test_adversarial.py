@@ -203,8 +203,8 @@ def vkh():
 
 def he_world(w: World, kh) -> object:
     w.client("operator").register_he_context(kh.public_context(), PURPOSE)
-    from engine.client import DeviceClient
-    return DeviceClient(w.srv.target, TOKENS["device"], "gate-1", scheme=VERIFY, key_holder=kh)
+    from tests.support import device_client
+    return device_client(w.srv.target, TOKENS["device"], "gate-1", scheme=VERIFY, key_holder=kh)
 
 
 def split_he(blob: bytes) -> tuple[dict, list[bytes]]:

@@ -22,7 +22,6 @@ from engine._proto.veilface.v1 import matcher_pb2 as pb
 from engine.client import (
     IDEMPOTENT_METHODS,
     NOT_RETRIED,
-    DeviceClient,
     LocationClass,
     OperatorClient,
     RetryPolicy,
@@ -30,7 +29,7 @@ from engine.client import (
 )
 from engine.client.channel import SERVICE, multi_target, service_config, split_targets
 from engine.keys import KeyDeriver
-from tests.support import NOTICE, TOKENS, capture, faces, running_server
+from tests.support import NOTICE, TOKENS, capture, device_client, faces, register_assessments, running_server
 
 DERIVER = KeyDeriver(bytes(range(32)), "default")
 
@@ -89,7 +88,7 @@ def test_tls_arguments_are_checked():
 def _prepare(target: str, subjects: dict[str, np.ndarray]) -> None:
     """Register gate-1 on one replica and enrol ``subjects`` there (separate stores in these tests)."""
     OperatorClient(target, TOKENS["admin"]).register_device("gate-1", LocationClass.PUBLIC_PLACE, "lobby", True)
-    with DeviceClient(target, TOKENS["device"], "gate-1", DERIVER) as dev:
+    with device_client(target, TOKENS["device"], "gate-1", DERIVER) as dev:
         for sid, x in subjects.items():
             dev.enroll(sid, x, dev.record_consent(sid, NOTICE, 30).consent_id)
 
@@ -109,7 +108,7 @@ def test_calls_spread_over_replicas_and_survive_a_stopped_one(tmp_path):
         b = stack.enter_context(running_server(tmp_path / "b"))
         for s in (a, b):
             _prepare(s.target, subjects)
-        dev = stack.enter_context(DeviceClient(f"{a.target},{b.target}", TOKENS["device"], "gate-1", DERIVER))
+        dev = stack.enter_context(device_client(f"{a.target},{b.target}", TOKENS["device"], "gate-1", DERIVER))
         # round_robin: both replicas answer (the second one may still be connecting for the first calls)
         calls = 0
         while calls < 500 and not (_count(a.target, "Verify") and _count(b.target, "Verify")):
@@ -155,11 +154,14 @@ def test_sigkilled_replica_the_other_serves(tmp_path):
     from engine.service.launcher import ServerProcess, write_config
     x = faces(2, seed=8)
     subjects = {"s0": x[0], "s1": x[1]}
-    procs = [ServerProcess(write_config(tmp_path / n, tokens=dict(TOKENS))[0]) for n in ("a", "b")]
+    configs = [write_config(tmp_path / n, tokens=dict(TOKENS))[0] for n in ("a", "b")]
+    for n in ("a", "b"):
+        register_assessments(tmp_path / n)      # offline, before the server starts (issue 15)
+    procs = [ServerProcess(c) for c in configs]
     try:
         for p in procs:
             _prepare(p.target, subjects)
-        dev = DeviceClient([p.target for p in procs], TOKENS["device"], "gate-1", DERIVER)
+        dev = device_client([p.target for p in procs], TOKENS["device"], "gate-1", DERIVER)
         rng = np.random.default_rng(8)
         halfway, errors, ok = threading.Barrier(4), [], Counter()
 
@@ -237,7 +239,7 @@ def test_idempotent_calls_are_retried_after_a_lost_answer(proxied):
     s, proxy, target = proxied
     x = faces(1, seed=9)[0]
     _prepare(s.target, {})
-    dev = DeviceClient(target, TOKENS["device"], "gate-1", DERIVER)
+    dev = device_client(target, TOKENS["device"], "gate-1", DERIVER)
     c = dev.record_consent("s0", NOTICE, 30)
     proxy.armed["Enroll"] = grpc.StatusCode.UNAVAILABLE
     r = dev.enroll("s0", x, c.consent_id)
@@ -263,7 +265,7 @@ def test_non_idempotent_calls_are_not_retried(proxied):
     s, proxy, target = proxied
     x = faces(1, seed=10)[0]
     _prepare(s.target, {"s0": x})
-    dev = DeviceClient(target, TOKENS["device"], "gate-1", DERIVER)
+    dev = device_client(target, TOKENS["device"], "gate-1", DERIVER)
     op = OperatorClient(target, TOKENS["operator"])
     for method, call in (("RecordConsent", lambda: dev.record_consent("s1", NOTICE, 30)),
                          ("Revoke", lambda: dev.revoke("s0")),
@@ -305,11 +307,11 @@ def test_he_matches_need_no_replica_affinity(tmp_path):
         for s in servers:
             _prepare(s.target, {})
             s.client("operator").register_he_context(ctx, "access_control")
-            with DeviceClient(s.target, TOKENS["device"], "gate-1", scheme="he:dim=128,mode=verify",
-                              keyservice=ks.client("device")) as d:
+            with device_client(s.target, TOKENS["device"], "gate-1", scheme="he:dim=128,mode=verify",
+                               keyservice=ks.client("device")) as d:
                 d.enroll("s0", x, d.record_consent("s0", NOTICE, 30).consent_id)
-        dev = stack.enter_context(DeviceClient([s.target for s in servers], TOKENS["device"], "gate-1",
-                                               scheme="he:dim=128,mode=verify", keyservice=ks.client("device")))
+        dev = stack.enter_context(device_client([s.target for s in servers], TOKENS["device"], "gate-1",
+                                                scheme="he:dim=128,mode=verify", keyservice=ks.client("device")))
         assert not dev.protection.needs_replica_affinity
         for _ in range(6):   # round_robin: both replicas answer, each decision complete in its own call
             r = dev.verify("s0", capture(x, rng))

@@ -90,9 +90,8 @@ VERIFY = "he:dim=128,mode=verify"
 
 
 def he_device(w: World, kh):
-    from engine.client import DeviceClient
-    from tests.support import TOKENS
-    return DeviceClient(w.srv.target, TOKENS["device"], "gate-1", scheme=VERIFY, key_holder=kh)
+    from tests.support import TOKENS, device_client
+    return device_client(w.srv.target, TOKENS["device"], "gate-1", scheme=VERIFY, key_holder=kh)
 
 
 def two_part(t: Template) -> bytes:

@@ -316,3 +316,43 @@ def test_raw_rejects_bad_arrays(seal_env):
         raw.to_array(ct, np.empty((2, 2, n), np.int64))
     with pytest.raises(HEUnsupported):
         raw.to_arrays([ct, raw.from_array(good[:, :1], core.ctx, core.ctx.last_parms_id(), 1.0)])
+
+
+def test_from_array_into_reuses_a_ciphertext(seal_env):
+    # the search loop refills one SEAL ciphertext per block instead of a serialised load
+    core, pid, q = seal_env
+    rng = np.random.default_rng(6)
+    n = core.params.poly_degree
+    a3, a2 = _rand(rng, (3, 2, n), q), _rand(rng, (2, 2, n), q)
+    ct = raw.from_array(a3, core.ctx, pid, 2.0 ** 90)
+    last = core.ctx.last_parms_id()
+    core.evaluator.rescale_to_next_inplace(ct)              # now elsewhere: another level and scale
+    again = raw.from_array(a2, core.ctx, pid, 2.0 ** 45, into=ct)
+    assert again is ct and raw.shape_of(ct) == (2, 2, n) and ct.scale == 2.0 ** 45
+    assert list(ct.parms_id()) == list(pid) and ct.is_ntt_form()
+    np.testing.assert_array_equal(raw.to_array(ct), a2)
+    assert raw.serialise(a2, pid, 2.0 ** 45) == raw.ciphertext_bytes(ct)
+    np.testing.assert_array_equal(raw.to_array(raw.from_array(a2, core.ctx, pid, 2.0 ** 45)), a2)
+    unreduced = a2.copy()
+    unreduced[0, 1, 3] = q[1]
+    with pytest.raises(HEFormatError):
+        raw.from_array(unreduced, core.ctx, pid, 1.0, into=ct)
+    with pytest.raises(HEFormatError):                       # three primes at a two-prime level
+        raw.from_array(_rand(rng, (2, 3, n), list(q) + [Q60[2]]), core.ctx, pid, 1.0, into=ct)
+    a1 = _rand(rng, (2, 1, n), raw.moduli(core.ctx, last))
+    np.testing.assert_array_equal(raw.to_array(raw.from_array(a1, core.ctx, last, 1.0, into=ct)), a1)
+    # a ciphertext of the other NTT form is not reused (SEAL's own load builds a new one)
+    other = raw.from_array(a2, core.ctx, pid, 1.0, ntt_form=False)
+    got = raw.from_array(a2, core.ctx, pid, 1.0, into=other)
+    assert got is not other and got.is_ntt_form()
+
+
+def test_sealio_raw_ciphertext_is_from_array(seal_env):
+    from engine.he.sealio import raw_ciphertext
+    core, pid, q = seal_env
+    a = _rand(np.random.default_rng(7), (2, 2, core.params.poly_degree), q)
+    ct = raw_ciphertext(core.ctx, pid, a, 2.0 ** 45)
+    np.testing.assert_array_equal(raw.to_array(ct), a)
+    a[0, 0, 0] = q[0]
+    with pytest.raises(HEUnsupported):
+        raw_ciphertext(core.ctx, pid, a, 2.0 ** 45)

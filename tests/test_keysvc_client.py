@@ -10,7 +10,7 @@ import pytest
 
 from engine.client import DeviceClient, KeyVersions, LocationClass
 from engine.client.keys import KeyServiceKeys, UserHeldKey
-from tests.support import NOTICE, PURPOSE, TOKENS, capture, faces
+from tests.support import NOTICE, OFF_DEVICE, PURPOSE, TOKENS, capture, faces
 from tests.support.keyservice import ks_device, running_pair
 
 SCHEME = "biohash:bits=256,dim=128"
@@ -69,7 +69,7 @@ def test_a_local_deriver_still_works_for_edge_devices(pair):
     from engine.keys import KeyDeriver
     ks, m = pair
     dev = DeviceClient(m.target, TOKENS["device"], "gate-1", KeyDeriver(bytes(range(32)), "default"), scheme=SCHEME,
-                       key_scope="subject")
+                       key_scope="subject", off_device=OFF_DEVICE)
     x = faces(1)[0]
     enrol(dev, "bob", x)
     assert dev.verify("bob", x).matched

@@ -199,9 +199,9 @@ def test_without_a_key_service_encrypted_matches_are_refused_but_enrolment_works
         m.client("admin").register_device("gate-1", LocationClass.PUBLIC_PLACE, "lobby", True)
         kh = KeyHolder("verify", 128, tenant="default")
         m.client("operator").register_he_context(kh, PV)
-        from engine.client import DeviceClient
-        from tests.support import TOKENS
-        dev = DeviceClient(m.target, TOKENS["device"], "gate-1", scheme=VERIFY, purpose=PV, key_holder=kh)
+        from tests.support import TOKENS, device_client, register_assessments
+        register_assessments(m.app, (PV,))
+        dev = device_client(m.target, TOKENS["device"], "gate-1", scheme=VERIFY, purpose=PV, key_holder=kh)
         x = faces(1)[0]
         enrol(dev, "s0", x, PV)
         probe = dev.protect_probe("s0", x).to_bytes()

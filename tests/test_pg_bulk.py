@@ -8,9 +8,9 @@ import pytest
 
 from engine._proto.veilface.v1 import matcher_pb2 as pb
 from engine._proto.veilface.v1 import matcher_pb2_grpc as pb_grpc
-from engine.client import DeviceClient, LocationClass, OperatorClient
+from engine.client import LocationClass, OperatorClient
 from engine.keys import KeyDeriver
-from tests.support import NOTICE, TOKENS, capture, faces, running_server
+from tests.support import NOTICE, TOKENS, capture, device_client, faces, running_server
 from tests.support.services import drop_schema, fresh_schema
 
 DERIVER = KeyDeriver(bytes(range(32)), "default")
@@ -30,7 +30,7 @@ def test_enroll_stream_checks_every_row(tmp_path, settings):
     x = faces(7, seed=3)
     with running_server(tmp_path, bulk_batch_rows=2, **settings) as srv:
         OperatorClient(srv.target, TOKENS["admin"]).register_device("gate-1", LocationClass.PUBLIC_PLACE, "lobby", True)
-        dev = DeviceClient(srv.target, TOKENS["device"], "gate-1", DERIVER)
+        dev = device_client(srv.target, TOKENS["device"], "gate-1", DERIVER)
         consents = {f"s{i}": dev.record_consent(f"s{i}", NOTICE, 30).consent_id for i in range(6)}
         dev.withdraw("s5")                                   # s5's consent is withdrawn
         rows = [pb.BulkEnrollRow(subject_id=f"s{i}", template=dev.protect(f"s{i}", x[i]).to_bytes(),

@@ -23,9 +23,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.client import DeviceClient, LocationClass, OperatorClient
+from engine.client import LocationClass, OperatorClient
 from engine.keys import KeyDeriver
-from tests.support import NOTICE, TOKENS, capture, faces
+from tests.support import NOTICE, TOKENS, capture, device_client, faces, register_assessments
 from tests.support.services import drop_schema, fresh_schema, pg_dsn, ray_address
 from tests.support.waiting import wait_until
 
@@ -73,8 +73,9 @@ def _replica(c, name: str):
 
 def _enrol(target: str, x: np.ndarray) -> dict[str, np.ndarray]:
     OperatorClient(target, TOKENS["admin"]).register_device("gate-1", LocationClass.PUBLIC_PLACE, "lobby", True)
+    register_assessments(OperatorClient(target, TOKENS["admin"]))       # issue 15: before any enrolment
     subjects = {f"s{i}": x[i] for i in range(len(x))}
-    with DeviceClient(target, TOKENS["device"], "gate-1", DERIVER) as dev:
+    with device_client(target, TOKENS["device"], "gate-1", DERIVER) as dev:
         for sid, e in subjects.items():
             dev.enroll(sid, e, dev.record_consent(sid, NOTICE, 30).consent_id)
     return subjects
@@ -85,8 +86,8 @@ def test_read_your_writes_across_replicas(cluster):
     x = faces(N, seed=21)
     subjects = _enrol(a.target, x)                                # device registered and enrolled through A
     rng = np.random.default_rng(21)
-    with DeviceClient(b.target, TOKENS["device"], "gate-1", DERIVER) as on_b, \
-            DeviceClient(a.target, TOKENS["device"], "gate-1", DERIVER) as on_a:
+    with device_client(b.target, TOKENS["device"], "gate-1", DERIVER) as on_b, \
+            device_client(a.target, TOKENS["device"], "gate-1", DERIVER) as on_a:
         for sid, e in subjects.items():                           # B sees A's device and every enrolment
             assert on_b.verify(sid, capture(e, rng)).matched
             assert on_b.identify(capture(e, rng), top_k=1)[0][0] == sid
@@ -139,7 +140,7 @@ def test_failures_ray_node_replica_and_postgres(cluster):
     x = faces(N, seed=33)
     subjects = _enrol(a.target, x)
     targets = [a.target, b.target]
-    dev = DeviceClient(targets, TOKENS["device"], "gate-1", DERIVER, timeout=120.0)
+    dev = device_client(targets, TOKENS["device"], "gate-1", DERIVER, timeout=120.0)
     rng = np.random.default_rng(33)
     try:
         # 1. kill -9 the second Ray node under Identify / Verify load

@@ -24,7 +24,11 @@ BAD = {
     # harden
     "audit_key_file": [1], "verify_unknown_limit": [0], "auth_fail_limit": [0], "auth_fail_window_s": [0],
     "auth_lockout_s": [-1],
+    # api
+    "metrics_port": [-2, 65536, "9464"], "tracing": ["jaeger", 1], "tracing_endpoint": [1], "log_format": ["xml"],
+    "access_log": ["yes"], "max_samples_per_subject": [0, 1001],
 }
+BAD.update({"deployment": ["edge ", "", 1], "records_retention_years": [2, 0, "3"]})   # measures (issue 15)
 # pg
 BAD.update({"store": [1, "mysql://x", "/tmp/x.db"], "matching": ["ray", "ray://nohost", "ray://h:0", "ray://h:x", 2],
             "ray_shards": [0, 1.5], "ray_namespace": [""], "ray_node_ip": [1], "ray_timeout_s": [0],

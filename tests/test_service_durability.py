@@ -6,15 +6,16 @@ import threading
 import numpy as np
 import pytest
 
-from engine.client import DeviceClient, LocationClass, OperatorClient, ServiceError
+from engine.client import LocationClass, OperatorClient, ServiceError
 from engine.keys import KeyDeriver
 from engine.service.launcher import ServerProcess, write_config
-from tests.support import NOTICE
+from tests.support import NOTICE, device_client, register_assessments
 
 
 def test_sigkill_loses_nothing_acknowledged(tmp_path):
     data = tmp_path / "data"
     cfg_path, tokens = write_config(data)
+    register_assessments(data)      # offline, before the server starts (issue 15)
     srv = ServerProcess(cfg_path)
     OperatorClient(srv.target, tokens["admin"]).register_device("gate-1", LocationClass.PUBLIC_PLACE, "lobby", True)
     deriver = KeyDeriver(bytes(range(32)), "default")
@@ -25,7 +26,7 @@ def test_sigkill_loses_nothing_acknowledged(tmp_path):
     stop, enough = threading.Event(), threading.Event()
 
     def worker(w: int) -> None:
-        dev = DeviceClient(srv.target, tokens["device"], "gate-1", deriver, timeout=5)
+        dev = device_client(srv.target, tokens["device"], "gate-1", deriver, timeout=5)
         i = w
         while not stop.is_set() and i < len(x):
             sid = f"s{i:05d}"
@@ -57,7 +58,7 @@ def test_sigkill_loses_nothing_acknowledged(tmp_path):
         stored = {s.subject_id for s in op.list_subjects(page_size=1000)}
         missing = {sid for sid, _ in acked} - stored
         assert not missing, f"{len(missing)} acknowledged enrolments lost"
-        dev = DeviceClient(srv2.target, tokens["device"], "gate-1", deriver)
+        dev = device_client(srv2.target, tokens["device"], "gate-1", deriver)
         for sid, i in acked[:: max(1, n // 20)]:
             assert dev.verify(sid, x[i]).matched          # loaded into the gallery too
         chain = OperatorClient(srv2.target, tokens["auditor"]).verify_audit_chain()

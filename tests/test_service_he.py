@@ -18,7 +18,7 @@ pytest.importorskip("tenseal")
 from engine._proto.veilface.v1 import matcher_pb2 as pb  # noqa: E402
 from engine.client import LocationClass, ServiceError  # noqa: E402
 from engine.he import KeyHolder, PublicContext, blob_header  # noqa: E402
-from tests.support import NOTICE, PURPOSE, TOKENS, capture, faces, running_server  # noqa: E402
+from tests.support import NOTICE, PURPOSE, TOKENS, capture, device_client, faces, running_server  # noqa: E402
 from tests.support.keyservice import ks_device, register_he, running_keyservice, running_pair  # noqa: E402
 
 VERIFY = "he:dim=128,mode=verify"
@@ -74,8 +74,7 @@ def ikh():
 
 
 def he_device(s, scheme, **kw):
-    from engine.client import DeviceClient
-    return DeviceClient(s.target, TOKENS["device"], "gate-1", scheme=scheme, **kw)
+    return device_client(s.target, TOKENS["device"], "gate-1", scheme=scheme, **kw)
 
 
 def he_galleries(s) -> list:

@@ -14,10 +14,19 @@ import pytest
 pytest.importorskip("tenseal")
 
 from engine._proto.veilface.v1 import matcher_pb2 as pb  # noqa: E402
-from engine.client import DeviceClient, LocationClass, OperatorClient  # noqa: E402
+from engine.client import LocationClass, OperatorClient  # noqa: E402
 from engine.service.launcher import ServerProcess, write_config  # noqa: E402
 from engine.service.matching import LocalMatching  # noqa: E402
-from tests.support import NOTICE, PURPOSE, TOKENS, capture, faces, running_server  # noqa: E402
+from tests.support import (  # noqa: E402
+    NOTICE,
+    PURPOSE,
+    TOKENS,
+    capture,
+    device_client,
+    faces,
+    register_assessments,
+    running_server,
+)
 from tests.support.keyservice import running_keyservice  # noqa: E402
 from tests.support.waiting import wait_until  # noqa: E402
 
@@ -43,8 +52,8 @@ def ikh(ks):
 
 
 def device(ks, target, token=None):
-    return DeviceClient(target, token or TOKENS["device"], "gate-1", scheme=IDENTIFY,
-                        keyservice=ks.client("device", device_id="gate-1"))
+    return device_client(target, token or TOKENS["device"], "gate-1", scheme=IDENTIFY,
+                         keyservice=ks.client("device", device_id="gate-1"))
 
 
 def register(ks, op):
@@ -144,6 +153,7 @@ def test_sigkill_after_snapshot_later_changes_come_from_the_templates_table(tmp_
     # snapshot after every 4 adds, not on removal: the kill below hits an outdated snapshot
     cfg_path, tokens = write_config(data, he_snapshot_interval_s=3600, he_snapshot_batch=4,
                                     he_snapshot_after_removal=False, **ks.matcher_settings())
+    register_assessments(data)      # offline, before the server starts (issue 15)
     x = faces(8, seed=41)
     srv = ServerProcess(cfg_path)
     try:

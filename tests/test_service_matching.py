@@ -41,7 +41,8 @@ def protect(scheme, x, version=1):
 def test_gallery_key_names_its_parts(key):
     assert key.scope == ("t", "access_control", key.scheme) and not key.encrypted
     assert GalleryKey("t", "p", 'he/v1:{"dim":128,"mode":"identify"}', 2).encrypted
-    assert key == ("t", "access_control", key.scheme, 1)          # a tuple for the store's calls
+    assert key.stored == ("t", "access_control", key.scheme, 1)   # a tuple for the store's calls
+    assert key.gallery == "" and GalleryKey(*key.stored, "staff").gallery == "staff"
 
 
 def test_local_matching_add_verify_search_remove(scheme, key):

@@ -10,26 +10,41 @@ Rows:
   [60,40,40,60], scale 2^40, Galois keys), on the same pairs in the same process.
   ``max_abs_err`` is against the plaintext inner product; ``bare_s`` is the unsanitised product +
   decrypt (what algorithm 1 returned, for the cost of sanitising: ``sanitise_share``).
-* ``he_identify_<dim>`` (128): one encrypted probe against ``n`` encrypted templates on 2 shard
-  processes (``templates_per_s = n / ours_s``; ``ours_s`` includes the oblivious expansion of the
-  uploaded probe and serialising the encrypted result). The baseline is TenSEAL ``dot`` per
-  template, *extrapolated* from the measured 1:1 time (running it would take minutes).
-  ``--quick`` uses a smaller gallery (see ``n``); ``ours_s`` includes the probe's encrypted norm
-  (one block-like product) that the decider checks. Dimension-split shards (each expands half of the
-  probe, the parent adds the partial scores). Extra columns: ``mem_bytes_per_template`` (ciphertext
-  bytes the shards hold / n), ``rss_bytes_per_template`` (growth of the shards' resident memory while
-  loading / n), ``kept_bytes_per_added_template`` (memory growth per template added one by one into
-  free slots: 0 -- nothing is kept for removal), ``remove_s`` (one withdrawal: the slot is purged
-  homomorphically in every shard before ``remove`` returns), ``remove_max_score_change`` (largest
-  change of any other subject's score across the removals) and ``removed_absent``.
+* ``he_identify_<dim>`` (128 and 512, 100,000 templates; ``--quick``: 16,384 / 8,192): one
+  encrypted probe against ``n`` encrypted templates in one process
+  (:class:`~engine.he.identify.IdentifyGallery`: blocks as native arrays, SEAL expands the probe,
+  the native kernel multiplies and accumulates on every core, SEAL rescales and relinearises each
+  block meanwhile; ``expand_processes=1``: a helper process expands half of the probe's
+  dimensions). ``ours_s`` is the median time per probe of ``gallery.search`` (loading the
+  upload, expansion, kernel, SEAL, serialising the ``scores`` blob incl. the probe norm);
+  ``one_process_s`` the same without the helper. The
+  baseline is the SEAL-only loop the gallery ran before (``tenseal.sealapi`` ``multiply`` +
+  ``add_inplace`` per dimension, rescale, relinearise, ``seal_save``; one process) on the same
+  expanded probe: expansion time + its measured per-block time x (blocks + 1), timed on all
+  blocks or, where memory would double, on ``baseline_blocks_timed`` of them and scaled
+  (``baseline_2proc_ideal_s``: that halved, the best the old two spawn-process shards could do).
+  ``bit_equal_to_sealapi``: our result parts are bit-for-bit SEAL's. Columns: ``templates_per_s``,
+  ``expand_s``, ``bytes_per_template`` (4,096 at 128-d), ``probe_bytes`` (upload),
+  ``bytes_touched`` (block arrays + the expanded probe once per kernel call) and ``bw_frac`` =
+  (bytes touched / time) / the kernel suite's read-bandwidth probe over the same arrays,
+  ``max_abs_err`` vs the plaintext inner products, ``top1_correct``, ``rss_bytes_per_template``,
+  ``peak_rss_bytes``, ``setup_s`` (encrypting the gallery block by block in 2 spawn processes +
+  loading it); 128-d also ``remove_s`` / ``remove_max_score_change`` / ``removed_absent`` /
+  ``kept_bytes_per_added_template`` (withdrawal purges on the arrays; nothing kept per subject)
+  and the snapshot file round trip (``snapshot_save_s``, ``snapshot_load_s``).
+* ``he_identify_128_1M``: the same at 1,000,000 templates (baseline timed on 2 blocks and
+  scaled), only with ``python -m engine.benchmark.he --1m`` (its own process: ~5 GB; peak RSS is
+  the row's). ``--quick`` there: 250,000 templates.
 """
 from __future__ import annotations
 
+import os
 import time
 
 import numpy as np
 
 from .._optional import require
+from . import median_time
 
 
 def _unit(rng, n, d):
@@ -124,98 +139,263 @@ def _part(blob: bytes) -> bytes:
     return unpack_blob(blob)[1][0]
 
 
-def _identify_rows(quick: bool, rng, per_dim_dot: dict) -> list[dict]:
-    from ..he import KeyHolder, encrypt_block_blob
-    from ..he.shards import ShardedEncryptedGallery
+# ------------------------------------------------------------------------------------------
+# 1:N (identify)
+def _block_embeddings(seed: int, b: int, count: int, dim: int) -> np.ndarray:
+    """The plaintext templates of block ``b`` (regenerated on demand: a 1M gallery's embeddings
+    are never all held at once)."""
+    return _unit(np.random.default_rng([seed, b]), count, dim)
+
+
+_worker_ctx = None
+
+
+def _worker_init(ctx_bytes: bytes) -> None:  # setup process
+    global _worker_ctx
+    from ..he import PublicContext
+    _worker_ctx = PublicContext.from_bytes(ctx_bytes)
+
+
+def _encrypt_block_arrays(seed: int, b: int, count: int, dim: int) -> np.ndarray:
+    """Block ``b`` encrypted by the device context (``PublicContext.encrypt_block``: one fresh
+    public-key encryption per dimension) as the gallery's ``(dim, 2, L, N)`` array."""
+    from ..he import raw
+    return raw.to_arrays(_worker_ctx.encrypt_block(_block_embeddings(seed, b, count, dim)))
+
+
+def _build_gallery(pub, n: int, dim: int, seed: int, workers: int):
+    """An identify gallery of ``n`` templates, encrypted block by block (``workers`` spawn
+    processes encrypt in parallel; SEAL holds the GIL). Returns (gallery, encrypt+load seconds)."""
+    global _worker_ctx
+    from ..he import EncryptedGallery
+
+    block = pub.params.poly_degree
+    counts = [min(block, n - i) for i in range(0, n, block)]
+    g = EncryptedGallery(pub, expand_processes=1)
+    dev = pub.device_context()
+    t0 = time.perf_counter()
+    if workers > 1 and len(counts) > 1:
+        import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_worker_init,
+                                 initargs=(dev.to_bytes(),)) as ex:
+            futs = [ex.submit(_encrypt_block_arrays, seed, b, c, dim) for b, c in enumerate(counts)]
+            for b, (c, f) in enumerate(zip(counts, futs)):
+                g.add_block([f"b{b}_{j}" for j in range(c)], f.result())
+                futs[b] = None
+    else:
+        _worker_ctx = dev
+        for b, c in enumerate(counts):
+            g.add_block([f"b{b}_{j}" for j in range(c)], _encrypt_block_arrays(seed, b, c, dim))
+    return g, time.perf_counter() - t0
+
+
+def _rss_self() -> tuple[int, int]:
+    """(current, peak) resident memory of this process in bytes."""
+    import resource
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return _rss(os.getpid()), peak
+
+
+def _stream_bw(arrays) -> float:
+    """Read bandwidth (bytes/s) of the kernel suite's probe (xor of every word, all cores) over
+    exactly the gallery's block arrays."""
+    from engine import _kernels as N
+    flats = [a.reshape(-1).view(np.uint8) for a in arrays]
+
+    def stream():
+        for f in flats:
+            N._stream_xor(f, 0)
+
+    t = median_time(stream, repeats=3, warmup=1)
+    return sum(f.nbytes for f in flats) / t
+
+
+def _sealapi_search(g, pieces, block_cts: list) -> list[bytes]:
+    """The SEAL-only search of the previous gallery (one process): ``multiply`` + ``add_inplace``
+    per dimension, rescale, relinearise, ``seal_save`` -- on the given blocks + the probe norm."""
+    from ..he.sealio import seal_save
+    return [seal_save(ct) for ct in g.search_cts(pieces, block_cts + [pieces])]
+
+
+def _identify_row(dim: int, n: int, queries: int, seed: int, *, name: str, baseline_blocks: int,
+                  removal: bool, snapshot: bool, workers: int) -> dict:
+    """One ``he_identify_*`` row; see the module docstring."""
+    from ..he import KeyHolder, raw, unpack_blob
     from . import record
 
-    dim = 128
-    n = 16384 if quick else 100_000
     kh = KeyHolder("identify", dim, "bench")
     pub = kh.public_context()
-    y = _unit(rng, n, dim)
-    block = pub.params.poly_degree
-    t0 = time.perf_counter()
-    blobs = [encrypt_block_blob(pub, y[i:i + block]) for i in range(0, n, block)]
-    enc_s = time.perf_counter() - t0
-    gallery = ShardedEncryptedGallery(pub, shards=2)
-    try:
-        rss_before = sum(_rss(pid) for pid in gallery.pids)
-        t0 = time.perf_counter()
-        for i, b in zip(range(0, n, block), blobs):
-            gallery.add_block([f"s{j}" for j in range(i, min(i + block, n))], b)
-        load_s = time.perf_counter() - t0
-        del blobs
-        rss_after = sum(_rss(pid) for pid in gallery.pids)
-        queries = 2 if quick else 4
-        qi = rng.integers(0, n, queries)
-        probes = []
-        for j in qi:
-            v = y[j] + 0.3 / np.sqrt(dim) * rng.standard_normal(dim)
-            probes.append(v / np.linalg.norm(v))
-        blobs_p = [pub.encrypt(v, "probe") for v in probes]
-        gallery.search(blobs_p[0])  # warm-up (Galois/monomial caches in the shards)
-        times, dec_times, errs, top_ok, res = [], [], [], 0, b""
-        for j, v, pb in zip(qi, probes, blobs_p):
-            t0 = time.perf_counter()
-            res = gallery.search(pb)
-            times.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            ids, scores = kh.decrypt_scores(res)
-            best = kh.decide_identify(res, threshold=0.5, k=1).subject_ids
-            dec_times.append(time.perf_counter() - t0)
-            order = np.fromiter((int(s[1:]) for s in ids), dtype=np.int64, count=len(ids))
-            errs.append(float(np.abs(scores - y[order] @ v).max()))
-            top_ok += int(bool(best) and best[0] == f"s{j}")
-        ours_s = float(np.median(times))
-        base_s = per_dim_dot.get(dim)
-        mem = gallery.memory_bytes()
+    mem0 = _rss_self()[0]
+    g, setup_s = _build_gallery(pub, n, dim, seed, workers)
+    mem1 = _rss_self()[0]
+    nblocks = len(g.block_arrays())
+    rng = np.random.default_rng([seed, 99])
+    targets = rng.integers(0, n, queries)
+    probes = []
+    for t in targets:
+        b, j = divmod(int(t), pub.params.poly_degree)
+        v = _block_embeddings(seed, b, min(pub.params.poly_degree, n - b * pub.params.poly_degree), dim)[j]
+        v = v + 0.3 / np.sqrt(dim) * rng.standard_normal(dim)
+        probes.append(v / np.linalg.norm(v))
+    blobs = [pub.encrypt(v, "probe") for v in probes]
 
-        # withdrawal: individually added templates keep nothing; block-loaded and added ones purge
-        extra = _unit(rng, 8, dim)
-        for k, v in enumerate(extra):
-            gallery.add(f"x{k}", pub.encrypt(v))
-        from ..he import EncryptedGallery
-        single = EncryptedGallery(pub)  # memory beyond its one block = what is kept per template
-        for k, v in enumerate(extra):
-            single.add(f"x{k}", pub.encrypt(v))
-        kept = (single.memory_bytes() - single.bytes_per_template * pub.params.poly_degree) / len(extra)
-        del single
-        probe = probes[0]
-        ref = np.concatenate([y @ probe, extra @ probe])
-        pb = blobs_p[0]
-        ids0, s0 = kh.decrypt_scores(gallery.search(pb))
-        victims = ["s0", f"s{n // 2}", "x3"]
-        rm_times = []
-        for vid in victims:
-            t0 = time.perf_counter()
-            assert gallery.remove(vid)
-            rm_times.append(time.perf_counter() - t0)
-        ids1, s1 = kh.decrypt_scores(gallery.search(pb))
-        before = dict(zip(ids0, s0))
-        change = float(max(abs(before[i] - v) for i, v in zip(ids1, s1)))
-        idx = np.array([int(i[1:]) if i[0] == "s" else n + int(i[1:]) for i in ids1])
-        errs.append(float(np.abs(s1 - ref[idx]).max()))
-        return [record(
-            f"he_identify_{dim}", n, dim, queries, ours_s, "tenseal_dot x n (extrapolated)",
-            None if base_s is None else base_s * n,
-            templates_per_s=n / ours_s, shards=gallery.shards, split=gallery.split,
-            bytes_per_template=gallery.bytes_per_template, probe_bytes=len(blobs_p[0]),
-            mem_bytes_per_template=mem / n, rss_bytes_per_template=(rss_after - rss_before) / n,
-            kept_bytes_per_added_template=kept, remove_s=float(np.median(rm_times)),
-            remove_max_score_change=change,
-            removed_absent=not (set(victims) & set(ids1)) and len(ids1) == len(ids0) - len(victims),
-            result_bytes=len(res), key_holder_decide_s=float(np.median(dec_times)),
-            max_abs_err=max(errs), top1_correct=f"{top_ok}/{queries}",
-            setup_encrypt_s=enc_s, setup_load_s=load_s,
-            params="N=8192, q=[60,60|60], scale 2^45 (128-bit); dimension-wise coefficient packing, "
-                   "8192 templates per block; stride-layout uploads (trace + expansion), probe norm",
-            note=("quick: 16384-template gallery" if quick else "100k-template gallery")
-                 + "; time per probe incl. oblivious expansion of the uploaded probe; "
-                 + f"{gallery.split} split; remove {float(np.median(rm_times)):.2f} s (purged), "
-                 + f"kept {kept:.0f} B per added template")]
-    finally:
-        gallery.close()
+    # baseline: the SEAL-only loop on `bb` blocks (SEAL ciphertexts rebuilt from the arrays),
+    # scaled to all blocks; the expansion is timed separately and counted once in both
+    bb = max(1, min(nblocks, baseline_blocks))
+    base_cts = [g.block_ciphertexts(b) for b in range(bb)]
+    pieces = g.expand_probe(g._load_probe(blobs[0]))
+    g.search(blobs[0])                                          # warm-up (pool, caches)
+    ours = unpack_blob(g.search(blobs[0]))[1]
+    base_parts = _sealapi_search(g, pieces, base_cts)
+    # same bits as SEAL's own loop (each block's result and the norm)
+    bit_equal = all(ours[k] == raw.ciphertext_bytes(_load(g, base_parts[k])) for k in range(bb)) \
+        and ours[-1] == raw.ciphertext_bytes(_load(g, base_parts[-1]))
+    times, one_times, base_times, exp_times, errs, top_ok, res = [], [], [], [], [], 0, b""
+    helper = g._helper
+    for t, v, pb in zip(targets, probes, blobs):
+        t0 = time.perf_counter()
+        res = g.search(pb)
+        times.append(time.perf_counter() - t0)
+        g._helper = None                                            # the same, one process
+        t0 = time.perf_counter()
+        g.search(pb)
+        one_times.append(time.perf_counter() - t0)
+        g._helper = helper
+        t0 = time.perf_counter()
+        pieces = g.expand_probe(g._load_probe(pb))
+        exp_times.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        _sealapi_search(g, pieces, base_cts)
+        base_times.append(time.perf_counter() - t0)
+        del pieces
+        ids, scores = kh.decrypt_scores(res)
+        truth = np.concatenate([_block_embeddings(seed, b, c, dim) @ v for b, c in enumerate(_counts(n, pub))])
+        if len(ids) != n or ids[0] != "b0_0" or ids[-1] != f"b{nblocks - 1}_{_counts(n, pub)[-1] - 1}":
+            raise AssertionError("bench: unexpected result table")
+        errs.append(float(np.abs(scores - truth).max()))
+        best = kh.decide_identify(res, threshold=0.5, k=1).subject_ids
+        b, j = divmod(int(t), pub.params.poly_degree)
+        top_ok += int(bool(best) and best[0] == f"b{b}_{j}")
+    del base_cts
+    ours_s, exp_s = float(np.median(times)), float(np.median(exp_times))
+    per_block = float(np.median(base_times)) / (bb + 1)          # bb blocks + the norm
+    base_s = exp_s + per_block * (nblocks + 1)
+    arrays = g.block_arrays()
+    probe_bytes = g.bytes_per_template * pub.params.poly_degree          # the expanded probe array
+    from ..he.identify import BLOCKS_PER_CALL
+    calls = -(-(nblocks + 1) // BLOCKS_PER_CALL)
+    touched = sum(a.nbytes for a in arrays) + probe_bytes * (calls + 1)
+    bw = _stream_bw(arrays)
+    cur, peak = _rss_self()
+    extra = dict(
+        templates_per_s=n / ours_s, expand_s=exp_s, one_process_s=float(np.median(one_times)),
+        one_process_templates_per_s=n / float(np.median(one_times)), expansion_helper=helper is not None,
+        baseline_2proc_ideal_s=base_s / 2,
+        bytes_per_template=g.bytes_per_template, mem_bytes_per_template=g.memory_bytes() / n,
+        rss_bytes_per_template=(mem1 - mem0) / n, rss_bytes=cur, peak_rss_bytes=peak,
+        probe_bytes=len(blobs[0]), result_bytes=len(res), max_abs_err=max(errs),
+        top1_correct=f"{top_ok}/{queries}", bit_equal_to_sealapi=bool(bit_equal),
+        bytes_touched=int(touched), gb_per_s=touched / ours_s / 1e9, stream_gb_per_s=bw / 1e9,
+        bw_frac=touched / ours_s / bw, setup_s=setup_s, setup_workers=workers,
+        baseline_blocks_timed=bb, blocks=nblocks, load_avg=os.getloadavg()[0],
+        kernel_simd=_simd(), params="N=8192, q=[60,60|60], scale 2^45 (128-bit); dimension-wise packing, "
+                                    "8192 templates per block; blocks as native uint64 arrays")
+    if snapshot:
+        extra.update(_snapshot_timing(g, pub))
+    if removal:
+        extra.update(_removal(g, kh, pub, probes[0], n, dim, seed))
+    g.close()
+    note = (f"{n:,} templates, {nblocks} blocks; time per probe incl. expansion (one process: "
+            f"{exp_s * 1e3:.0f} ms; half of it in the helper process) and serialising the result; "
+            f"one process: {extra['one_process_s'] * 1e3:.0f} ms; {100 * extra['bw_frac']:.0f}% of read bandwidth "
+            f"({extra['gb_per_s']:.1f} of {extra['stream_gb_per_s']:.1f} GB/s); baseline = sealapi loop in "
+            f"one process{'' if bb == nblocks else f', timed on {bb} of {nblocks} blocks and scaled'}; "
+            f"setup {setup_s:.0f} s; load avg {extra['load_avg']:.1f}")
+    return record(name, n, dim, queries, ours_s, "sealapi multiply+add loop (1 process)", base_s,
+                  note=note, **extra)
+
+
+def _counts(n: int, pub) -> list[int]:
+    block = pub.params.poly_degree
+    return [min(block, n - i) for i in range(0, n, block)]
+
+
+def _load(g, part: bytes):
+    import tenseal.sealapi as seal
+
+    from ..he.sealio import seal_load
+    return seal_load(seal.Ciphertext, g.ctx.core.ctx, part)
+
+
+def _simd() -> str:
+    from engine import kernels
+    return kernels.simd_level()
+
+
+def _snapshot_timing(g, pub) -> dict:
+    """Save the gallery to a snapshot file and load it into a new gallery (read straight into the
+    block arrays, every coefficient checked); the file is deleted afterwards."""
+    import tempfile
+
+    from ..he import EncryptedGallery
+    with tempfile.TemporaryDirectory(prefix="veilface-bench-") as d:
+        path = os.path.join(d, "gallery.vfhe")
+        t0 = time.perf_counter()
+        size = g.save_snapshot(path)
+        save_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        r = EncryptedGallery.restore(pub, path)
+        load_s = time.perf_counter() - t0
+        ok = len(r) == len(g)
+        del r
+    return {"snapshot_bytes": size, "snapshot_save_s": save_s, "snapshot_load_s": load_s, "snapshot_ok": ok}
+
+
+def _removal(g, kh, pub, probe, n, dim, seed) -> dict:
+    """Withdrawal: templates added one by one keep nothing; removals purge the slot on the
+    arrays before ``remove`` returns; the other scores stay put."""
+    from ..he import EncryptedGallery
+    rng = np.random.default_rng([seed, 7])
+    extra = _unit(rng, 4, dim)
+    single = EncryptedGallery(pub)  # memory beyond its one block = what is kept per template
+    for k, v in enumerate(extra):
+        single.add(f"x{k}", pub.encrypt(v))
+    kept = (single.memory_bytes() - single.bytes_per_template * pub.params.poly_degree) / len(extra)
+    del single
+    g.add("x0", pub.encrypt(extra[0]))
+    pb = pub.encrypt(probe, "probe")
+    ids0, s0 = kh.decrypt_scores(g.search(pb))
+    victims = ["b0_0", f"b{len(_counts(n, pub)) // 2}_5", "x0"]
+    rm = []
+    for vid in victims:
+        t0 = time.perf_counter()
+        if not g.remove(vid):
+            raise AssertionError(f"bench: {vid} was not in the gallery")
+        rm.append(time.perf_counter() - t0)
+    ids1, s1 = kh.decrypt_scores(g.search(pb))
+    before = dict(zip(ids0, s0))
+    change = float(max(abs(before[i] - v) for i, v in zip(ids1, s1)))
+    return {"kept_bytes_per_added_template": kept, "remove_s": float(np.median(rm)),
+            "remove_max_score_change": change,
+            "removed_absent": not (set(victims) & set(ids1)) and len(ids1) == len(ids0) - len(victims)}
+
+
+def _identify_rows(quick: bool) -> list[dict]:
+    n = 16384 if quick else 100_000
+    rows = [_identify_row(128, n, 2 if quick else 3, 11, name="he_identify_128", baseline_blocks=16,
+                          removal=True, snapshot=True, workers=2)]
+    rows.append(_identify_row(512, 8192 if quick else 100_000, 2, 12, name="he_identify_512",
+                              baseline_blocks=2 if quick else 4, removal=False, snapshot=False, workers=2))
+    return rows
+
+
+def run_1m(quick: bool = False) -> list[dict]:
+    """``he_identify_128_1M``: 1,000,000 templates (``quick``: 250,000), 2 probes. Run on its own
+    (peak RSS is the process's): ``python -m engine.benchmark.he --1m``."""
+    n = 250_000 if quick else 1_000_000
+    return [_identify_row(128, n, 2, 13, name="he_identify_128_1M" if not quick else "he_identify_128_250k",
+                          baseline_blocks=2, removal=False, snapshot=True, workers=2)]
 
 
 def _rss(pid: int) -> int:
@@ -231,11 +411,40 @@ def _rss(pid: int) -> int:
 
 
 def run(quick: bool = False) -> list[dict]:
-    """The HE suite (see module docstring)."""
+    """The HE suite (see module docstring): 1:1 rows, then 1:N at 128 and 512 dimensions."""
     rng = np.random.default_rng(7)
-    rows, per_dim_dot = _verify_rows(quick, rng)
-    rows += _identify_rows(quick, rng, per_dim_dot)
+    rows, _ = _verify_rows(quick, rng)
+    rows += _identify_rows(quick)
     return rows
 
 
-__all__ = ["run"]
+def main(argv: list[str] | None = None) -> int:
+    """``python -m engine.benchmark.he [--quick] [--1m] [--identify] [--json PATH]``: the HE suite,
+    only its 1:N rows (``--identify``), or the 1M row alone (``--1m``; needs ~5 GB of memory)."""
+    import argparse
+    import json
+
+    from . import _json_default, format_table, machine_line
+    ap = argparse.ArgumentParser(prog="python -m engine.benchmark.he")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--1m", dest="one_m", action="store_true", help="only he_identify_128_1M")
+    ap.add_argument("--identify", action="store_true", help="only the he_identify_* rows")
+    ap.add_argument("--json", metavar="PATH")
+    a = ap.parse_args(argv)
+    rows = run_1m(a.quick) if a.one_m else _identify_rows(a.quick) if a.identify else run(a.quick)
+    for r in rows:
+        r.setdefault("suite", "he")
+    print(f"Machine: {machine_line()}\n")
+    print(format_table(rows))
+    if a.json:
+        with open(a.json, "w") as fh:
+            json.dump(rows, fh, indent=2, default=_json_default)
+    return 0
+
+
+__all__ = ["run", "run_1m", "main"]
+
+
+if __name__ == "__main__":
+    import sys
+    sys.exit(main())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import grpc
 
@@ -61,13 +62,43 @@ class BaseClient:
         return list(self._call("ListHEContexts", pb.ListHEContextsRequest(
             tenant=tenant or self.tenant, purpose=purpose)).contexts)
 
+    # api: named galleries (any role may read them; a device needs the scheme and purpose)
+    def list_galleries(self, purpose: str = "", tenant: str = "") -> list:
+        """The tenant's named galleries (name, purpose, scheme, counts)."""
+        return list(self._call("ListGalleries", pb.ListGalleriesRequest(
+            tenant=tenant or self.tenant, purpose=purpose)).galleries)
+
+    def describe_gallery(self, name: str, tenant: str = "") -> pb.Gallery:
+        return self._call("DescribeGallery", pb.DescribeGalleryRequest(name=name, tenant=tenant or self.tenant))
+
+
+@dataclass(frozen=True)
+class OffDeviceTerms:
+    """The off-device-storage notice of a consent flow (2025 Measures: face information leaves the
+    device only with the person's separate consent): what is transferred, to whom, why, and the
+    notice version. Recorded with a consent when the subject agreed to it separately."""
+
+    notice_version: str
+    transferred: str
+    recipient: str
+    why: str
+
+    def to_proto(self, consented_at: float = 0.0) -> pb.OffDeviceConsent:
+        return pb.OffDeviceConsent(separate_consent=True, notice_version=self.notice_version,
+                                   transferred=self.transferred, recipient=self.recipient, why=self.why,
+                                   consented_at=consented_at)
+
 
 def consent_request(subject_id: str, purpose: str, notice_version: str, subject_age: int,
                     separate_consent: bool = True, guardian_ref: str = "", guardian_relationship: str = "",
-                    device_id: str = "", tenant: str = "", consented_at: float = 0.0) -> pb.RecordConsentRequest:
+                    device_id: str = "", tenant: str = "", consented_at: float = 0.0,
+                    off_device: OffDeviceTerms | pb.OffDeviceConsent | None = None) -> pb.RecordConsentRequest:
     req = pb.RecordConsentRequest(subject_id=subject_id, purpose=purpose, notice_version=notice_version,
                                   separate_consent=separate_consent, subject_age=subject_age,
                                   device_id=device_id, tenant=tenant, consented_at=consented_at)
     if guardian_ref:
         req.guardian.CopyFrom(pb.GuardianConsent(guardian_ref=guardian_ref, relationship=guardian_relationship))
+    if off_device is not None:   # measures: the separate off-device-storage consent
+        req.off_device.CopyFrom(off_device.to_proto(consented_at) if isinstance(off_device, OffDeviceTerms)
+                                else off_device)
     return req

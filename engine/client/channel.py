@@ -41,6 +41,17 @@ IDEMPOTENT_METHODS: dict[str, str] = {
     "VerifyAuditChain": "read-only",
     "ComplianceReport": "read-only",
     "ListHEContexts": "read-only",
+    # measures
+    "RegisterImpactAssessment": "registering the current document again answers `unchanged` and stores nothing",
+    "RegisterOversightKey": "registering the same key again answers `unchanged`",
+    # api: named galleries and samples
+    "ListGalleries": "read-only",
+    "DescribeGallery": "read-only",
+    "ListSamples": "read-only; page tokens are positions, not server state",
+    "AddSample": "carries a request_id (the SDK always sets one): the server replays the stored answer",
+    "GalleryVerify": "matches; a repeat only adds an audit entry and counts towards the verify-burst limit",
+    "GallerySearch": "searches; a repeat only adds an audit entry and counts towards the 1:N limits",
+    "SearchBySubject": "searches; a repeat only adds an audit entry and counts towards the 1:N limits",
 }
 
 #: Methods never retried by the SDK, and why (an UNAVAILABLE answer leaves it to the caller).
@@ -54,7 +65,15 @@ NOT_RETRIED: dict[str, str] = {
     "EnrollStream": "a client stream; rows already stored are reported ALREADY_ENROLLED on a repeat (re-send those rejected)",
     "PurgeExpired": "reports what this call deleted; a repeat would report nothing",
     "Decommission": "destroys the store; never repeated behind the caller's back",
+    # measures
+    "WithdrawOffDeviceConsent": "no idempotency key: a late repeat could delete a central copy made meanwhile",
+    "SubmitOversight": "a repeat of an accepted bundle is refused (OVERSIGHT_REPLAYED): the uplink treats that as delivered",
+    "RecordFilingCancellation": "a repeat after a lost answer fails with FILING_CANCELLATION_EXISTS",
     "ResetLockout": "an audited operator action; a repeat would audit it twice and answer cleared=false",
+    # api: named galleries and samples
+    "CreateGallery": "a repeat after a lost answer fails with GALLERY_EXISTS",
+    "DeleteGallery": "a late repeat could delete a gallery re-created meanwhile",
+    "DeleteSample": "a repeat after a lost answer fails with SAMPLE_NOT_FOUND",
 }
 
 #: UNAVAILABLE: the replica is down or unreachable (or died before answering). CANCELLED: a

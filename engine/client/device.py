@@ -14,7 +14,7 @@ from .._proto.veilface.v1 import matcher_pb2 as pb
 from ..keys import KeyDeriver
 from ..schemes import make_scheme
 from ..template import Template
-from .base import DEFAULT_TIMEOUT, BaseClient, consent_request
+from .base import DEFAULT_TIMEOUT, BaseClient, OffDeviceTerms, consent_request
 from .keys import KeyServiceKeys, KeySource, KeyVersions, as_key_source
 from .protection import HEProtection, Protection, VerifyResult, make_protection
 
@@ -44,6 +44,11 @@ class DeviceClient(BaseClient):
     key_holder, he_context : ``he`` only -- a public context to encrypt with instead of the key
         service's (a key holder's public half); the SDK never decrypts.
     decider : removed (issue 9): HE decisions come from the key service; passing one is an error.
+    off_device : :class:`OffDeviceTerms` -- the off-device-storage notice of this device's consent
+        flow (a central matcher stores templates only with that separate consent). When set,
+        :meth:`record_consent` records the subject's agreement to it unless called with
+        ``off_device=False`` (the subject did not tick it); like ``separate_consent``, the SDK
+        relies on the application to have obtained it.
     **channel_options : ``tls_ca``, ``client_cert``, ``client_key``, ``server_name``, ``retry``,
         ``lb_policy``, message sizes (:func:`engine.client.channel`).
     """
@@ -52,10 +57,11 @@ class DeviceClient(BaseClient):
                  scheme: str = "biohash:bits=256,dim=128", purpose: str = "access_control",
                  key_scope: str = "purpose", tenant: str = "", versions: KeyVersions | None = None,
                  timeout: float = DEFAULT_TIMEOUT, key_holder=None, he_context=None, decider=None,
-                 keyservice=None, **channel_options) -> None:
+                 keyservice=None, off_device: OffDeviceTerms | None = None, **channel_options) -> None:
         if decider is not None:
             raise ValueError("decider= was removed: encrypted matches are decided by the key service (keyservice=)")
         self.device_id, self.purpose, self.tenant = device_id, purpose, tenant
+        self.off_device = off_device or None
         self.scheme = make_scheme(scheme)
         self.key_scope = key_scope
         self.versions = versions or KeyVersions()
@@ -101,11 +107,16 @@ class DeviceClient(BaseClient):
 
     # -- calls -------------------------------------------------------------------------
     def record_consent(self, subject_id: str, notice_version: str, subject_age: int,
-                       purpose: str | None = None, **kw) -> pb.ConsentRecord:
-        """Record the subject's separate consent for ``purpose`` (not retried: each call is a record)."""
+                       purpose: str | None = None, off_device: OffDeviceTerms | bool | None = None,
+                       **kw) -> pb.ConsentRecord:
+        """Record the subject's separate consent for ``purpose`` (not retried: each call is a record).
+
+        ``off_device``: the separate off-device-storage consent recorded with it -- terms, or
+        None for this client's ``off_device`` terms, or False for none (the subject declined)."""
+        terms = (self.off_device if off_device is None or off_device is True else off_device) or None
         return self._call("RecordConsent", consent_request(
             subject_id=subject_id, purpose=purpose or self.purpose, notice_version=notice_version,
-            subject_age=subject_age, device_id=self.device_id, tenant=self.tenant, **kw))
+            subject_age=subject_age, device_id=self.device_id, tenant=self.tenant, off_device=terms, **kw))
 
     def enroll(self, subject_id: str, embedding=None, consent_id: str = "", purpose: str | None = None,
                template: Template | None = None, request_id: str | None = None,
@@ -161,6 +172,13 @@ class DeviceClient(BaseClient):
         self.versions.enrolled(subject_id, None)
         return r
 
+    # -- measures: off-device consent --------------------------------------------------
+    def withdraw_off_device_consent(self, subject_id: str, purpose: str = "") -> pb.WithdrawOffDeviceConsentResponse:
+        """Withdraw only the off-device-storage consent ("" = every purpose): the matcher deletes its
+        copy; the subject's consent to face processing (and an edge copy) may remain."""
+        return self._call("WithdrawOffDeviceConsent", pb.WithdrawOffDeviceConsentRequest(
+            subject_id=subject_id, purpose=purpose, device_id=self.device_id, tenant=self.tenant))
+
     def revoke(self, subject_id: str, key_version: int = 0) -> pb.RevokeResponse:
         """Re-key: invalidate the current (or given) key version; later protections use the next."""
         r = self._call("Revoke", pb.RevokeRequest(subject_id=subject_id, key_version=key_version,
@@ -168,3 +186,57 @@ class DeviceClient(BaseClient):
         self.versions.set(subject_id, r.next_key_version)
         self.versions.enrolled(subject_id, None)
         return r
+
+    # -- api: named galleries and samples (docs/api-model.md) ------------------------------------------
+    def _gallery_purpose(self, gallery: str) -> str:
+        """The purpose of a named gallery (asked once): transform keys are derived per purpose."""
+        cache = self.__dict__.setdefault("_gallery_purposes", {})
+        if gallery not in cache:
+            cache[gallery] = self.describe_gallery(gallery).purpose
+        return cache[gallery]
+
+    def add_sample(self, gallery: str, subject_id: str, embedding=None, consent_id: str = "",
+                   template: Template | None = None, request_id: str | None = None,
+                   retention_days: int = 0) -> pb.Sample:
+        """Protect ``embedding`` locally and add it as one more sample of ``subject_id`` in a named
+        gallery (an enrolment: ``consent_id`` for the gallery's purpose). IndexFaces / add example."""
+        purpose = self._gallery_purpose(gallery)
+        t = template if template is not None else self.protect(subject_id, embedding, purpose=purpose)
+        r = self._call("AddSample", pb.AddSampleRequest(
+            request_id=request_id or uuid.uuid4().hex, gallery=gallery, subject_id=subject_id,
+            template=t.to_bytes(), consent_id=consent_id, device_id=self.device_id,
+            retention_days=retention_days, tenant=self.tenant))
+        self.protection.note_enrolled(subject_id, r.key_version)
+        return r
+
+    def delete_sample(self, gallery: str, subject_id: str, sample_id: str) -> pb.DeleteSampleResponse:
+        return self._call("DeleteSample", pb.DeleteSampleRequest(gallery=gallery, subject_id=subject_id,
+                                                                 sample_id=sample_id, device_id=self.device_id,
+                                                                 tenant=self.tenant))
+
+    def verify_in_gallery(self, gallery: str, subject_id: str, embedding=None, template: Template | None = None,
+                          threshold: float = 0.0) -> pb.GalleryVerifyResponse:
+        """1:1 against the subject's samples in the gallery (the best sample decides)."""
+        purpose = self._gallery_purpose(gallery)
+        t = template if template is not None else self.protect_probe(subject_id, embedding, purpose=purpose)
+        return self._call("GalleryVerify", pb.GalleryVerifyRequest(
+            gallery=gallery, subject_id=subject_id, probe=t.to_bytes(), device_id=self.device_id,
+            threshold=threshold, tenant=self.tenant))
+
+    def search_gallery(self, gallery: str, embedding=None, top_k: int = 5, threshold: float = 0.0,
+                       templates: list[Template] | None = None) -> list[tuple[str, float, str]]:
+        """1:N in a named gallery: ``[(subject_id, score, best sample_id)]`` best first, one per
+        subject (one probe under the current key version: a capture is never sent under two). SearchFacesByImage /
+        recognize."""
+        purpose = self._gallery_purpose(gallery)
+        if templates is None:
+            templates = self.protection.identify_probes(embedding, purpose)
+        hits: dict[str, tuple[float, str]] = {}
+        for t in templates:
+            r = self._call("GallerySearch", pb.GallerySearchRequest(
+                gallery=gallery, probe=t.to_bytes(), device_id=self.device_id, top_k=top_k, threshold=threshold,
+                tenant=self.tenant))
+            for c in r.candidates:
+                if c.subject_id not in hits or c.score > hits[c.subject_id][0]:
+                    hits[c.subject_id] = (c.score, c.sample_id)
+        return sorted(((s, sc, sid) for s, (sc, sid) in hits.items()), key=lambda h: -h[1])[:top_k]

@@ -56,6 +56,39 @@ class OperatorClient(BaseClient):
         return self._call("Decommission", pb.DecommissionRequest(confirm=confirm, reason=reason),
                           timeout=max(self.timeout, 120))
 
+    # -- measures: impact assessments, off-device consent, fleet oversight, termination ------------
+    def register_impact_assessment(self, document, tenant: str = "") -> pb.ImpactAssessmentInfo:
+        """Register an impact assessment: a dict, JSON bytes / text, or a path to a JSON file."""
+        import json  # noqa: PLC0415
+        from pathlib import Path  # noqa: PLC0415
+        if isinstance(document, dict):
+            data = json.dumps(document).encode()
+        elif isinstance(document, Path):
+            data = document.read_bytes()
+        else:
+            data = document.encode() if isinstance(document, str) else bytes(document)
+        return self._call("RegisterImpactAssessment", pb.RegisterImpactAssessmentRequest(tenant=tenant, document=data))
+
+    def withdraw_off_device_consent(self, subject_id: str, purpose: str = "",
+                                    tenant: str = "") -> pb.WithdrawOffDeviceConsentResponse:
+        return self._call("WithdrawOffDeviceConsent", pb.WithdrawOffDeviceConsentRequest(
+            subject_id=subject_id, purpose=purpose, tenant=tenant))
+
+    def register_oversight_key(self, device_id: str, public_key: bytes, tenant: str = "") -> pb.RegisterOversightKeyResponse:
+        """Register an edge device's oversight verification key (raw 32-byte Ed25519)."""
+        return self._call("RegisterOversightKey", pb.RegisterOversightKeyRequest(
+            device_id=device_id, public_key=public_key, tenant=tenant))
+
+    def submit_oversight(self, device_id: str, bundle: bytes, signature: bytes,
+                         tenant: str = "") -> pb.SubmitOversightResponse:
+        """Relay a device's signed bundle (collected offline); the signature proves its origin."""
+        return self._call("SubmitOversight", pb.SubmitOversightRequest(
+            device_id=device_id, bundle=bundle, signature=signature, tenant=tenant))
+
+    def record_filing_cancellation(self, reference: str, cancelled_on: str = "") -> pb.RecordFilingCancellationResponse:
+        return self._call("RecordFilingCancellation", pb.RecordFilingCancellationRequest(
+            reference=reference, cancelled_on=cancelled_on))
+
     def register_he_context(self, context, purpose: str, tenant: str = "",
                             chunk_bytes: int = 256 << 10) -> pb.HEContextInfo:
         """Register the *public* HE context of a tenant epoch for ``purpose`` (operator, admin).
@@ -75,6 +108,36 @@ class OperatorClient(BaseClient):
                                                   purpose=purpose if off == 0 else "",
                                                   chunk=blob[off:off + chunk_bytes])
         return self._call("RegisterHEContext", stream(), timeout=max(self.timeout, 120))
+
+    # -- api: named galleries and samples (docs/api-model.md) -----------------------------------------
+    def create_gallery(self, name: str, purpose: str, scheme: str, description: str = "",
+                       tenant: str = "") -> pb.Gallery:
+        """A named gallery for ``purpose`` holding templates of ``scheme`` (a descriptor such as
+        ``"biohash:bits=256,dim=128"``); CreateCollection / a CompreFace service."""
+        return self._call("CreateGallery", pb.CreateGalleryRequest(name=name, purpose=purpose, scheme=scheme,
+                                                                   description=description, tenant=tenant))
+
+    def delete_gallery(self, name: str, tenant: str = "") -> pb.DeleteGalleryResponse:
+        """Delete the gallery and every sample in it."""
+        return self._call("DeleteGallery", pb.DeleteGalleryRequest(name=name, tenant=tenant))
+
+    def list_samples(self, gallery: str, subject_id: str = "", page_size: int = 100,
+                     tenant: str = "") -> Iterator[pb.Sample]:
+        """Samples of a gallery (of one subject when given), every page; ListFaces."""
+        return self._pages("ListSamples", pb.ListSamplesRequest(
+            gallery=gallery, subject_id=subject_id, page_size=page_size, tenant=tenant), "samples")
+
+    def delete_sample(self, gallery: str, subject_id: str, sample_id: str,
+                      tenant: str = "") -> pb.DeleteSampleResponse:
+        return self._call("DeleteSample", pb.DeleteSampleRequest(gallery=gallery, subject_id=subject_id,
+                                                                 sample_id=sample_id, tenant=tenant))
+
+    def search_by_subject(self, gallery: str, subject_id: str, top_k: int = 5, threshold: float = 0.0,
+                          tenant: str = "") -> list[pb.GalleryCandidate]:
+        """Other subjects of the gallery most similar to an enrolled one (its stored samples are
+        the probes; nothing is uploaded); SearchFaces."""
+        return list(self._call("SearchBySubject", pb.SearchBySubjectRequest(
+            gallery=gallery, subject_id=subject_id, top_k=top_k, threshold=threshold, tenant=tenant)).candidates)
 
 
 def _public_context_bytes(context, eval_keys: bool) -> bytes:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import tenseal.sealapi as seal
 
 from .errors import HEUnsupported
@@ -156,4 +157,43 @@ def purge_slot(ctx, cts: Sequence, slot: int) -> None:
         ev.sub_inplace(ct, c)
 
 
-__all__ = ["galois", "expand", "pack", "extract_coefficient", "purge_slot"]
+def add_mod(dst: np.ndarray, src: np.ndarray, q: np.ndarray) -> None:
+    """``dst = (dst + src) mod q`` in place for reduced ``(..., L, N)`` uint64 residues (``q``
+    broadcast as ``(L, 1)``): SEAL's ``add_inplace`` on NTT-form data, bit for bit."""
+    np.add(dst, src, out=dst)                       # < 2q < 2^62: no wrap
+    np.subtract(dst, q, out=dst, where=dst >= q)
+
+
+def sub_mod(dst: np.ndarray, src: np.ndarray, q: np.ndarray) -> None:
+    """``dst = (dst - src) mod q`` in place (SEAL's ``sub_inplace``), see :func:`add_mod`."""
+    borrow = dst < src
+    np.subtract(dst, src, out=dst)                  # wraps mod 2^64 where dst < src ...
+    np.add(dst, q, out=dst, where=borrow)           # ... and adding q brings it back below q
+
+
+def purge_slot_arrays(ctx, data: np.ndarray, slot: int) -> None:
+    """:func:`purge_slot` on a gallery block held as arrays: ``data`` is ``(d, 2, L, N)`` uint64
+    (ciphertext ``k`` in NTT form at the first data level, scale ``params.scale``), modified in
+    place. SEAL extracts the coefficient from ciphertexts rebuilt from the arrays; the
+    subtraction is done on the arrays (the same residues SEAL's ``sub_inplace`` would give), so
+    the block is never held twice as SEAL objects."""
+    from . import raw
+
+    core = ctx.core
+    ev, mono, pid = core.evaluator, core.monomial(int(slot)), core.first_parms_id
+    q = raw.moduli(core.ctx, pid)[:, None]
+    cts = [raw.from_array(a, core.ctx, pid, ctx.params.scale) for a in data]
+    try:
+        consts = extract_coefficient(ctx, cts, slot)
+    except (RuntimeError, ValueError) as exc:
+        raise HEUnsupported(f"cannot purge a slot with this public context (missing Galois keys of a "
+                            f"context made before removal support?): {exc}") from None
+    del cts
+    tmp = np.empty(data.shape[1:], dtype=np.uint64)
+    for k, c in enumerate(consts):
+        ev.multiply_plain_inplace(c, mono)
+        sub_mod(data[k], raw.to_array(c, tmp), q)
+
+
+__all__ = ["galois", "expand", "pack", "extract_coefficient", "purge_slot", "purge_slot_arrays",
+           "add_mod", "sub_mod"]

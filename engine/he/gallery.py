@@ -16,14 +16,26 @@ one factory (``EncryptedGallery(ctx)`` / :func:`make_encrypted_gallery` pick by 
   its encrypted norm ``<probe, probe>``, shipped with the scores so the decider can refuse scaled
   probes (:mod:`engine.he.decisions`). Result: a ``scores`` blob.
 
-Removal (consent withdrawal) keeps *no per-template data*: :func:`~engine.he.algorithms.purge_slot`
-zeroes coefficient ``j`` of every ciphertext of the block homomorphically. After ``remove``
-returns, the slot of the removed template holds only key-switching noise (~1e-5 of a unit
-template); the scores of the other templates change by the same ~1e-5. Cost: ~0.5 s per removed
-subject on one core (~0.25 s on each of two dimension shards), no extra memory.
+Identify blocks are native ``uint64`` arrays scored by the native kernel
+(:func:`engine.kernels.ckks_block_mac`); SEAL expands the probe and rescales/relinearises each
+block's product (:mod:`engine.he.identify`).
+
+Removal (consent withdrawal) keeps *no per-template data*:
+:func:`~engine.he.algorithms.purge_slot_arrays` zeroes coefficient ``j`` of every ciphertext of the
+block homomorphically. After ``remove`` returns, the slot of the removed template holds only
+key-switching noise (~1e-5 of a unit template); the scores of the other templates change by the
+same ~1e-5. Cost: ~0.5 s per removed subject on one core, no extra memory.
+
+Snapshots: :meth:`EncryptedGallery.snapshot` gives bytes (up to :data:`~engine.he.wire.MAX_BLOB_BYTES`,
+~250k identify templates at 128-d); :meth:`~EncryptedGallery.save_snapshot` streams the same
+bytes to a file without that limit (1M templates: 4 GB) and :meth:`~EncryptedGallery.load_snapshot`
+/ :meth:`~EncryptedGallery.restore` read either, a file straight into the block arrays.
 """
 from __future__ import annotations
 
+import io
+import os
+import struct
 import threading
 from abc import ABC, abstractmethod
 from collections.abc import Iterable, Sequence
@@ -32,14 +44,87 @@ from typing import ClassVar
 import tenseal.sealapi as seal
 
 from ..errors import InvalidParameter
+from ..framing import canonical_json, parse_header
 from ..validation import check_subject_id
 from .context import require_public
 from .errors import HEFormatError, HEUnsupported
 from .sealio import seal_load
-from .wire import blob_of, pack_blob, unpack_blob
+from .wire import FORMAT_VERSION, MAGIC, blob_of, pack_blob, unpack_blob
 
-#: version of the :meth:`EncryptedGallery.snapshot` layout (in the blob header)
-SNAPSHOT_FORMAT = 1
+#: version of the :meth:`EncryptedGallery.snapshot` layout (in the blob header). 2: identify blocks
+#: as raw arrays (one part per block); 1: one SEAL serialisation per block ciphertext (still read).
+SNAPSHOT_FORMAT = 2
+SNAPSHOT_FORMATS_READ = (1, 2)
+#: largest snapshot header read from a file (the slot tables: ~20 bytes per subject)
+MAX_SNAPSHOT_HEADER = 1 << 31
+_FRAME = struct.Struct("<BI")
+
+
+class SnapshotParts:
+    """The parts of a snapshot: from bytes, or from a file read part by part straight into the
+    caller's arrays (no copy of the whole snapshot in memory)."""
+
+    def __init__(self, sizes: list[int], data: list[bytes] | None = None, f=None, offset: int = 0) -> None:
+        self._sizes, self._data, self._f = sizes, data, f
+        self._offsets = [offset + sum(sizes[:k]) for k in range(len(sizes))] if f is not None else []
+
+    def __len__(self) -> int:
+        return len(self._sizes)
+
+    def size(self, k: int) -> int:
+        return self._sizes[k]
+
+    def __iter__(self):
+        return (self[k] for k in range(len(self)))
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        if self._data is not None:
+            return self._data[k]
+        self._f.seek(self._offsets[k])
+        b = self._f.read(self._sizes[k])
+        if len(b) != self._sizes[k]:
+            raise HEFormatError("gallery snapshot file is truncated")
+        return b
+
+    def read_into(self, k: int, out: memoryview) -> None:
+        """Part ``k`` into the writable byte buffer ``out`` (exactly its size)."""
+        if len(out) != self._sizes[k]:
+            raise HEFormatError("gallery snapshot: a part has the wrong size")
+        if self._data is not None:
+            out[:] = self._data[k]
+            return
+        self._f.seek(self._offsets[k])
+        got = 0
+        while got < len(out):
+            n = self._f.readinto(out[got:])
+            if not n:
+                raise HEFormatError("gallery snapshot file is truncated")
+            got += n
+
+
+def _read_snapshot_file(f) -> tuple[dict, SnapshotParts]:
+    """Header and parts of a snapshot file (the VFHE frame of :func:`~engine.he.wire.pack_blob`)."""
+    head = f.read(len(MAGIC) + _FRAME.size)
+    if len(head) != len(MAGIC) + _FRAME.size or head[:len(MAGIC)] != MAGIC:
+        raise HEFormatError("not a Veilface HE gallery snapshot (bad magic)")
+    fmt, hlen = _FRAME.unpack_from(head, len(MAGIC))
+    if fmt != FORMAT_VERSION or hlen > MAX_SNAPSHOT_HEADER:
+        raise HEFormatError(f"unknown HE blob format version {fmt} or oversized header")
+    hb = f.read(hlen)
+    try:
+        h = parse_header(hb)           # the bounded parser every VFHE header goes through
+        sizes = [int(x) for x in h["parts"]]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise HEFormatError(f"corrupt gallery snapshot header: {exc}") from None
+    if h.get("kind") != "gallery_snapshot":
+        raise HEFormatError("expected an HE blob of kind gallery_snapshot")
+    start = len(head) + hlen
+    end = f.seek(0, io.SEEK_END)
+    if any(s < 0 for s in sizes) or start + sum(sizes) != end:
+        raise HEFormatError("HE blob payload does not match its header")
+    return h, SnapshotParts(sizes, f=f, offset=start)
 
 
 def ciphertext_bytes(ct) -> int:
@@ -53,8 +138,9 @@ class EncryptedGallery(ABC):
     ``EncryptedGallery(context, **options)`` returns a :class:`VerifyGallery` or an
     :class:`IdentifyGallery` according to the context's mode (``context``: a
     :class:`PublicContext` or its bytes; a private context raises
-    :class:`~engine.he.errors.HEPrivateContext`). For both cores in identify mode use
-    :class:`engine.he.shards.ShardedEncryptedGallery` (same API).
+    :class:`~engine.he.errors.HEPrivateContext`). An identify gallery's kernel uses every core
+    already (``expand_processes=1`` adds a helper process for the probe expansion);
+    :class:`engine.he.shards.ShardedEncryptedGallery` (same API) splits it over processes.
     """
 
     mode: ClassVar[str]
@@ -118,12 +204,36 @@ class EncryptedGallery(ABC):
 
         The header carries the context fingerprint and epoch, the format version
         (:data:`SNAPSHOT_FORMAT`) and the purge counter; :meth:`restore` / :meth:`load_snapshot`
-        rebuild the gallery without re-expanding any template."""
+        rebuild the gallery without re-expanding any template. Past
+        :data:`~engine.he.wire.MAX_BLOB_BYTES` use :meth:`save_snapshot`."""
         with self._lock:
-            head = dict(self.ctx.header(), snapshot_format=SNAPSHOT_FORMAT, gallery_mode=self.mode,
-                        purged=int(self.purged))
-            extra, parts = self._snapshot_state()
-            return pack_blob("gallery_snapshot", dict(head, **extra), parts)
+            head, parts = self._snapshot_parts()
+            return pack_blob("gallery_snapshot", head, parts)
+
+    def save_snapshot(self, path) -> int:
+        """Write the bytes :meth:`snapshot` would return to the file ``path`` (or a binary file
+        object), streamed from the gallery's memory: no size limit, no copy. Returns the bytes
+        written."""
+        with self._lock:
+            head, parts = self._snapshot_parts()
+            hb = canonical_json(dict(head, kind="gallery_snapshot", parts=[len(p) for p in parts]))
+            if isinstance(path, (str, os.PathLike)):
+                with open(path, "wb") as f:
+                    return self._write_frame(f, hb, parts)
+            return self._write_frame(path, hb, parts)
+
+    @staticmethod
+    def _write_frame(f, hb: bytes, parts) -> int:
+        f.write(MAGIC + _FRAME.pack(FORMAT_VERSION, len(hb)) + hb)
+        for p in parts:
+            f.write(p)
+        return len(MAGIC) + _FRAME.size + len(hb) + sum(len(p) for p in parts)
+
+    def _snapshot_parts(self) -> tuple[dict, list]:
+        head = dict(self.ctx.header(), snapshot_format=SNAPSHOT_FORMAT, gallery_mode=self.mode,
+                    purged=int(self.purged))
+        extra, parts = self._snapshot_state()
+        return dict(head, **extra), parts
 
     @classmethod
     def restore(cls, context, snapshot, **options) -> EncryptedGallery:
@@ -137,14 +247,23 @@ class EncryptedGallery(ABC):
         return g
 
     def load_snapshot(self, snapshot) -> None:
-        """Load :meth:`snapshot` bytes into this (empty) gallery; see :meth:`restore`."""
+        """Load :meth:`snapshot` bytes, or a file written by :meth:`save_snapshot` (a path or a
+        binary file object), into this (empty) gallery; see :meth:`restore`."""
         if len(self):
             raise InvalidParameter("load_snapshot needs an empty gallery")
+        if isinstance(snapshot, (str, os.PathLike)):
+            with open(snapshot, "rb") as f:
+                return self._load_snapshot(*_read_snapshot_file(f))
+        if hasattr(snapshot, "readinto"):
+            return self._load_snapshot(*_read_snapshot_file(snapshot))
         h, parts = unpack_blob(blob_of(snapshot), "gallery_snapshot")
+        return self._load_snapshot(h, SnapshotParts([len(p) for p in parts], data=parts))
+
+    def _load_snapshot(self, h: dict, parts: SnapshotParts) -> None:
         self.ctx.check_header(h, "gallery snapshot")
-        if h.get("snapshot_format") != SNAPSHOT_FORMAT:
+        if h.get("snapshot_format") not in SNAPSHOT_FORMATS_READ:
             raise HEFormatError(f"unknown gallery snapshot format {h.get('snapshot_format')!r} "
-                                f"(this build reads {SNAPSHOT_FORMAT})")
+                                f"(this build reads {', '.join(map(str, SNAPSHOT_FORMATS_READ))})")
         if h.get("gallery_mode") != self.mode:
             raise HEFormatError("gallery snapshot of another mode")
         try:
@@ -195,8 +314,9 @@ class EncryptedGallery(ABC):
         """Header fields and parts of :meth:`snapshot` (called under the lock)."""
 
     @abstractmethod
-    def _parse_snapshot(self, h: dict, parts: list[bytes]):
-        """Validate and load the state of a snapshot (not yet installed)."""
+    def _parse_snapshot(self, h: dict, parts: SnapshotParts):
+        """Validate and load the state of a snapshot (not yet installed); ``parts[k]`` gives
+        bytes, ``parts.read_into(k, buffer)`` reads a part into an array's memory."""
 
     @abstractmethod
     def _install(self, state) -> None:
@@ -211,7 +331,8 @@ def make_encrypted_gallery(context, **options) -> EncryptedGallery:
 
 # Names that lived here before the split, re-exported for older import paths (drop once every
 # caller imports from engine.he or the new modules).
-from .algorithms import expand, extract_coefficient, purge_slot  # noqa: E402,F401
+from .algorithms import expand, extract_coefficient, purge_slot, purge_slot_arrays  # noqa: E402,F401
 from .blobops import add_partial_scores, encrypt_block_blob, merge_scores, split_block_blob  # noqa: E402,F401
 
-__all__ = ["EncryptedGallery", "make_encrypted_gallery", "ciphertext_bytes", "SNAPSHOT_FORMAT"]
+__all__ = ["EncryptedGallery", "make_encrypted_gallery", "ciphertext_bytes", "SNAPSHOT_FORMAT",
+           "SNAPSHOT_FORMATS_READ", "SnapshotParts"]

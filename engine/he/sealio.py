@@ -5,7 +5,8 @@ file of the calling thread (Linux ``memfd``, reused; nothing on any file system)
 private (0700) directory, in RAM when ``/dev/shm`` exists, each file unlinked at once.
 
 :func:`raw_plaintext` / :func:`raw_ciphertext` build SEAL objects from NTT-form residues by
-writing an *uncompressed* SEAL serialisation: the way to express exact integer polynomials (e.g.
+writing an *uncompressed* SEAL serialisation (:func:`sealed`; ciphertexts go through
+:func:`engine.he.raw.from_array`, the one array -> SEAL path): the way to express exact integer polynomials (e.g.
 ``2^-s mod q``, a uniformly random mask, the public key at a lower level) that no CKKS encoding
 can produce.
 """
@@ -118,19 +119,26 @@ def _seal_header() -> bytes:
     return _header
 
 
-def _sealed(members: bytes) -> bytes:
-    hdr = _seal_header()
-    return hdr[:8] + struct.pack("<Q", 16 + len(members)) + members
+def seal_header(members_size: int) -> bytes:
+    """The 16-byte SEALHeader (this build's magic and version, no compression) of a serialisation
+    whose members take ``members_size`` bytes."""
+    return _seal_header()[:8] + struct.pack("<Q", 16 + int(members_size))
+
+
+def sealed(members: bytes) -> bytes:
+    """``members`` (a SEAL object's fields, uncompressed) behind this build's SEALHeader with the
+    total size: a SEAL serialisation that ``load`` accepts."""
+    return seal_header(len(members)) + members
 
 
 def raw_plaintext(ctx, parms_id, residues: np.ndarray, scale: float):
     """An NTT-form plaintext at ``parms_id`` whose residue modulo data prime ``k`` at NTT position
     ``j`` is ``residues[k, j]`` (``(L, N)`` uint64, each row reduced modulo its prime)."""
     res = np.ascontiguousarray(residues, dtype=np.uint64)
-    array = _sealed(struct.pack("<Q", res.size) + res.tobytes())
+    array = sealed(struct.pack("<Q", res.size) + res.tobytes())
     members = struct.pack("<4Q", *list(parms_id)) + struct.pack("<Qd", res.size, float(scale)) + array
     try:
-        pt = seal_load(seal.Plaintext, ctx, _sealed(members))
+        pt = seal_load(seal.Plaintext, ctx, sealed(members))
     except HEFormatError as exc:
         raise HEUnsupported(f"this SEAL build does not accept raw plaintexts: {exc}") from None
     if not pt.is_ntt_form():
@@ -139,15 +147,13 @@ def raw_plaintext(ctx, parms_id, residues: np.ndarray, scale: float):
 
 
 def raw_ciphertext(ctx, parms_id, residues: np.ndarray, scale: float, ntt_form: bool = True):
-    """A ciphertext at ``parms_id`` with the given residues ``(size, L, N)`` uint64 (SEAL 4
-    ``Ciphertext`` members: parms_id, NTT flag, size, N, L, scale, correction factor, data)."""
-    res = np.ascontiguousarray(residues, dtype=np.uint64)
-    size, primes, n = res.shape
-    array = _sealed(struct.pack("<Q", res.size) + res.tobytes())
-    members = (struct.pack("<4Q", *list(parms_id)) + bytes([1 if ntt_form else 0])
-               + struct.pack("<QQQdQ", size, n, primes, float(scale), 1) + array)
+    """A ciphertext at ``parms_id`` with the given residues ``(size, L, N)`` uint64: the same as
+    :func:`engine.he.raw.from_array` (the one array -> SEAL path), with a failure reported as
+    :class:`HEUnsupported` (this SEAL build does not take raw ciphertexts)."""
+    from .raw import from_array
+
     try:
-        return seal_load(seal.Ciphertext, ctx, _sealed(members))
+        return from_array(np.ascontiguousarray(residues, dtype=np.uint64), ctx, parms_id, scale, ntt_form)
     except HEFormatError as exc:
         raise HEUnsupported(f"this SEAL build does not accept raw ciphertexts: {exc}") from None
 
@@ -160,4 +166,4 @@ def residues_of(obj, parts: int, primes: int, n: int) -> np.ndarray:
     return flat.reshape(parts, primes, n)
 
 
-__all__ = ["seal_save", "seal_load", "raw_plaintext", "raw_ciphertext", "residues_of"]
+__all__ = ["seal_save", "seal_load", "sealed", "seal_header", "raw_plaintext", "raw_ciphertext", "residues_of"]

@@ -1,8 +1,20 @@
-"""Multi-process 1:N: shard processes, each holding part of the encrypted gallery.
+"""Processes for the SEAL share of 1:N: the probe-expansion helper, and shard processes.
 
-TenSEAL/SEAL calls hold the GIL, so threads cannot use a second core; each shard is a separate
-process (``spawn`` start method: no fork of a process that may hold locks or secrets) that loads
-the *public* context. Two ways to split (``split=``):
+TenSEAL/SEAL calls hold the GIL, so threads cannot run SEAL on a second core; the native kernel
+(:mod:`engine.he.identify`) already uses every core from one process. What is left for a second
+process is the probe's oblivious expansion, the fixed per-query cost:
+
+* :class:`ExpansionHelper` (``IdentifyGallery(..., expand_processes=1)``): one spawn process with
+  the public context that expands half of every probe's dimensions into shared memory while the
+  gallery's own thread expands the other half -- the expansion's wall time roughly halves, nothing
+  else changes (the pieces are the same ciphertexts SEAL computes in one process).
+
+:class:`ShardedEncryptedGallery` (the service's ``he_shards > 1``) splits the whole gallery over
+processes. Since the hot loop is native and threaded it no longer pays (each shard rescales and
+relinearises its own partial products, the parent adds them, both shards' kernels share the same
+cores); it is kept for deployments configured with it. Each shard is a separate process
+(``spawn`` start method: no fork of a process that may hold locks or secrets) that loads the
+*public* context. Two ways to split (``split=``):
 
 * ``"dims"`` (default when ``shards`` is a power of two): shard ``r`` of ``m`` holds dimensions
   ``i % m == r`` of *every* block. A search expands only that share of the probe (the oblivious
@@ -16,21 +28,178 @@ No decryption anywhere on the matcher.
 """
 from __future__ import annotations
 
+import logging
 import multiprocessing as mp
 import threading
 import traceback
 from collections.abc import Iterable, Sequence
+from multiprocessing import shared_memory
+
+import numpy as np
 
 from ..errors import InvalidParameter
 from ..validation import check_subject_id
 from .blobops import add_partial_scores, merge_scores, split_block_blob
 from .context import PublicContext, require_public
 from .errors import HEError, HEFormatError
-from .gallery import SNAPSHOT_FORMAT
+from .gallery import SNAPSHOT_FORMAT, SNAPSHOT_FORMATS_READ
 from .wire import blob_of, pack_blob, unpack_blob
 
 START_TIMEOUT_S = 120.0  # loading the public context (Galois keys) takes a few seconds
 _POLL_S = 0.5
+log = logging.getLogger("veilface.he")
+
+
+# ----------------------------------------------------------------------------------------------
+# probe expansion helper
+def _expand_worker(conn, ctx_bytes: bytes, part: tuple[int, int], shm_name: str, shape) -> None:
+    """Helper process: expand dimensions ``i % m == r`` of each probe into the shared array."""
+    from . import raw
+    from .algorithms import expand
+
+    try:
+        ctx = PublicContext.from_bytes(ctx_bytes)
+        shm = shared_memory.SharedMemory(name=shm_name)
+        out = np.ndarray(tuple(shape), dtype=np.uint64, buffer=shm.buf)
+        conn.send(("ok", None))
+    except BaseException as exc:  # noqa: BLE001 -- report start-up failure to the parent
+        conn.send(("err", exc))
+        return
+    try:
+        while True:
+            try:
+                cmd, arg = conn.recv()
+            except EOFError:
+                return
+            if cmd == "stop":
+                conn.send(("ok", None))
+                return
+            try:
+                _, cts = ctx.load_ciphertexts(arg, "probe")
+                pieces = expand(ctx, cts[0], *part)
+                for k, i in enumerate(sorted(pieces)):
+                    raw.to_array(pieces[i], out[k])
+                conn.send(("ok", float(pieces[min(pieces)].scale)))
+            except BaseException as exc:  # noqa: BLE001
+                conn.send(("err", HEError(f"{type(exc).__name__}: {exc}")))
+    finally:
+        del out
+        shm.close()
+
+
+class ExpansionHelper:
+    """A spawn process that expands dimensions ``i % m == r`` of uploaded probes into shared
+    memory (``part=(r, m)``, ``shape = (count, 2, L, N)``), public context only.
+
+    :meth:`start` sends a probe upload and returns at once; :meth:`finish` waits and copies the
+    pieces into the caller's rows. One probe at a time (:meth:`try_acquire`); a dead helper raises
+    :class:`HEError` and the caller expands locally instead."""
+
+    def __init__(self, context, part: tuple[int, int], shape, start_method: str = "spawn") -> None:
+        self.ctx = require_public(context)
+        self.part, self.shape = (int(part[0]), int(part[1])), tuple(int(x) for x in shape)
+        nbytes = int(np.prod(self.shape)) * 8
+        self._shm = shared_memory.SharedMemory(create=True, size=nbytes)
+        self._out = np.ndarray(self.shape, dtype=np.uint64, buffer=self._shm.buf)
+        self._busy = threading.Lock()
+        mpc = mp.get_context(start_method)
+        parent, child = mpc.Pipe()
+        self._proc = mpc.Process(target=_expand_worker, name="veilface-he-expand", daemon=True,
+                                 args=(child, self.ctx.to_bytes(), self.part, self._shm.name, self.shape))
+        self._conn = parent
+        self._proc.start()
+        child.close()
+        try:
+            self._reply(START_TIMEOUT_S)
+        except BaseException:
+            self.close()
+            raise
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None else None
+
+    def alive(self) -> bool:
+        return self._proc is not None and self._proc.is_alive()
+
+    def _reply(self, timeout: float | None = None):
+        waited = 0.0
+        while not self._conn.poll(_POLL_S):
+            waited += _POLL_S
+            if not self._proc.is_alive():
+                raise HEError(f"HE expansion helper (pid {self._proc.pid}) died with exit code "
+                              f"{self._proc.exitcode}")
+            if timeout is not None and waited >= timeout:
+                raise HEError(f"HE expansion helper did not start within {timeout:.0f} s")
+        try:
+            status, res = self._conn.recv()
+        except EOFError:
+            raise HEError("HE expansion helper closed its pipe") from None
+        if status == "err":
+            raise res
+        return res
+
+    def try_acquire(self) -> bool:
+        """Reserve the helper for one probe (False when another search holds it or it is gone)."""
+        if self._proc is None or not self._busy.acquire(blocking=False):
+            return False
+        if not self._proc.is_alive():
+            self._busy.release()
+            return False
+        return True
+
+    def start(self, probe_blob: bytes) -> None:
+        """Send a probe upload (after :meth:`try_acquire`; on failure the reservation is released)."""
+        try:
+            self._conn.send(("expand", bytes(probe_blob)))
+        except OSError as exc:
+            self._busy.release()
+            raise HEError(f"HE expansion helper died: {exc}") from None
+
+    def finish(self, out: np.ndarray | None) -> float:
+        """Wait for the pieces, copy them into ``out`` (``shape`` rows, e.g. a strided view of the
+        probe array; None discards them), release the helper; returns the pieces' scale."""
+        try:
+            scale = self._reply()
+            if out is not None:
+                out[...] = self._out
+            return scale
+        finally:
+            self._busy.release()
+
+    def close(self) -> None:
+        proc, self._proc = getattr(self, "_proc", None), None
+        if proc is not None:
+            try:
+                self._conn.send(("stop", None))
+                if self._conn.poll(10):
+                    self._conn.recv()
+            except (OSError, EOFError):
+                pass
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.terminate()
+                proc.join(timeout=5)
+            self._conn.close()
+        shm = getattr(self, "_shm", None)
+        if shm is not None:
+            self._shm = None
+            self._out = None
+            try:
+                shm.close()
+                shm.unlink()
+            except (FileNotFoundError, BufferError):
+                pass
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+# ----------------------------------------------------------------------------------------------
+# shard processes
 
 
 def _worker(conn, ctx_bytes: bytes, part: tuple[int, int] = (0, 1)) -> None:  # shard process
@@ -308,7 +477,7 @@ class ShardedEncryptedGallery:
         """Load :meth:`snapshot` bytes into these (empty) shards; see :meth:`restore`."""
         h, parts = unpack_blob(blob_of(snapshot), "sharded_gallery_snapshot")
         self.ctx.check_header(h, "gallery snapshot")
-        if h.get("snapshot_format") != SNAPSHOT_FORMAT:
+        if h.get("snapshot_format") not in SNAPSHOT_FORMATS_READ:
             raise HEFormatError(f"unknown gallery snapshot format {h.get('snapshot_format')!r}")
         if h.get("split") != self.split or int(h.get("shards", -1)) != self.shards or len(parts) != self.shards:
             raise HEFormatError(f"gallery snapshot of {h.get('shards')} shards split by {h.get('split')!r}; "
@@ -339,4 +508,4 @@ class ShardedEncryptedGallery:
         return merge_scores(results)
 
 
-__all__ = ["ShardedEncryptedGallery"]
+__all__ = ["ShardedEncryptedGallery", "ExpansionHelper"]

@@ -1,8 +1,14 @@
 """A key service and a matcher wired to it, in this process, on loopback ports (fresh tokens,
 fresh stores under one directory): what the evaluation's protocol attacks run against, and the
-demo's in-process mode. Real gRPC servers -- only the process is shared."""
+demo's in-process mode. Real gRPC servers -- only the process is shared.
+
+The matcher is a central one, so the 2025 Measures rules hold (issue 15): a purpose needs a
+registered impact assessment before its first enrolment (:meth:`LocalDeployment.assess`, called
+by :meth:`LocalDeployment.enrol`) and every consent carries the subject's separate off-device
+consent (:data:`OFF_DEVICE`, the default of :meth:`LocalDeployment.device`)."""
 from __future__ import annotations
 
+import datetime as _dt
 import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +17,20 @@ from ..service.config import ROLES as MATCHER_ROLES
 from ..service.config import ServiceConfig
 from .config import ROLES as KS_ROLES
 from .config import KeyServiceConfig
+
+
+def _off_device():
+    from ..client import OffDeviceTerms
+    return OffDeviceTerms("local-offdevice-v1", "protected face template (no image, no raw feature)",
+                          "the local deployment's matcher (loopback)", "the deployment under test is a central one")
+
+
+#: the off-device-storage notice the local deployment's devices record with every consent
+OFF_DEVICE = _off_device()
+#: the assessment's measured figures (the repository's evaluation report; a quick synthetic
+#: ``veilface eval`` run when it is not there)
+SHIPPED_EVAL_REPORT = Path(__file__).resolve().parents[2] / "docs" / "eval" / "report.json"
+ASSESSED_SCHEME = "biohash:bits=256,dim=128"
 
 
 @dataclass
@@ -23,6 +43,8 @@ class LocalDeployment:
     ks_tokens: dict
     matcher_tokens: dict
     extra_matchers: list = field(default_factory=list)
+    root: Path | None = None
+    assessed: set = field(default_factory=set)      # (matcher target, tenant, purpose)
 
     @property
     def ks_key(self) -> str:
@@ -51,11 +73,51 @@ class LocalDeployment:
         ``deriver=`` is given)."""
         from ..client import DeviceClient
         tenant = kw.get("tenant", "")
+        kw.setdefault("off_device", OFF_DEVICE)
         if kw.get("deriver") is None and "keyservice" not in kw:
             kw.pop("deriver", None)
             kw["keyservice"] = self.ks_client("device", device_id=device_id, tenant=tenant)
         return DeviceClient((matcher or self.matcher).target, self.matcher_token("device", tenant), device_id,
                             scheme=scheme, **kw)
+
+    def assess(self, purpose: str, tenant: str = "", matcher=None) -> None:
+        """Register an impact assessment for ``purpose`` at the matcher (once per matcher, tenant and
+        purpose). A test rig's assessment: central mode, dated by the deployment's clock, measured
+        figures of :data:`ASSESSED_SCHEME` from the repository's evaluation report."""
+        m = matcher or self.matcher
+        key = (m.target, tenant or "default", purpose)
+        if key in self.assessed:
+            return
+        from ..service import pia
+        today = _dt.datetime.fromtimestamp(self.clock.now(), _dt.timezone.utc).date()
+        doc = pia.draft(purpose, tenant=tenant or "default", mode="central", scheme=ASSESSED_SCHEME, today=today,
+                        eval_report=self._eval_report(), recipient=OFF_DEVICE.recipient)
+        doc.update(legal_basis="separate consent of each (synthetic) person", assessor="veilface local deployment",
+                   necessity="a loopback deployment under test (evaluation, demo); synthetic subjects only")
+        doc["deployment"]["off_device"]["why"] = OFF_DEVICE.why
+        self.operator(matcher=m, tenant=tenant).register_impact_assessment(doc, tenant=tenant)
+        self.assessed.add(key)
+
+    def _eval_report(self) -> Path:
+        if SHIPPED_EVAL_REPORT.exists():
+            return SHIPPED_EVAL_REPORT
+        from ..edge.demo import eval_report
+        out = (self.root or Path(".")) / "eval"
+        if not (out / "report.json").exists():
+            eval_report(out, ASSESSED_SCHEME)
+        return out / "report.json"
+
+    def enrol(self, dev, subject: str, emb=None, purpose: str | None = None, template=None, version=None,
+              notice: str = "notice-v1", matcher=None):
+        """Consent (with the off-device consent of ``dev``) + enrolment at ``matcher`` (default: the
+        deployment's), after the purpose's assessment."""
+        purpose = purpose or dev.purpose
+        self.assess(purpose, dev.tenant, matcher)
+        c = dev.record_consent(subject, notice, 30, purpose=purpose)
+        if template is None and version is not None:
+            template = dev.protect(subject, emb, version=version, purpose=purpose)
+        return dev.enroll(subject, emb if template is None else None, c.consent_id, purpose=purpose,
+                          template=template)
 
     def register_device(self, device_id: str = "gate-1", tenant: str = "", matcher=None):
         from ..client import LocationClass
@@ -126,7 +188,7 @@ def start_local(root: str | Path, clock=None, ks_settings: dict | None = None,
     except BaseException:
         ks.stop(0)
         raise
-    return LocalDeployment(ks, matcher, clock, ks_tokens, m_tokens)
+    return LocalDeployment(ks, matcher, clock, ks_tokens, m_tokens, root=root)
 
 
 __all__ = ["LocalDeployment", "start_local"]

@@ -15,18 +15,24 @@ from .matching import GalleryIndex, LocalMatching, MatchingBackend, SchemeCache
 from .ratelimit import AuthFailures, IntrusionDetector
 from .scope import Scopes
 from .store import Store
+from .usecases.assessments import Assessments  # measures (and OffDevice, Oversight, Termination below)
 from .usecases.bulk import BulkEnrolment
 from .usecases.common import TemplateReader, audit_quietly
 from .usecases.devices import DeviceRegistry, Devices
 from .usecases.enrolment import Enrolment, FilingMonitor
+from .usecases.galleries import Galleries, GalleryMatching
 from .usecases.he_contexts import HEContexts
 from .usecases.he_snapshots import HESnapshots
 from .usecases.lifecycle import Lifecycle
 from .usecases.lockouts import Lockouts
 from .usecases.maintenance import Maintenance, Retention
 from .usecases.matching import Matching
+from .usecases.off_device import OffDevice
+from .usecases.oversight import Oversight
 from .usecases.queries import Queries
 from .usecases.recovery import Recovery
+from .usecases.samples import Samples
+from .usecases.termination import Termination
 from .validation import PageTokens
 
 log = logging.getLogger("veilface.service")
@@ -87,8 +93,19 @@ class MatcherApp:
         self.queries = Queries(store, self.page_tokens)
         self.lockouts = Lockouts(store, self.intrusion)
         self.bulk = BulkEnrolment(cfg, store, self.clock, self.index, self.templates, self.retention)
+        # api: named galleries and several samples per subject
+        self.galleries = Galleries(cfg, store, self.clock, self.index, self.templates)
+        self.samples = Samples(cfg, store, self.clock, self.index, self.templates, self.retention,
+                               self.enrolment.filing)
+        self.gallery_matching = GalleryMatching(cfg, store, self.index, self.templates, self.intrusion,
+                                                self.retention)
         self.recovery = Recovery(cfg, store, self.index, self.contexts, self.device_registry, self.retention,
                                  self.snapshots)
+        # measures
+        self.assessments = Assessments(cfg, store, self.clock)
+        self.off_device = OffDevice(store, self.clock, self.index)
+        self.oversight = Oversight(cfg, store, self.clock, self.enrolment.filing)
+        self.termination = Termination(store, self.clock)
         if cfg.matching != "local":   # pg: the Ray shards load the templates, not every replica
             from .replicas import startup_state
             self.loaded = startup_state(cfg, store, self.clock)

@@ -27,6 +27,8 @@ import json
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 
+from .request_context import current_request_id
+
 GENESIS = "0" * 64
 FIELDS = ("seq", "ts", "actor_role", "actor", "action", "tenant", "subject", "purpose",
           "device", "result", "reason", "details")
@@ -49,6 +51,8 @@ class AuditEvent:
     device: str = ""
     details: dict = field(default_factory=dict)
     written: bool = False      # set by the store once the entry is in a transaction
+    # api: the id of the request being served (x-request-id or generated), stored as details["request_id"]
+    request_id: str = field(default_factory=current_request_id)
 
 
 @dataclass(frozen=True)
@@ -138,7 +142,8 @@ def next_entry(head: tuple[int, str], ts: float, ev: AuditEvent, result: str, re
     row = {"seq": seq, "ts": float(ts), "actor_role": ev.actor_role or "", "actor": ev.actor or "",
            "action": ev.action, "tenant": ev.tenant or "", "subject": ev.subject or "",
            "purpose": ev.purpose or "", "device": ev.device or "", "result": result,
-           "reason": reason or "", "details": clean_details(ev.details)}
+           "reason": reason or "",
+           "details": clean_details({**ev.details, "request_id": ev.request_id} if ev.request_id else ev.details)}
     return AuditRow(**row, prev_hash=prev, hash=entry_hash(prev, row, key))
 
 

@@ -26,6 +26,7 @@ import grpc
 
 from ..errors import REASON_KEY
 from .config import TokenEntry
+from .request_context import note_principal
 
 SERVICE = "veilface.v1.Matcher"
 
@@ -47,8 +48,25 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     "Decommission": frozenset({"admin"}),
     "RegisterHEContext": frozenset({"admin", "operator"}),
     "ListHEContexts": frozenset({"device", "operator", "auditor", "admin"}),
+    # measures
+    "RegisterImpactAssessment": frozenset({"admin", "operator"}),
+    "WithdrawOffDeviceConsent": frozenset({"device", "operator"}),
+    "RegisterOversightKey": frozenset({"admin", "operator"}),
+    "SubmitOversight": frozenset({"device", "operator"}),    # operator: relays bundles collected offline
+    "RecordFilingCancellation": frozenset({"admin", "operator"}),
     # harden
     "ResetLockout": frozenset({"operator", "admin"}),
+    # api: named galleries and samples
+    "CreateGallery": frozenset({"admin", "operator"}),
+    "ListGalleries": frozenset({"device", "operator", "auditor", "admin"}),
+    "DescribeGallery": frozenset({"device", "operator", "auditor", "admin"}),
+    "DeleteGallery": frozenset({"admin", "operator"}),
+    "AddSample": frozenset({"device"}),
+    "ListSamples": frozenset({"operator", "admin"}),
+    "DeleteSample": frozenset({"device", "operator"}),
+    "GalleryVerify": frozenset({"device"}),
+    "GallerySearch": frozenset({"device"}),
+    "SearchBySubject": frozenset({"device", "operator"}),
 }
 ANY_ROLE = frozenset({"device", "operator", "auditor", "admin"})
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
@@ -124,10 +142,13 @@ def _token_from(metadata) -> str:
     return ""
 
 
-def _denier(handler, code: grpc.StatusCode, reason: str, message: str, before=None):
+def _denier(handler, code: grpc.StatusCode, reason: str, message: str, before=None,
+            principal: Principal | None = None):
     """A handler that refuses the call; ``before(context)`` may run first and return another
     ``(code, reason, message)`` (e.g. the peer is throttled)."""
     def abort(request_or_iterator, context):
+        if principal is not None:
+            note_principal(principal.role, principal.name)     # api: for the access log
         c, r, m = (before(context) if before is not None else None) or (code, reason, message)
         context.set_trailing_metadata(((REASON_KEY, r),))
         context.abort(c, f"{r}: {m}")
@@ -153,6 +174,7 @@ def _with_principal(handler, principal: Principal, guard=None):
             return None
 
         def run(req, ctx):
+            note_principal(principal.role, principal.name)     # api: for the access log
             if guard is not None:
                 guard(ctx)
             token = _current.set(principal)
@@ -203,7 +225,7 @@ class AuthInterceptor(grpc.ServerInterceptor):
             self._denied(principal, name, "PERMISSION_DENIED", "ROLE_NOT_ALLOWED")
             return _denier(handler, grpc.StatusCode.PERMISSION_DENIED, "ROLE_NOT_ALLOWED",
                            f"role {principal.role!r} may not call {name}",
-                           self._throttled_answer if self.failures is not None else None)
+                           self._throttled_answer if self.failures is not None else None, principal)
         if handler is None:
             return None
         return _with_principal(handler, principal, self._throttle_guard if self.failures is not None else None)

@@ -18,6 +18,9 @@ Environment variables (all optional)::
     VEILFACE_KEYSERVICE, VEILFACE_KEYSERVICE_TOKEN, VEILFACE_KEYSERVICE_KEY   the key service (he decisions)
     VEILFACE_AUDIT_KEY_FILE   the audit key (default: audit.key next to the config file, else in
                               the data dir); keep it outside the data dir in production
+    VEILFACE_METRICS_PORT     Prometheus metrics on 127.0.0.1:<port> (default off)
+    VEILFACE_TRACING          "otlp" or "console": OpenTelemetry tracing (needs veilface[tracing])
+    VEILFACE_LOG_FORMAT       "text" (default) or "json"
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]", "ip6-localhost"}
 
 DEFAULT_THRESHOLDS = {"biohash": 0.70, "iom": 0.20, "rotation": 0.50, "he": 0.50}
 DEFAULT_FALLBACK = ["staff_assisted_check", "identity_document", "pin_or_card"]
+DEPLOYMENTS = ("central", "edge")   # measures: see ServiceConfig.deployment
 
 
 def hash_token(token: str) -> str:
@@ -117,6 +121,10 @@ class ServiceConfig:
     identify_window_s: float = 60.0
     identify_lockout_s: float = 300.0
     request_id_ttl_s: float = 7 * 86400.0
+    # measures: deployment mode and records (issue 15)
+    deployment: str = "central"         # "central": a matcher receiving templates (needs off-device consent);
+    #                                     "edge": the engine embedded on the device (engine.edge), nothing leaves it
+    records_retention_years: int = 3    # impact assessments kept at least this long after the last processing
     # harden (issue 10): audit key, enrolment probing, authentication failures
     audit_key_file: str = ""            # "" = audit.key next to the config file, else in data_dir
     verify_unknown_limit: int = 20      # NOT_ENROLLED answers to one caller within verify_fail_window_s
@@ -139,6 +147,13 @@ class ServiceConfig:
     keyservice_tls_ca: str = ""         # CA of the key service's certificate (TLS; required unless loopback)
     keyservice_server_name: str = ""
     keyservice_timeout_s: float = 30.0  # one Decide (an identify result of a large gallery takes a while)
+    # api: observability (engine/service/observability.py; docs/operations.md) and the gallery model
+    metrics_port: int = -1              # Prometheus /metrics on 127.0.0.1:<port>; -1 = off, 0 = ephemeral
+    tracing: str = ""                   # "" (off), "otlp" or "console": OpenTelemetry spans of every RPC
+    tracing_endpoint: str = ""          # OTLP/gRPC collector ("" = $OTEL_EXPORTER_OTLP_ENDPOINT or localhost:4317)
+    log_format: str = "text"            # "text" or "json" (one JSON object per line)
+    access_log: bool = True             # one log line per RPC (method, status, reason, latency, request id)
+    max_samples_per_subject: int = 20   # samples of one subject in one named gallery
 
     # ------------------------------------------------------------------------------
     def token_entries(self) -> list[TokenEntry]:
@@ -166,7 +181,16 @@ class ServiceConfig:
         for f in dataclasses.fields(self):
             problem = _CHECKS[f.name](getattr(self, f.name))
             if problem:
-                raise BadRequest(f"config {f.name}: {problem}", reason="BAD_CONFIG")
+                exc = BadRequest(f"config {f.name}: {problem}", reason="BAD_CONFIG")
+                exc.field = f.name
+                raise exc
+        if self.allow_remote and self.is_loopback():
+            # a silent no-op otherwise: the operator meant to listen remotely and would not be
+            exc = BadRequest(f"config allow_remote: has no effect while host is the loopback address {self.host}: "
+                             "set host (--host) to the address to listen on, with tls_cert and tls_key, "
+                             "or drop allow_remote", reason="BAD_CONFIG")
+            exc.field = "allow_remote"
+            raise exc
         if not self.is_loopback():
             if not self.allow_remote:
                 raise BadRequest(f"refusing to listen on {self.host}: remote listening needs "
@@ -175,6 +199,9 @@ class ServiceConfig:
             if not (self.tls_cert and self.tls_key):
                 raise BadRequest(f"refusing to listen on {self.host} without TLS (tls_cert, tls_key)",
                                  reason="TLS_REQUIRED")
+        if self.deployment == "edge" and not self.is_loopback():   # measures
+            raise BadRequest("an edge deployment serves the device it runs on: loopback only (a matcher that "
+                             "receives templates over a network is deployment = \"central\")", reason="REMOTE_NOT_ALLOWED")
         if bool(self.tls_cert) != bool(self.tls_key):
             raise BadRequest("tls_cert and tls_key go together", reason="BAD_CONFIG")
         if self.tls_client_ca and not self.tls_cert:
@@ -239,6 +266,14 @@ def _strings(nonempty: bool = False, item=None):
             problem = item(x) if item else None
             if problem:
                 return problem
+        return None
+    return check
+
+
+def _choice(*options: str):
+    def check(v):
+        if v not in options:
+            return f"must be one of {', '.join(repr(o) for o in options)}, got {v!r}"
         return None
     return check
 
@@ -318,6 +353,9 @@ _CHECKS = {
     "verify_fail_limit": _int(1), "verify_fail_window_s": _num(0, lo_open=True), "verify_lockout_s": _num(0),
     "identify_limit": _int(1), "identify_nomatch_limit": _int(1), "identify_window_s": _num(0, lo_open=True),
     "identify_lockout_s": _num(0), "request_id_ttl_s": _num(0, lo_open=True),
+    # measures
+    "deployment": lambda v: None if v in DEPLOYMENTS else f"must be one of {', '.join(DEPLOYMENTS)}, got {v!r}",
+    "records_retention_years": _int(3, 100),
     "audit_key_file": _text(), "verify_unknown_limit": _int(1), "auth_fail_limit": _int(1),
     "auth_fail_window_s": _num(0, lo_open=True), "auth_lockout_s": _num(0),
     # pg
@@ -328,6 +366,9 @@ _CHECKS = {
     "keyservice": _text(), "keyservice_token": _text(), "keyservice_token_file": _text(),
     "keyservice_key": lambda v: _keyservice_key(v), "keyservice_tls_ca": _text(), "keyservice_server_name": _text(),
     "keyservice_timeout_s": _num(0, lo_open=True),
+    # api
+    "metrics_port": _int(-1, 65535), "tracing": _choice("", "otlp", "console"), "tracing_endpoint": _text(),
+    "log_format": _choice("text", "json"), "access_log": _bool, "max_samples_per_subject": _int(1, 1000),
 }
 
 
@@ -353,57 +394,147 @@ _ENV = {
     # keysvc
     "VEILFACE_KEYSERVICE": ("keyservice", str), "VEILFACE_KEYSERVICE_TOKEN": ("keyservice_token", str),
     "VEILFACE_KEYSERVICE_KEY": ("keyservice_key", str),
+    "VEILFACE_METRICS_PORT": ("metrics_port", int), "VEILFACE_TRACING": ("tracing", str),
+    "VEILFACE_LOG_FORMAT": ("log_format", str),
 }
 
 
 def read_config_file(path: str | Path) -> dict:
+    """The settings of a TOML or JSON config file (a ``[veilface]`` table, or the top level).
+
+    Every mistake is one :class:`BadRequest` naming the file (and the line of a syntax error)."""
     path = Path(path)
-    text = path.read_bytes()
-    if path.suffix.lower() == ".json":
-        return json.loads(text)
     try:
-        import tomllib
-    except ImportError:  # Python 3.10
+        text = path.read_bytes()
+    except FileNotFoundError:
+        raise BadRequest(f"config file {path} not found (--config / $VEILFACE_CONFIG)", reason="BAD_CONFIG") from None
+    except OSError as exc:
+        raise BadRequest(f"config file {path}: cannot read it ({exc.strerror})", reason="BAD_CONFIG") from None
+    try:
+        decoded = text.decode()
+    except UnicodeDecodeError:
+        raise BadRequest(f"config file {path}: not UTF-8 text", reason="BAD_CONFIG") from None
+    if path.suffix.lower() == ".json":
         try:
-            import tomli as tomllib  # type: ignore
-        except ImportError:
-            raise BadRequest(f"{path}: TOML needs Python 3.11+ (or use a .json config)") from None
-    data = tomllib.loads(text.decode())
+            data = json.loads(decoded)
+        except json.JSONDecodeError as exc:
+            raise BadRequest(f"{path}:{exc.lineno}: JSON syntax error: {exc.msg} (column {exc.colno})",
+                             reason="BAD_CONFIG") from None
+    else:
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            try:
+                import tomli as tomllib  # type: ignore
+            except ImportError:
+                raise BadRequest(f"{path}: TOML needs Python 3.11+ or the tomli package "
+                                 "(pip install tomli), or use a .json config", reason="BAD_CONFIG") from None
+        try:
+            data = tomllib.loads(decoded)
+        except tomllib.TOMLDecodeError as exc:
+            msg, where = str(exc), str(path)
+            m = re.search(r"\(at line (\d+), column (\d+)\)", msg)
+            if m:
+                where, msg = f"{path}:{m.group(1)}", msg[:m.start()].strip() + f" (column {m.group(2)})"
+            elif "(at end of document)" in msg:
+                where = f"{path}:{max(1, len(decoded.splitlines()))}"
+                msg = msg.replace("(at end of document)", "(at the end of the file)").strip()
+            raise BadRequest(f"{where}: TOML syntax error: {msg}", reason="BAD_CONFIG") from None
+    if not isinstance(data, dict):
+        raise BadRequest(f"config file {path}: the top level must be a table of settings", reason="BAD_CONFIG")
     return data.get("veilface", data) if isinstance(data.get("veilface"), dict) else data
+
+
+def _line_of(path: str | Path, key: str) -> int | None:
+    """The line of ``key = ...`` (TOML) or ``"key":`` (JSON) in ``path``, for error messages."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except (OSError, UnicodeDecodeError):
+        return None
+    pattern = re.compile(rf'^\s*("{re.escape(key)}"\s*:|{re.escape(key)}\s*=)')
+    for i, line in enumerate(lines, 1):
+        if pattern.search(line):
+            return i
+    return None
+
+
+def _where(field_name: str, sources: dict[str, str], path: str | None) -> str:
+    """Where a setting came from: ``file:line``, ``$VEILFACE_X`` or ``--flag``."""
+    src = sources.get(field_name, "")
+    if src == "file" and path:
+        line = _line_of(path, field_name)
+        return f"{path}:{line}" if line else str(path)
+    return src or "config"
 
 
 def load_config(path: str | None = None, env: dict | None = None, **overrides: Any) -> ServiceConfig:
     """Build the config: defaults, then ``path`` (or $VEILFACE_CONFIG), env vars, overrides.
 
-    Overrides whose value is None are ignored (so argparse defaults can be passed as-is).
+    Overrides whose value is None are ignored (so argparse defaults can be passed as-is). A bad
+    setting raises one :class:`BadRequest` (reason ``BAD_CONFIG``) that says where it came from:
+    ``veilface.toml:3: port must be an integer, got 'x'``, ``$VEILFACE_PORT: ...``, ``--port: ...``.
     """
     env = os.environ if env is None else env
     values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
     path = path or env.get("VEILFACE_CONFIG")
     if path:
         values.update(read_config_file(path))
+        sources.update(dict.fromkeys(values, "file"))
     known = {f.name for f in dataclasses.fields(ServiceConfig)}
     unknown = set(values) - known
     if unknown:
-        raise BadRequest(f"unknown config keys: {', '.join(sorted(unknown))}")
+        first = sorted(unknown)[0]
+        raise BadRequest(f"{_where(first, sources, path)}: unknown config key{'s' if len(unknown) > 1 else ''} "
+                         f"{', '.join(sorted(unknown))} (known keys: engine/service/README.md, Configuration)",
+                         reason="BAD_CONFIG")
     for var, (name, conv) in _ENV.items():
         if env.get(var):
-            values[name] = conv(env[var])
-    values.update({k: v for k, v in overrides.items() if v is not None})
+            try:
+                values[name] = conv(env[var])
+            except ValueError:
+                raise BadRequest(f"${var}: must be an integer, got {env[var]!r}", reason="BAD_CONFIG") from None
+            sources[name] = f"${var}"
+    for k, v in overrides.items():
+        if v is not None:
+            values[k] = v
+            sources[k] = "--" + k.replace("_", "-")
     tokens = list(values.pop("tokens", []))
     for item in filter(None, (env.get("VEILFACE_TOKENS") or "").split(",")):
         parts = item.strip().split(":")
         if len(parts) < 2:
-            raise BadRequest("VEILFACE_TOKENS entries are role:sha256[:name[:device_id]]")
+            raise BadRequest("$VEILFACE_TOKENS: entries are role:sha256[:name[:device_id]]", reason="BAD_CONFIG")
         tokens.append({"role": parts[0], "sha256": parts[1],
                        "name": parts[2] if len(parts) > 2 else "",
                        "device_id": parts[3] if len(parts) > 3 else "",
                        "tenant": parts[4] if len(parts) > 4 else ""})
-    cfg = ServiceConfig(**values)
-    cfg.tokens = [TokenEntry(**t) if isinstance(t, dict) else t for t in tokens]
-    if not cfg.audit_key_file and path:    # the audit key lives next to the config file, outside the data dir
-        cfg.audit_key_file = str(Path(path).resolve().parent / "audit.key")
-    return cfg.validate()
+    try:
+        cfg = ServiceConfig(**values)
+        cfg.tokens = [_token_entry(t) for t in tokens]
+        if not cfg.audit_key_file and path:    # the audit key lives next to the config file, outside the data dir
+            cfg.audit_key_file = str(Path(path).resolve().parent / "audit.key")
+        return cfg.validate()
+    except BadRequest as exc:
+        name = getattr(exc, "field", "")
+        if name and name in sources:
+            msg = str(exc).removeprefix(f"config {name}: ")
+            raise BadRequest(f"{_where(name, sources, path)}: {name} {msg}", reason=exc.reason) from None
+        raise
+
+
+def _token_entry(t) -> TokenEntry:
+    if isinstance(t, TokenEntry):
+        return t
+    if not isinstance(t, dict):
+        raise BadRequest(f"a token entry must be a table {{role, sha256, name, device_id, tenant}}, got {t!r}",
+                         reason="BAD_CONFIG")
+    extra = set(t) - {"role", "sha256", "name", "device_id", "tenant"}
+    if extra:
+        raise BadRequest(f"unknown token entry keys {', '.join(sorted(extra))} (role, sha256, name, device_id, tenant)",
+                         reason="BAD_CONFIG")
+    if not all(isinstance(v, str) for v in t.values()):
+        raise BadRequest("token entry values must be strings", reason="BAD_CONFIG")
+    return TokenEntry(**t)
 
 
 def ensure_tokens(cfg: ServiceConfig) -> dict[str, str]:
@@ -428,3 +559,47 @@ def ensure_tokens(cfg: ServiceConfig) -> dict[str, str]:
     with os.fdopen(fd, "w") as fh:
         json.dump(fresh, fh, indent=1)
     return fresh
+
+
+# -- TLS files: checked before gRPC sees them (it would only say "Failed to bind") ---------------------
+def check_tls_files(cfg: ServiceConfig) -> None:
+    """Raise one :class:`BadRequest` (reason ``BAD_TLS``) naming the setting when a TLS file is
+    missing, unreadable, not PEM, or when the key does not belong to the certificate."""
+    if not cfg.tls_cert:
+        return
+    from cryptography import x509
+    from cryptography.hazmat.primitives import serialization
+
+    def read(name: str) -> bytes:
+        path = getattr(cfg, name)
+        try:
+            return Path(path).read_bytes()
+        except FileNotFoundError:
+            raise BadRequest(f"{name} {path}: file not found (--{name.replace('_', '-')})", reason="BAD_TLS") from None
+        except OSError as exc:
+            raise BadRequest(f"{name} {path}: cannot read it ({exc.strerror})", reason="BAD_TLS") from None
+
+    cert_pem, key_pem = read("tls_cert"), read("tls_key")
+    try:
+        cert = x509.load_pem_x509_certificates(cert_pem)[0]
+    except ValueError:
+        raise BadRequest(f"tls_cert {cfg.tls_cert}: not a PEM certificate (-----BEGIN CERTIFICATE-----)",
+                         reason="BAD_TLS") from None
+    try:
+        key = serialization.load_pem_private_key(key_pem, password=None)
+    except TypeError:
+        raise BadRequest(f"tls_key {cfg.tls_key}: the key is encrypted; give the server an unencrypted key file "
+                         "(mode 0600)", reason="BAD_TLS") from None
+    except ValueError:
+        raise BadRequest(f"tls_key {cfg.tls_key}: not a PEM private key (-----BEGIN PRIVATE KEY-----)",
+                         reason="BAD_TLS") from None
+    pub = serialization.PublicFormat.SubjectPublicKeyInfo
+    if key.public_key().public_bytes(serialization.Encoding.DER, pub) != \
+            cert.public_key().public_bytes(serialization.Encoding.DER, pub):
+        raise BadRequest(f"tls_key {cfg.tls_key} does not belong to the certificate in tls_cert {cfg.tls_cert}",
+                         reason="BAD_TLS")
+    if cfg.tls_client_ca:
+        try:
+            x509.load_pem_x509_certificates(read("tls_client_ca"))
+        except ValueError:
+            raise BadRequest(f"tls_client_ca {cfg.tls_client_ca}: not a PEM certificate", reason="BAD_TLS") from None

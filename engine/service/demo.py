@@ -1,9 +1,17 @@
-"""``veilface demo``: start a server on the embedded store, run the scripted scenario through
-real gRPC calls, print a summary with timings, stop the server.
+"""``veilface demo``: the scripted scenarios, with timings.
+
+* ``--mode edge`` (:mod:`engine.edge.demo`): the default single-site deployment -- the engine on
+  two devices, fleet oversight by a central service that never receives a template;
+* ``--mode central``: a gRPC matcher on the embedded store; the device SDK protects every capture
+  locally and the server stores protected templates only with the subjects' separate
+  off-device-storage consent;
+* ``--mode keyservice`` (:mod:`engine.keyservice.demo`): three processes -- the key service, a
+  matcher that uses it as its HE decider, the device SDK holding no key beyond one transaction;
+* ``--mode both``: edge, then central; ``--mode all`` (default, what ``make demo`` runs): edge,
+  central, then the key service.
 
 Synthetic subjects: random unit "face" centres in 128-d; a capture is the centre plus noise
-(genuine) -- an impostor is another subject's capture. The device SDK protects every capture
-locally; the server only ever receives protected templates.
+(genuine) -- an impostor is another subject's capture.
 """
 from __future__ import annotations
 
@@ -19,7 +27,7 @@ NOTICE = "notice-2025-11"
 PURPOSE = "access_control"
 
 
-class _Timer:
+class Timer:
     def __init__(self) -> None:
         self.rows: list[tuple[str, float, str]] = []
 
@@ -32,27 +40,63 @@ class _Timer:
         print(f"  {name:<44} {1e3 * (time.perf_counter() - t0):9.1f} ms  {box['note']}", flush=True)
 
 
-def _expect_error(fn, code: str) -> str:
-    from ..client import ServiceError
+def expect_error(fn, code: str) -> str:
+    """Run ``fn``, which must fail with status ``code`` (a code name or a reason); returns "CODE REASON".
+    Works for gRPC errors (``ServiceError``) and in-process ones (``StatusError``, edge mode)."""
+    from ..errors import VeilfaceError
     try:
         fn()
-    except ServiceError as e:
-        if e.code.name != code:
-            raise AssertionError(f"expected {code}, got {e.code.name} {e.reason}") from None
-        return f"{e.code.name} {e.reason}"
+    except VeilfaceError as e:
+        name = getattr(e.code, "name", e.code) if hasattr(e, "code") else type(e).__name__
+        if code not in (name, getattr(e, "reason", "")):
+            raise AssertionError(f"expected {code}, got {name} {getattr(e, 'reason', '')}") from None
+        return f"{name} {e.reason}"
     raise AssertionError(f"expected {code}, the call succeeded")
 
 
-def run_demo(subjects: int = 300, scheme: str = "biohash:bits=256,dim=128", keep: str | None = None,
-             in_process: bool = False, seed: int = 7) -> int:
+_expect_error = expect_error
+_Timer = Timer
+
+
+MODES = ("all", "both", "edge", "central", "keyservice")
+
+
+def run_demo(mode: str = "all", subjects: int | None = None, scheme: str = "biohash:bits=256,dim=128",
+             keep: str | None = None, in_process: bool = False, seed: int = 7) -> int:
+    """Run the scenario(s) of ``mode`` (one of :data:`MODES`); 0 when every check passed."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
+    t_all = time.perf_counter()
+    root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="veilface-demo-"))
+    if keep and root.exists():
+        shutil.rmtree(root)
+    tm = Timer()
+    ok = True
+    if mode in ("edge", "both", "all"):
+        from ..edge.demo import run_edge
+        n = subjects or 60
+        print(f"Veilface demo, EDGE mode (the default single-site deployment): {n} synthetic subjects per device, "
+              f"scheme {scheme}, data {root / 'edge'}")
+        edge_ok = run_edge(root / "edge", n, scheme, in_process, seed, tm)
+        print(f"\nedge demo {'PASSED' if edge_ok else 'FAILED'}")
+        ok &= edge_ok
+    if mode in ("central", "both", "all"):
+        ok &= _run_central(root / "central", subjects or 300, scheme, in_process, seed, tm) == 0
+    if mode in ("keyservice", "all"):   # keysvc: key service + a matcher that uses it + the device SDK
+        from ..keyservice.demo import run_keyservice_demo
+        ks_ok = run_keyservice_demo(root / "keyservice", tm)
+        print(f"\nkey-service demo {'PASSED' if ks_ok else 'FAILED'}")
+        ok &= ks_ok
+    print(f"\ndemo {'PASSED' if ok else 'FAILED'} in {time.perf_counter() - t_all:.1f} s")
+    if not keep:
+        shutil.rmtree(root, ignore_errors=True)
+    return 0 if ok else 1
+
+
+def _run_central(data_dir: Path, subjects: int, scheme: str, in_process: bool, seed: int, tm: Timer) -> int:
     from .launcher import ServerProcess, write_config
 
-    t_all = time.perf_counter()
-    data_dir = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="veilface-demo-"))
-    if keep and data_dir.exists():
-        shutil.rmtree(data_dir)
-    tm = _Timer()
-    print(f"Veilface demo: {subjects} synthetic subjects, scheme {scheme}, store {data_dir}")
+    print(f"\nVeilface demo, CENTRAL mode: {subjects} synthetic subjects, scheme {scheme}, store {data_dir}")
     settings = {"filing_threshold": 100_000}
     cfg_path, tokens = write_config(data_dir, **settings)
     server = None
@@ -67,7 +111,7 @@ def run_demo(subjects: int = 300, scheme: str = "biohash:bits=256,dim=128", keep
             target = server.target
         s["note"] = f"listening on {target} (loopback only)"
     try:
-        rc = _scenario(target, tokens, subjects, scheme, seed, tm)
+        rc = _scenario(target, tokens, subjects, scheme, seed, tm, data_dir)
     finally:
         with tm.step("stop server"):
             server.stop()
@@ -80,17 +124,12 @@ def run_demo(subjects: int = 300, scheme: str = "biohash:bits=256,dim=128", keep
         store.close()
         print(f"\nafter shutdown, `veilface audit verify --data-dir {data_dir}`: {rep}")
         rc = 0 if rep.ok else 1
-    if rc == 0:   # keysvc: key service + a matcher that uses it + the device SDK (engine/keyservice/demo.py)
-        from ..keyservice.demo import run_keyservice_demo
-        rc = 0 if run_keyservice_demo(data_dir / "keyservice-demo", tm) else 1
-    print(f"\ndemo {'PASSED' if rc == 0 else 'FAILED'} in {time.perf_counter() - t_all:.1f} s")
-    if not keep:
-        shutil.rmtree(data_dir, ignore_errors=True)
+    print(f"\ncentral demo {'PASSED' if rc == 0 else 'FAILED'}")
     return rc
 
 
-def _scenario(target: str, tokens: dict, n: int, scheme: str, seed: int, tm: _Timer) -> int:
-    from ..client import DeviceClient, LocationClass, OperatorClient
+def _scenario(target: str, tokens: dict, n: int, scheme: str, seed: int, tm: Timer, data_dir: Path) -> int:
+    from ..client import DeviceClient, LocationClass, OffDeviceTerms, OperatorClient
     from ..keys import KeyDeriver
     from ..template import Template
     from .commands import format_report
@@ -108,9 +147,19 @@ def _scenario(target: str, tokens: dict, n: int, scheme: str, seed: int, tm: _Ti
     operator = OperatorClient(target, tokens["operator"])
     auditor = OperatorClient(target, tokens["auditor"])
     deriver = KeyDeriver(KeyDeriver.new_master_secret(), tenant="default")   # lives on the device only
-    device = DeviceClient(target, tokens["device"], "gate-1", deriver, scheme=scheme, purpose=PURPOSE)
-    room = DeviceClient(target, tokens["device"], "room-101", deriver, scheme=scheme, purpose=PURPOSE)
+    # the device's consent screen has a separate tick box for storage on the central matcher
+    terms = OffDeviceTerms("offdevice-2025-11", f"protected face template ({scheme})",
+                           "the operator's central matcher", "one gallery shared by every entrance")
+    device = DeviceClient(target, tokens["device"], "gate-1", deriver, scheme=scheme, purpose=PURPOSE, off_device=terms)
+    room = DeviceClient(target, tokens["device"], "room-101", deriver, scheme=scheme, purpose=PURPOSE, off_device=terms)
     sid = [f"subj-{i:05d}" for i in range(n + 50)]
+
+    print("\n0. impact assessment (central deployment)")
+    with tm.step("measured figures + drafted assessment") as s:
+        from ..edge.demo import _assessment, eval_report
+        report, source = eval_report(data_dir / "eval", scheme)
+        info = admin.register_impact_assessment(_assessment(report, scheme, "central", n, 2))
+        s["note"] = f"from {source}; registered v{info.version}, sha256 {info.sha256[:16]}... (audit {info.audit_seq})"
 
     print("\n1. devices and consent")
     with tm.step("register public-place device (signage)") as s:
@@ -144,6 +193,10 @@ def _scenario(target: str, tokens: dict, n: int, scheme: str, seed: int, tm: _Ti
     with tm.step("enrol without consent") as s:
         s["note"] = "refused: " + _expect_error(lambda: device.enroll(sid[n + 1], capture(n + 1), ""),
                                                 "FAILED_PRECONDITION")
+    with tm.step("enrol without the off-device-storage consent") as s:
+        c = device.record_consent(sid[n + 4], NOTICE, 30, off_device=False)
+        s["note"] = "refused: " + _expect_error(lambda: device.enroll(sid[n + 4], capture(n + 4), c.consent_id),
+                                                "OFF_DEVICE_CONSENT_REQUIRED")
     with tm.step("consent of a 12-year-old without guardian") as s:
         s["note"] = "refused: " + _expect_error(lambda: device.record_consent(sid[n + 2], NOTICE, 12),
                                                 "FAILED_PRECONDITION")
@@ -188,6 +241,10 @@ def _scenario(target: str, tokens: dict, n: int, scheme: str, seed: int, tm: _Ti
                                                 "NOT_FOUND")
 
     print("\n4. withdrawal, revocation, intrusion detection")
+    with tm.step(f"withdraw only the off-device consent of {sid[4]}") as s:
+        r = device.withdraw_off_device_consent(sid[4])
+        s["note"] = (f"central copy deleted ({r.templates_deleted} template); verify now: "
+                     + _expect_error(lambda: device.verify(sid[4], capture(4)), "NOT_FOUND"))
     w = 3
     with tm.step(f"withdraw consent of {sid[w]}") as s:
         r = device.withdraw(sid[w])
@@ -244,7 +301,8 @@ def _scenario(target: str, tokens: dict, n: int, scheme: str, seed: int, tm: _Ti
         rep = operator.compliance_report()
     print("\n" + "\n".join("     " + line for line in format_report(rep).splitlines()))
     ok = (chain.ok and sum(r.matched for r in gen) >= 0.95 * m and sum(r.matched for r in imp) == 0
-          and hits >= 0.9 * (m // 2) and rep["persons_stored"] == n + 1 and len(alerts) >= 1)
+          and hits >= 0.9 * (m // 2) and rep["persons_stored"] == n and len(alerts) >= 1
+          and rep["off_device_consents"]["templates_without_off_device_consent"] == 0)
     for c in (admin, operator, auditor, device, room, bad):
         c.close()
     return 0 if ok else 1

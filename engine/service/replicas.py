@@ -39,7 +39,7 @@ from ..errors import NotEnrolled
 from ..template import Template
 from .clock import Clock
 from .config import ServiceConfig
-from .matching import Enrolled, GalleryIndex, GalleryKey, MatchingBackend
+from .matching import Enrolled, GalleryIndex, GalleryKey, MatchingBackend, entry_id, split_entry
 from .ratelimit import Alert, IntrusionDetector
 from .status import Throttled
 from .store import Store
@@ -56,18 +56,24 @@ class SharedGalleryIndex(GalleryIndex):
         super().__init__(*args, **kw)
         self.store = store
 
-    def _stored(self, tenant: str, subject: str) -> tuple[dict[tuple[str, str], tuple[Enrolled, int]], tuple | None]:
+    def _stored(self, tenant: str, subject: str) -> tuple[dict[tuple[str, str], tuple[Enrolled, int]], tuple | None,
+                                                          dict]:
+        """(default-gallery entries, key versions, api: named-gallery samples {gallery: (purpose,
+        scheme, {sample_id: (Enrolled, template id)})}) as stored now."""
         rows = self.store.subject_index(tenant, subject)
         srow = self.store.subject_row(tenant, subject)
-        entries = {(r.purpose, r.scheme): (Enrolled(r.key_version, r.expires_at), r.id) for r in rows}
-        return entries, None if srow is None else (srow.key_version, srow.revoked_upto)
+        entries = {(r.purpose, r.scheme): (Enrolled(r.key_version, r.expires_at), r.id) for r in rows if not r.gallery}
+        named: dict = {}
+        for r in rows:
+            if r.gallery:
+                named.setdefault(r.gallery, (r.purpose, r.scheme, {}))[2][r.sample_id] = \
+                    (Enrolled(r.key_version, r.expires_at), r.id)
+        return entries, None if srow is None else (srow.key_version, srow.revoked_upto), named
 
-    def _replace(self, tenant: str, subject: str, entries: dict, versions: tuple | None) -> None:
+    def _replace(self, tenant: str, subject: str, entries: dict, versions: tuple | None, named: dict) -> None:
         with self.lock:
-            if entries:
-                self._enrolled[(tenant, subject)] = {k: e for k, (e, _) in entries.items()}
-            else:
-                self._enrolled.pop((tenant, subject), None)
+            self.replace_person(tenant, subject, {k: e for k, (e, _) in entries.items()},
+                                {g: (p, s, {sid: e for sid, (e, _) in smp.items()}) for g, (p, s, smp) in named.items()})
             if versions is None:
                 self._versions.pop((tenant, subject), None)
             else:
@@ -75,9 +81,13 @@ class SharedGalleryIndex(GalleryIndex):
 
     def enrolment(self, tenant: str, subject: str):
         """The subject's entries as stored now (another replica may have enrolled or withdrawn it)."""
-        entries, versions = self._stored(tenant, subject)
-        self._replace(tenant, subject, entries, versions)
+        self._replace(tenant, subject, *self._stored(tenant, subject))
         return super().enrolment(tenant, subject)
+
+    def samples_of(self, tenant: str, subject: str, gallery: str):
+        """api: the subject's samples in a named gallery as stored now."""
+        self._replace(tenant, subject, *self._stored(tenant, subject))
+        return super().samples_of(tenant, subject, gallery)
 
     @contextmanager
     def subject_lock(self, tenant: str, subject: str) -> Iterator[None]:
@@ -93,7 +103,8 @@ class SharedGalleryIndex(GalleryIndex):
         template (idempotent), which repairs a shard that missed an acknowledged enrolment (its
         replica died between the commit and the shard update, and a retry was replayed)."""
         known, _ = super().enrolment(tenant, subject)
-        entries, versions = self._stored(tenant, subject)
+        known_named = self.named_of(tenant, subject)
+        entries, versions, named = self._stored(tenant, subject)
         for (p, s), m in known.items():
             cur = entries.get((p, s))
             if cur is None or cur[0].key_version != m.key_version:
@@ -110,7 +121,23 @@ class SharedGalleryIndex(GalleryIndex):
                 self.schemes.of(t.spec)
                 self.open(key)
                 self.backend.add(key, [subject], [t])
-        self._replace(tenant, subject, entries, versions)
+        # api: samples of named galleries, the same way (entries are subject/sample ids)
+        for g, (p, s, samples) in known_named.items():
+            cur = named.get(g, (p, s, {}))[2]
+            for sid, m in samples.items():
+                if sid not in cur or cur[sid][0].key_version != m.key_version:
+                    self.backend.remove(GalleryKey(tenant, p, s, m.key_version, g), entry_id(subject, sid))
+        for g, (p, s, samples) in named.items():
+            have = known_named.get(g, (p, s, {}))[2]
+            for sid, (m, tid) in samples.items():
+                blob = None if sid in have else self.store.template_blob(tid)
+                if blob is not None:
+                    t = Template.from_bytes(blob)
+                    self.schemes.of(t.spec)
+                    key = GalleryKey(tenant, p, s, m.key_version, g)
+                    self.open(key)
+                    self.backend.add(key, [entry_id(subject, sid)], [t])
+        self._replace(tenant, subject, entries, versions, named)
 
 
 class CheckedMatching(MatchingBackend):
@@ -125,9 +152,15 @@ class CheckedMatching(MatchingBackend):
         except NotEnrolled:
             if key.encrypted:
                 raise
-            rows = [r for r in self.store.subject_index(key.tenant, subject_id)
-                    if (r.purpose, r.scheme, r.key_version) == (key.purpose, key.scheme, key.key_version)]
-            blob = self.store.template_blob(rows[0].id) if rows else None
+            if key.gallery:   # api: a sample of a named gallery
+                subject, sid = split_entry(subject_id)
+                rows = [r for r in self.store.gallery_templates(key.tenant, key.gallery, subject)
+                        if r.sample_id == sid and r.key_version == key.key_version]
+                blob = rows[0].template if rows else None
+            else:
+                rows = [r for r in self.store.subject_index(key.tenant, subject_id) if not r.gallery and
+                        (r.purpose, r.scheme, r.key_version) == (key.purpose, key.scheme, key.key_version)]
+                blob = self.store.template_blob(rows[0].id) if rows else None
             if blob is None:
                 raise
             log.warning("gallery shard missed a stored template of %s/%s: re-added", key.tenant, key.purpose)
@@ -138,8 +171,13 @@ class CheckedMatching(MatchingBackend):
         hits = self.inner.search(key, probe, k, threshold)
         if key.encrypted or not hits:
             return hits
-        stored = self.store.present_subjects(key.tenant, key.purpose, key.scheme, key.key_version,
-                                             [h.subject_id for h in hits])
+        if key.gallery:   # api: entries are subject/sample ids
+            pairs = [split_entry(h.subject_id) for h in hits]
+            stored = {entry_id(s, x) for s, x in self.store.present_samples(key.tenant, key.gallery, key.key_version,
+                                                                             pairs)}
+        else:
+            stored = self.store.present_subjects(key.tenant, key.purpose, key.scheme, key.key_version,
+                                                 [h.subject_id for h in hits])
         stale = [h.subject_id for h in hits if h.subject_id not in stored]
         for s in stale:                 # deleted in the store, still in a shard: never returned, removed
             log.warning("gallery shard held a deleted template of %s/%s: removed", key.tenant, key.purpose)

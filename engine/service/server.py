@@ -8,9 +8,11 @@ port (TLS / mTLS); :func:`serve` runs it in the foreground.
 """
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
+import socket
 import threading
 from concurrent import futures
 from pathlib import Path
@@ -22,7 +24,9 @@ from .._proto.veilface.v1 import matcher_pb2_grpc as pb_grpc
 from .app import MatcherApp
 from .auth import AuthInterceptor, TokenTable
 from .clock import Clock, SystemClock
-from .config import ServiceConfig
+from .config import ServiceConfig, check_tls_files
+from .lock import DataDirLock
+from .observability import Observability
 from .servicer import SERVICE_NAME, MatcherServicer
 from .status import BadRequest
 from .store import Store, open_store
@@ -36,8 +40,26 @@ class VeilfaceServer:
 
     def __init__(self, cfg: ServiceConfig, clock: Clock | None = None, store: Store | None = None) -> None:
         cfg.validate()
+        check_tls_files(cfg)     # api: a missing or wrong cert/key says so (not "Failed to bind")
         self.cfg = cfg
         self.clock = clock or SystemClock()
+        # api: one server per data dir (an exclusive flock, engine/service/lock.py), held until stop();
+        # a PostgreSQL store is shared by replicas by design (docs/deployment.md): no lock then
+        self.lock = DataDirLock(cfg.data_dir).acquire() if store is None and not cfg.store else None
+        try:
+            self._build(store)
+        except BaseException:
+            if getattr(self, "app", None) is not None:
+                self.app.close()
+            if store is None and getattr(self, "store", None) is not None:
+                self.store.close()
+            if self.lock is not None:
+                self.lock.release()
+            raise
+
+    def _build(self, store: Store | None) -> None:
+        cfg = self.cfg
+        self.store = self.app = None
         self.store = store or open_store(cfg.data_dir, self.clock, url=cfg.store, pool_size=2 * cfg.workers + 4)
         from .replicas import make_backend  # pg: Ray-sharded galleries when configured
         self.app = MatcherApp(cfg, self.store, self.clock, backend=make_backend(cfg, self.store))
@@ -47,9 +69,11 @@ class VeilfaceServer:
         opts = [("grpc.max_receive_message_length", cfg.max_message_bytes),
                 ("grpc.max_send_message_length", max(cfg.max_message_bytes, cfg.max_response_bytes, 4 << 20)),
                 ("grpc.so_reuseport", 0)]
+        # api: request ids, access log, Prometheus metrics, OpenTelemetry spans (outside the auth check)
+        self.observability = Observability(cfg, self.app)
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=cfg.workers,
                                                              thread_name_prefix="veilface-rpc"),
-                                  interceptors=[interceptor], options=opts)
+                                  interceptors=[*self.observability.interceptors(), interceptor], options=opts)
         pb_grpc.add_MatcherServicer_to_server(self.servicer, self.server)
         from grpc_health.v1 import health, health_pb2, health_pb2_grpc
         self.health = health.HealthServicer()
@@ -60,24 +84,41 @@ class VeilfaceServer:
              reflection.SERVICE_NAME), self.server)
         self._health_pb2 = health_pb2
         address = f"{cfg.host}:{cfg.port}"
+        check_listen(cfg.host, cfg.port)
         if cfg.tls_cert:
             key = Path(cfg.tls_key).read_bytes()
             cert = Path(cfg.tls_cert).read_bytes()
             ca = Path(cfg.tls_client_ca).read_bytes() if cfg.tls_client_ca else None
             creds = grpc.ssl_server_credentials([(key, cert)], root_certificates=ca,
                                                 require_client_auth=ca is not None)
-            self.port = self.server.add_secure_port(address, creds)
+            self.port = self._add_port(address, creds)
         else:
-            self.port = self.server.add_insecure_port(address)
-        if not self.port:
-            raise BadRequest(f"could not listen on {address}", reason="BIND_FAILED")
+            self.port = self._add_port(address)
+        if self.lock is not None:
+            self.lock.update(target=self.target)
+
+    def _add_port(self, address: str, creds=None) -> int:
+        try:
+            port = (self.server.add_secure_port(address, creds) if creds is not None
+                    else self.server.add_insecure_port(address))
+        except RuntimeError:
+            port = 0
+        if not port:
+            raise BadRequest(f"could not listen on {address} (--host / --port)", reason="BIND_FAILED")
+        return port
 
     @property
     def target(self) -> str:
         host = self.cfg.host
         return f"{'[' + host + ']' if ':' in host and not host.startswith('[') else host}:{self.port}"
 
+    @property
+    def metrics_port(self) -> int:
+        """Port of the Prometheus endpoint on 127.0.0.1 (-1 = metrics off)."""
+        return self.observability.metrics_port
+
     def start(self) -> VeilfaceServer:
+        self.observability.start()
         self.server.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, self._health_pb2.HealthCheckResponse.SERVING)
@@ -88,8 +129,11 @@ class VeilfaceServer:
         self.health.enter_graceful_shutdown()
         self.app.stop_background()
         self.server.stop(grace).wait()
+        self.observability.close()
         self.app.close()
         self.store.close()
+        if self.lock is not None:
+            self.lock.release()
 
     def wait(self) -> None:
         self.server.wait_for_termination()
@@ -101,12 +145,38 @@ class VeilfaceServer:
         self.stop(0)
 
 
+def check_listen(host: str, port: int, flag: str = "--port") -> None:
+    """Say why the listen address cannot be used (gRPC would only log "Failed to bind")."""
+    if not port:
+        return
+    host = host.strip("[]")
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except socket.gaierror:
+        raise BadRequest(f"cannot resolve the listen address {host!r} (--host)", reason="BIND_FAILED") from None
+    family, _, _, _, addr = infos[0]
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)   # as gRPC does: TIME_WAIT is no conflict
+        try:
+            s.bind(addr)
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise BadRequest(f"port {port} on {host} is already in use (another veilface serve?): "
+                                 f"stop that process or choose another {flag}", reason="PORT_IN_USE") from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise BadRequest(f"{host} is not an address of this machine (--host)", reason="BIND_FAILED") from None
+            if exc.errno == errno.EACCES:
+                raise BadRequest(f"no permission to listen on port {port} (ports below 1024 need privileges): "
+                                 f"choose another {flag}", reason="BIND_FAILED") from None
+            raise BadRequest(f"cannot listen on {host}:{port}: {exc.strerror}", reason="BIND_FAILED") from None
+
+
 def serve(cfg: ServiceConfig, ready_file: str | None = None, quiet: bool = False) -> int:
     """Run the server in the foreground until SIGTERM/SIGINT."""
     srv = VeilfaceServer(cfg)
     srv.start()
     info = {"target": srv.target, "port": srv.port, "pid": os.getpid(), "tls": bool(cfg.tls_cert),
-            "mtls": bool(cfg.tls_client_ca), "loaded": srv.app.loaded}
+            "mtls": bool(cfg.tls_client_ca), "loaded": srv.app.loaded, "metrics_port": srv.metrics_port}
     if ready_file:
         tmp = Path(ready_file).with_suffix(".tmp")
         tmp.write_text(json.dumps(info))
@@ -115,7 +185,9 @@ def serve(cfg: ServiceConfig, ready_file: str | None = None, quiet: bool = False
         print(f"veilface: serving {SERVICE_NAME} on {srv.target} "
               f"({'mTLS' if cfg.tls_client_ca else 'TLS' if cfg.tls_cert else 'plaintext, loopback only'}); "
               f"store {srv.store.location}; loaded {srv.app.loaded['templates']} templates "
-              f"in {srv.app.loaded['seconds']:.2f} s", flush=True)
+              f"in {srv.app.loaded['seconds']:.2f} s"
+              + (f"; metrics on http://127.0.0.1:{srv.metrics_port}/metrics" if srv.metrics_port >= 0 else ""),
+              flush=True)
     done = threading.Event()
 
     def _stop(signum, frame):

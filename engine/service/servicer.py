@@ -22,13 +22,17 @@ from ..errors import REASON_KEY
 from .app import MatcherApp
 from .audit import AuditEvent
 from .auth import current_principal
+from .oversight import SignedBundle  # measures
 from .scope import Scope
 from .status import BadRequest, DeadlineExceeded, Decommissioned, Throttled, classify
 from .usecases.devices import DeviceRegistration
 from .usecases.enrolment import EnrolRequest
+from .usecases.galleries import GalleryInfo, GallerySearchResult
 from .usecases.he_contexts import HEContextInfo
 from .usecases.lifecycle import ConsentRequest, Guardian
 from .usecases.matching import IdentifyRequest, VerifyRequest
+from .usecases.off_device import OffDeviceTerms  # measures
+from .usecases.samples import AddSampleRequest
 
 log = logging.getLogger("veilface.service")
 SERVICE_NAME = "veilface.v1.Matcher"
@@ -112,12 +116,16 @@ class MatcherServicer(pb_grpc.MatcherServicer):
         scope = self._scope(ev, context, tenant=req.tenant, subject=req.subject_id, purpose=req.purpose,
                             device=req.device_id, writes=True)
         g = req.guardian if req.HasField("guardian") else None
+        o = req.off_device if req.HasField("off_device") else None   # measures
         c = self.app.lifecycle.record_consent(scope, ConsentRequest(
             req.separate_consent, req.notice_version, req.subject_age, req.consented_at,
-            Guardian(g.guardian_ref, g.relationship, g.consented_at) if g is not None else None))
+            Guardian(g.guardian_ref, g.relationship, g.consented_at) if g is not None else None,
+            OffDeviceTerms(o.separate_consent, o.notice_version, o.transferred, o.recipient, o.why, o.consented_at)
+            if o is not None else None))
         return pb.ConsentRecord(consent_id=c.consent_id, subject_id=c.subject_id, purpose=c.purpose,
                                 notice_version=c.notice_version, consented_at=c.consented_at, minor=c.minor,
-                                guardian_consent=c.guardian_consent, withdrawn=False, tenant=c.tenant)
+                                guardian_consent=c.guardian_consent, withdrawn=False, tenant=c.tenant,
+                                off_device=c.off_device)
 
     # -- enrolment and matching ---------------------------------------------------------------------
     @_rpc
@@ -267,3 +275,133 @@ class MatcherServicer(pb_grpc.MatcherServicer):
                                        certificate_sha256=cert["certificate_sha256"],
                                        templates_deleted=cert["templates_deleted"],
                                        subjects_deleted=cert["subjects_deleted"])
+
+    # -- measures: impact assessments, off-device consent, fleet oversight, termination -------------
+    @_rpc
+    def RegisterImpactAssessment(self, req, context, ev):
+        scope = self._scope(ev, context, tenant=req.tenant, writes=True)
+        a = self.app.assessments.register(scope, bytes(req.document))
+        return pb.ImpactAssessmentInfo(assessment_id=a.assessment_id, tenant=a.tenant, purpose=a.purpose,
+                                       version=a.version, sha256=a.sha256, registered_at=a.registered_at,
+                                       assessed_on=a.assessed_on, review_by=a.review_by, audit_seq=a.audit_seq,
+                                       unchanged=a.unchanged)
+
+    @_rpc
+    def WithdrawOffDeviceConsent(self, req, context, ev):
+        scope = self._scope(ev, context, tenant=req.tenant, subject=req.subject_id, device=req.device_id)
+        r = self.app.off_device.withdraw(scope, req.purpose)
+        return pb.WithdrawOffDeviceConsentResponse(templates_deleted=r.templates_deleted,
+                                                   off_device_consents_withdrawn=r.off_device_consents_withdrawn,
+                                                   withdrawn_at=r.withdrawn_at)
+
+    @_rpc
+    def RegisterOversightKey(self, req, context, ev):
+        scope = self._scope(ev, context, tenant=req.tenant, device=req.device_id)
+        k = self.app.oversight.register_key(scope, bytes(req.public_key))
+        return pb.RegisterOversightKeyResponse(fingerprint=k.fingerprint, registered_at=k.registered_at,
+                                               unchanged=k.unchanged)
+
+    @_rpc
+    def SubmitOversight(self, req, context, ev):
+        # not a write guarded by decommission: a terminated matcher still receives the devices' final bundles
+        scope = self._scope(ev, context, tenant=req.tenant, device=req.device_id)
+        r = self.app.oversight.submit(scope, SignedBundle(bytes(req.bundle), bytes(req.signature)))
+        return pb.SubmitOversightResponse(seq=r.seq, head_hash=r.head_hash, audit_entries=r.audit_entries,
+                                          persons_device=r.persons_device, persons_fleet=r.persons_fleet,
+                                          filing_alert_raised=r.filing_alert_raised)
+
+    @_rpc
+    def RecordFilingCancellation(self, req, context, ev):
+        scope = self._scope(ev, context, tenant="")
+        r = self.app.termination.record_cancellation(scope, req.reference, req.cancelled_on)
+        return pb.RecordFilingCancellationResponse(reference=r.reference, cancelled_on=r.cancelled_on,
+                                                   deadline=r.deadline, on_time=r.on_time, recorded_at=r.recorded_at)
+
+    # -- api: named galleries and samples (docs/api-model.md) ------------------------------------------
+    def _in_gallery(self, ev: AuditEvent, context, req, device_op: str | None = None, subject: bool = True,
+                    writes: bool = False):
+        """The named gallery of ``req`` and the call's scope (purpose = the gallery's)."""
+        g = self.app.galleries.resolve(ev, req.tenant, req.gallery)
+        scope = self._scope(ev, context, tenant=req.tenant, purpose=g.purpose, writes=writes,
+                            subject=req.subject_id if subject else None,
+                            device=req.device_id if device_op else None, device_op=device_op)
+        return g, scope
+
+    @_rpc
+    def CreateGallery(self, req, context, ev):
+        scope = self._scope(ev, context, tenant=req.tenant, purpose=req.purpose, writes=True)
+        return _gallery(self.app.galleries.create(scope, req.name, req.scheme, req.description))
+
+    @_rpc
+    def ListGalleries(self, req, context, ev):
+        scope = self._scope(ev, context, tenant=req.tenant)
+        return pb.ListGalleriesResponse(galleries=[_gallery(i) for i in self.app.galleries.list(scope, req.purpose)])
+
+    @_rpc
+    def DescribeGallery(self, req, context, ev):
+        g = self.app.galleries.resolve(ev, req.tenant, req.name)
+        scope = self._scope(ev, context, tenant=req.tenant, purpose=g.purpose)
+        return _gallery(self.app.galleries.describe(scope, g))
+
+    @_rpc
+    def DeleteGallery(self, req, context, ev):
+        g = self.app.galleries.resolve(ev, req.tenant, req.name)
+        scope = self._scope(ev, context, tenant=req.tenant, purpose=g.purpose)
+        r = self.app.galleries.delete(scope, g)
+        return pb.DeleteGalleryResponse(name=r.name, samples_deleted=r.samples_deleted, subjects_removed=r.subjects_removed)
+
+    @_rpc
+    def AddSample(self, req, context, ev):
+        g, scope = self._in_gallery(ev, context, req, device_op="enroll", writes=True)
+        digest = hashlib.sha256(req.SerializeToString(deterministic=True)).hexdigest()
+        r = self.app.samples.add(scope, g, AddSampleRequest(bytes(req.template), req.consent_id, req.request_id, digest,
+                                                            req.retention_days))
+        return pb.Sample(gallery=r.gallery, subject_id=r.subject_id, sample_id=r.sample_id, scheme=r.scheme,
+                         key_version=r.key_version, enrolled_at=r.enrolled_at, expires_at=r.expires_at,
+                         replayed=r.replayed)
+
+    @_rpc
+    def ListSamples(self, req, context, ev):
+        g = self.app.galleries.resolve(ev, req.tenant, req.gallery)
+        scope = self._scope(ev, context, tenant=req.tenant, purpose=g.purpose,
+                            subject=req.subject_id if req.subject_id else None)
+        page = self.app.samples.list(scope, g, req.page_size, req.page_token)
+        return pb.ListSamplesResponse(samples=[
+            pb.Sample(gallery=r.gallery, subject_id=r.subject, sample_id=r.sample_id, scheme=r.scheme,
+                      key_version=r.key_version, enrolled_at=r.enrolled_at, expires_at=r.expires_at)
+            for r in page.samples], next_page_token=page.next_page_token)
+
+    @_rpc
+    def DeleteSample(self, req, context, ev):
+        g, scope = self._in_gallery(ev, context, req, device_op="use")
+        r = self.app.samples.delete(scope, g, req.sample_id)
+        return pb.DeleteSampleResponse(samples_left=r.samples_left, subject_removed=r.subject_removed)
+
+    @_rpc
+    def GalleryVerify(self, req, context, ev):
+        g, scope = self._in_gallery(ev, context, req, device_op="verify")
+        r = self.app.gallery_matching.verify(scope, g, bytes(req.probe), req.threshold)
+        return pb.GalleryVerifyResponse(matched=r.matched, score=r.score, threshold=r.threshold,
+                                        fallback=_fallback(r.fallback), sample_id=r.sample_id)
+
+    @_rpc
+    def GallerySearch(self, req, context, ev):
+        g, scope = self._in_gallery(ev, context, req, device_op="identify", subject=False)
+        return _search(self.app.gallery_matching.search(scope, g, bytes(req.probe), req.top_k, req.threshold))
+
+    @_rpc
+    def SearchBySubject(self, req, context, ev):
+        g, scope = self._in_gallery(ev, context, req, device_op="identify")
+        return _search(self.app.gallery_matching.search_by_subject(scope, g, req.top_k, req.threshold))
+
+
+def _gallery(i: GalleryInfo) -> pb.Gallery:
+    return pb.Gallery(tenant=i.tenant, name=i.name, purpose=i.purpose, scheme=i.scheme, description=i.description,
+                      created_at=i.created_at, subjects=i.subjects, samples=i.samples)
+
+
+def _search(r: GallerySearchResult) -> pb.GallerySearchResponse:
+    return pb.GallerySearchResponse(
+        candidates=[pb.GalleryCandidate(subject_id=h.subject_id, score=h.score, sample_id=h.sample_id)
+                    for h in r.candidates],
+        threshold=r.threshold, gallery_size=r.gallery_size, fallback=_fallback(r.fallback))

@@ -71,17 +71,23 @@ def running_pair(root, clock: Clock | None = None, ks_settings: dict | None = No
 
 
 def ks_device(ks: RunningKS, matcher, device_id: str = "gate-1", scheme: str = "biohash:bits=256,dim=128", **kw):
-    """A device SDK whose keys, HE context and decisions come from ``ks``."""
+    """A device SDK whose keys, HE context and decisions come from ``ks`` (its consents carry the
+    off-device-storage consent: a central matcher, issue 15)."""
     from engine.client import DeviceClient
+    from tests.support.measures import OFF_DEVICE
     from tests.support.server import TOKENS
     tenant = kw.get("tenant", "")
+    kw.setdefault("off_device", OFF_DEVICE)
     return DeviceClient(matcher.target, TOKENS["device"], device_id, scheme=scheme,
                         keyservice=ks.client("device", device_id=device_id, tenant=tenant), **kw)
 
 
 def register_he(ks: RunningKS, matcher, purpose: str, mode: str = "verify", dim: int = 128, tenant: str = ""):
     """The operator's set-up: create the HE key at the key service, register its public context
-    (with evaluation keys) at the matcher. Returns the matcher's HEContextInfo."""
+    (with evaluation keys) at the matcher, and the purpose's impact assessment (issue 15; the same
+    document again changes nothing). Returns the matcher's HEContextInfo."""
+    from tests.support.measures import register_assessments
+    register_assessments(matcher.app, (purpose,), tenant=tenant or "default")
     ctx, _ = ks.client("operator", tenant=tenant).he_context(purpose, mode, dim, eval_keys=True, create=True)
     return matcher.client("operator").register_he_context(ctx, purpose, tenant=tenant)
 

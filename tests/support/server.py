@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from engine.service.clock import Clock, ManualClock
 from engine.service.config import ROLES, ServiceConfig
@@ -19,6 +19,14 @@ class Running:
     target: str
     clock: Clock
     cfg: ServiceConfig
+    # the clients handed out, closed when the server stops: a channel left open to a stopped server
+    # keeps its (globally shared) subchannel in reconnect backoff, and a later server that gets the
+    # same ephemeral port would see "connection refused" through it
+    opened: list = field(default_factory=list)
+
+    def _track(self, client):
+        self.opened.append(client)
+        return client
 
     @property
     def app(self):
@@ -32,13 +40,16 @@ class Running:
     def device(self, device_id: str = "gate-1", scheme: str = "biohash:bits=256,dim=128", **kw):
         from engine.client import DeviceClient
         from engine.keys import KeyDeriver
-        return DeviceClient(self.target, TOKENS["device"], device_id,
-                            kw.pop("deriver", None) or KeyDeriver(bytes(range(32)), "default"),
-                            scheme=scheme, **kw)
+
+        from .measures import OFF_DEVICE
+        kw.setdefault("off_device", OFF_DEVICE)   # the subjects also agree to central storage (issue 15)
+        return self._track(DeviceClient(self.target, TOKENS["device"], device_id,
+                                        kw.pop("deriver", None) or KeyDeriver(bytes(range(32)), "default"),
+                                        scheme=scheme, **kw))
 
     def client(self, role: str):
         from engine.client import OperatorClient
-        return OperatorClient(self.target, TOKENS[role])
+        return self._track(OperatorClient(self.target, TOKENS[role]))
 
 
 def make_config(data_dir, **settings) -> ServiceConfig:
@@ -50,13 +61,21 @@ def make_config(data_dir, **settings) -> ServiceConfig:
 
 
 @contextmanager
-def running_server(data_dir, clock: Clock | None = None, **settings) -> Iterator[Running]:
-    """A started :class:`VeilfaceServer` (ManualClock unless given), stopped on exit."""
+def running_server(data_dir, clock: Clock | None = None, assessments: bool = True, **settings) -> Iterator[Running]:
+    """A started :class:`VeilfaceServer` (ManualClock unless given), stopped on exit. With
+    ``assessments`` the impact assessments of the usual purposes are registered first (issue 15)."""
     from engine.service.server import VeilfaceServer
+
+    from .measures import register_assessments
     clock = clock or ManualClock()
     cfg = make_config(data_dir, **settings)
     srv = VeilfaceServer(cfg, clock=clock).start()
+    running = Running(srv, srv.target, clock, cfg)
     try:
-        yield Running(srv, srv.target, clock, cfg)
+        if assessments:
+            register_assessments(srv.app)
+        yield running
     finally:
+        for c in running.opened:
+            c.close()
         srv.stop(0)

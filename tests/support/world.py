@@ -22,6 +22,8 @@ class World:
         self.cfg = make_config(data_dir, **settings)
         self.srv: Running | None = None
         self.start()
+        from .measures import register_assessments
+        register_assessments(self.srv.app)     # issue 15: the purposes' impact assessments, once
 
     def start(self) -> None:
         from engine.service.server import VeilfaceServer
@@ -30,6 +32,8 @@ class World:
 
     def stop(self) -> None:
         if self.srv is not None:
+            for c in self.srv.opened:          # no channel left on a port a later server may get
+                c.close()
             self.srv.server.stop(0)
             self.srv = None
 

@@ -55,6 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ...keyservice.local import OFF_DEVICE
 from ..records import OMIT_NONE
 from ..scores import ScoreContext
 
@@ -160,9 +161,10 @@ class _Env:
     def close(self) -> None:
         self.dep.close()
 
-    def enrol(self, dev, subject: str, emb, purpose: str, tenant: str = ""):
-        c = dev.record_consent(subject, "notice-v1", 30, purpose=purpose)
-        return dev.enroll(subject, emb, c.consent_id, purpose=purpose)
+    def enrol(self, dev, subject: str, emb, purpose: str, matcher=None, version: int | None = None):
+        """Consent (+ the off-device consent) and enrolment, after the purpose's impact assessment
+        (a central matcher: issue 15's rules hold here too)."""
+        return self.dep.enrol(dev, subject, emb, purpose, version=version, matcher=matcher)
 
     def spy_decisions(self) -> list[bytes]:
         """What the key service receives in ``Decide`` (the attacker sits inside the key service)."""
@@ -456,10 +458,9 @@ def device_compromise(env: _Env, ctx: ScoreContext, scheme_desc: str, n_victims:
     (old_state / "keystore.json").write_text(json.dumps({"master_secret": master.hex(), "tenant": old_tenant}))
     kd = KeyDeriver(master, old_tenant)
     ob = DeviceClient(dep.matcher.target, dep.matcher_token("device", old_tenant), "old-b", kd, scheme=scheme_desc,
-                      purpose=purpose, key_scope="subject", tenant=old_tenant)
+                      purpose=purpose, key_scope="subject", tenant=old_tenant, off_device=OFF_DEVICE)
     for i, x in enumerate(victims):
-        c = ob.record_consent(f"dc-v{i}", "notice-v1", 30)
-        ob.enroll(f"dc-v{i}", x, c.consent_id)
+        env.enrol(ob, f"dc-v{i}", x, purpose)
     # the attacker: the persistent state of device a + the whole matcher store
     stored = {}
     after = 0
@@ -580,13 +581,13 @@ def version_linkage(env: _Env, ctx: ScoreContext, scheme_desc: str, n: int, capt
         else:
             kd = KeyDeriver(KeyDeriver.new_master_secret(), tenant)
             dev = DeviceClient(dep.matcher.target, dep.matcher_token("device", tenant), "pa-gate", kd, scheme=scheme_desc,
-                               purpose=purpose, tenant=tenant)
+                               purpose=purpose, tenant=tenant, off_device=OFF_DEVICE)
         for i in range(n):                                                           # old-version enrolments
-            _enrol_at(env, dev, f"old{i}", enrol_x[i], purpose, 1 if proto != "current" else None)
+            env.enrol(dev, f"old{i}", enrol_x[i], purpose, version=1 if proto != "current" else None)
         if proto == "current":
             dep.ks_client("admin").rotate("GROUP", purpose=purpose, reason="key-version change")
         for i in range(n):                                                           # re-enrolment, fresh pseudonyms
-            _enrol_at(env, dev, f"new{perm[i]}", enrol_x[i], purpose, 2 if proto != "current" else None)
+            env.enrol(dev, f"new{perm[i]}", enrol_x[i], purpose, version=2 if proto != "current" else None)
         seen = env.spy_identify()
         start = len(seen)
         for _ in range(captures):
@@ -607,15 +608,6 @@ def version_linkage(env: _Env, ctx: ScoreContext, scheme_desc: str, n: int, capt
                                "rank-1: the old-version template linked to a new-version one is the same person",
                                f"{captures} Identify calls logged by the matcher during the change; fast 1:N mode"))
     return records
-
-
-def _enrol_at(env: _Env, dev, subject: str, x, purpose: str, version: int | None) -> None:
-    c = dev.record_consent(subject, "notice-v1", 30, purpose=purpose)
-    if version is None:
-        dev.enroll(subject, x, c.consent_id, purpose=purpose)
-    else:
-        dev.enroll(subject, template=dev.protect(subject, x, version=version, purpose=purpose), consent_id=c.consent_id,
-                   purpose=purpose)
 
 
 def cross_tenant_linkage(env: _Env, ctx: ScoreContext, scheme_desc: str, n: int,
@@ -639,7 +631,7 @@ def cross_tenant_linkage(env: _Env, ctx: ScoreContext, scheme_desc: str, n: int,
                 devs.append(dep.device("pa-gate", scheme=scheme_desc, purpose=purpose, tenant=t))
             else:
                 devs.append(DeviceClient(dep.matcher.target, dep.matcher_token("device", t), "pa-gate", shared,
-                                         scheme=scheme_desc, purpose=purpose, tenant=t))
+                                         scheme=scheme_desc, purpose=purpose, tenant=t, off_device=OFF_DEVICE))
         for i in range(n):
             env.enrol(devs[0], f"a{i}", a_x[i], purpose)
             env.enrol(devs[1], f"b{perm[i]}", b_x[i], purpose)
@@ -728,7 +720,7 @@ def decision_attacks(env: _Env, faces: np.ndarray, impostors: np.ndarray, trials
             dep.register_device("pa-gate", matcher=m2)
             dep.register_he(purpose, "verify", d, matcher=m2)
             dev = dep.device("pa-gate", scheme=scheme, purpose=purpose, matcher=m2)
-            env.enrol(dev, "victim", faces[0], purpose)
+            env.enrol(dev, "victim", faces[0], purpose, matcher=m2)
             if mode == "replay":   # one genuine match: the decision the man in the middle keeps
                 dev.verify("victim", faces[0] + 0.01, purpose=purpose)
             accepted = 0

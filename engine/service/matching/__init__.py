@@ -10,7 +10,7 @@ from __future__ import annotations
 from .backend import LocalMatching, MatchingBackend
 from .galleries import SchemeCache, has_gallery_type, new_gallery, register_gallery_factory
 from .index import GalleryIndex, SnapshotState
-from .keys import Enrolled, GalleryKey
+from .keys import Enrolled, GalleryKey, entry_id, split_entry
 
 __all__ = ["GalleryKey", "Enrolled", "MatchingBackend", "LocalMatching", "GalleryIndex", "SnapshotState",
-           "SchemeCache", "new_gallery", "register_gallery_factory", "has_gallery_type"]
+           "SchemeCache", "new_gallery", "register_gallery_factory", "has_gallery_type", "entry_id", "split_entry"]

@@ -23,7 +23,7 @@ from ...template import Template
 from ..encrypted import HEEntry, HERegistry
 from .backend import MatchingBackend
 from .galleries import SchemeCache
-from .keys import Enrolled, GalleryKey
+from .keys import Enrolled, GalleryKey, entry_id
 
 
 class SnapshotState:
@@ -57,6 +57,30 @@ class SnapshotState:
         self.written += 1
 
 
+class _Person:
+    """What one (tenant, subject) has enrolled: its default-gallery entries {(purpose, scheme):
+    Enrolled} and (api) its samples in named galleries {gallery: _Named}."""
+
+    __slots__ = ("default", "named")
+
+    def __init__(self) -> None:
+        self.default: dict[tuple[str, str], Enrolled] = {}
+        self.named: dict[str, _Named] = {}
+
+    def __bool__(self) -> bool:
+        return bool(self.default or self.named)
+
+
+class _Named:
+    """A subject's samples in one named gallery (purpose and scheme are the gallery's)."""
+
+    __slots__ = ("purpose", "scheme", "samples")
+
+    def __init__(self, purpose: str, scheme: str) -> None:
+        self.purpose, self.scheme = purpose, scheme
+        self.samples: dict[str, Enrolled] = {}
+
+
 #: ``on_he_change(state, removed)``: an HE identify gallery changed (the snapshot scheduler decides)
 ChangeHook = Callable[[SnapshotState, bool], None]
 #: ``match(purpose, scheme, enrolled)``: which of a subject's entries :meth:`GalleryIndex.forget` drops
@@ -71,7 +95,7 @@ class GalleryIndex:
         self.backend, self.contexts, self.schemes = backend, contexts, schemes
         self.on_he_change: ChangeHook = on_he_change or (lambda state, removed: None)
         self.lock = threading.RLock()
-        self._enrolled: dict[tuple[str, str], dict[tuple[str, str], Enrolled]] = {}
+        self._enrolled: dict[tuple[str, str], _Person] = {}
         self._versions: dict[tuple[str, str], tuple[int, int]] = {}
         self._snap: dict[GalleryKey, SnapshotState] = {}
         self._locks = [threading.Lock() for _ in range(stripes)]
@@ -85,7 +109,16 @@ class GalleryIndex:
     def enrolment(self, tenant: str, subject: str) -> tuple[dict[tuple[str, str], Enrolled], int]:
         """A copy of the subject's entries {(purpose, scheme): Enrolled} and its revoked-up-to version."""
         with self.lock:
-            return dict(self._enrolled.get((tenant, subject), {})), self._versions.get((tenant, subject), (0, 0))[1]
+            person = self._enrolled.get((tenant, subject))
+            return (dict(person.default) if person else {}), self._versions.get((tenant, subject), (0, 0))[1]
+
+    def samples_of(self, tenant: str, subject: str, gallery: str) -> tuple[dict[str, Enrolled], int]:
+        """api: a copy of the subject's samples {sample_id: Enrolled} in a named gallery, and its
+        revoked-up-to version."""
+        with self.lock:
+            person = self._enrolled.get((tenant, subject))
+            named = person.named.get(gallery) if person else None
+            return (dict(named.samples) if named else {}), self._versions.get((tenant, subject), (0, 0))[1]
 
     def persons(self) -> int:
         """Distinct (tenant, subject) pairs with a searchable template."""
@@ -143,11 +176,13 @@ class GalleryIndex:
                 if st is not None:
                     st.closed = True
             for subject in gone:
-                entries = self._enrolled.get((entry.tenant, subject), {})
-                m = entries.get((entry.purpose, entry.scheme))
+                person = self._enrolled.get((entry.tenant, subject))
+                if person is None:
+                    continue
+                m = person.default.get((entry.purpose, entry.scheme))
                 if m is not None and m.key_version < entry.epoch:
-                    del entries[(entry.purpose, entry.scheme)]
-                if not entries:
+                    del person.default[(entry.purpose, entry.scheme)]
+                if not person:
                     self._enrolled.pop((entry.tenant, subject), None)
         for k in old:
             self.backend.drop(k)
@@ -167,7 +202,13 @@ class GalleryIndex:
     def note(self, tenant: str, subject: str, purpose: str, scheme: str, enrolled: Enrolled) -> None:
         """Record an entry without touching galleries (recovery adds templates in bulk)."""
         with self.lock:
-            self._enrolled.setdefault((tenant, subject), {})[(purpose, scheme)] = enrolled
+            self._person(tenant, subject).default[(purpose, scheme)] = enrolled
+
+    def _person(self, tenant: str, subject: str) -> _Person:
+        person = self._enrolled.get((tenant, subject))
+        if person is None:
+            person = self._enrolled[(tenant, subject)] = _Person()
+        return person
 
     def set_versions(self, tenant: str, subject: str, key_version: int, revoked_upto: int) -> None:
         with self.lock:
@@ -192,7 +233,7 @@ class GalleryIndex:
                     self._versions[(key.tenant, subject)] = versions
             current = self.contexts.get(*key.scope) if key.encrypted else None
             if not key.encrypted or (added and getattr(current, "epoch", 0) == key.key_version):
-                self._enrolled.setdefault((key.tenant, subject), {})[(key.purpose, key.scheme)] = \
+                self._person(key.tenant, subject).default[(key.purpose, key.scheme)] = \
                     Enrolled(key.key_version, expires_at)
 
     def _add_encrypted(self, key: GalleryKey, subject: str, template: Template, template_id: int) -> bool:
@@ -217,7 +258,10 @@ class GalleryIndex:
         templates from their galleries (caller holds the subject lock). Returns how many."""
         slow = []
         with self.lock:
-            entries = self._enrolled.get((tenant, subject), {})
+            person = self._enrolled.get((tenant, subject))
+            if person is None:
+                return 0
+            entries = person.default
             gone = [(p, s, m) for (p, s), m in entries.items() if match(p, s, m)]
             for p, s, m in gone:
                 key = GalleryKey(tenant, p, s, m.key_version)
@@ -227,7 +271,17 @@ class GalleryIndex:
                     else:
                         self.backend.remove(key, subject)
                 del entries[(p, s)]
-            if not entries:
+            n_samples = 0
+            for gallery, named in list(person.named.items()):   # api: samples in named galleries
+                for sample_id, m in list(named.samples.items()):
+                    if match(named.purpose, named.scheme, m):
+                        self.backend.remove(GalleryKey(tenant, named.purpose, named.scheme, m.key_version, gallery),
+                                            entry_id(subject, sample_id))
+                        del named.samples[sample_id]
+                        n_samples += 1
+                if not named.samples:
+                    del person.named[gallery]
+            if not person:
                 self._enrolled.pop((tenant, subject), None)
         for key, st in slow:       # an identify-mode removal subtracts expanded ciphertexts: ~0.3 s
             if st is None:
@@ -238,4 +292,78 @@ class GalleryIndex:
                 st.seqs.pop(subject, None)
                 st.touch(removed=True)
             self.on_he_change(st, True)
-        return len(gone)
+        return len(gone) + n_samples
+
+    # -- api: samples in named galleries (cancellable schemes only) -----------------------------------
+    def note_sample(self, key: GalleryKey, subject: str, sample_id: str, enrolled: Enrolled) -> None:
+        """Record a sample without touching galleries (recovery adds templates in bulk)."""
+        with self.lock:
+            named = self._person(key.tenant, subject).named.setdefault(key.gallery, _Named(key.purpose, key.scheme))
+            named.samples[sample_id] = enrolled
+
+    def add_sample(self, key: GalleryKey, subject: str, sample_id: str, template: Template, *, expires_at: float,
+                   versions: tuple[int, int]) -> None:
+        """Make a committed sample searchable (caller holds the subject lock); ``versions``: the
+        subject's new (key_version, revoked_upto)."""
+        with self.lock:
+            self.open(key)
+            self.backend.add(key, [entry_id(subject, sample_id)], [template])
+            self._versions[(key.tenant, subject)] = versions
+            named = self._person(key.tenant, subject).named.setdefault(key.gallery, _Named(key.purpose, key.scheme))
+            named.samples[sample_id] = Enrolled(key.key_version, expires_at)
+
+    def forget_sample(self, tenant: str, subject: str, gallery: str, sample_id: str) -> bool:
+        """Drop one sample (caller holds the subject lock); False when it was not there."""
+        with self.lock:
+            person = self._enrolled.get((tenant, subject))
+            named = person.named.get(gallery) if person else None
+            m = named.samples.pop(sample_id, None) if named else None
+            if m is None:
+                return False
+            self.backend.remove(GalleryKey(tenant, named.purpose, named.scheme, m.key_version, gallery),
+                                entry_id(subject, sample_id))
+            if not named.samples:
+                del person.named[gallery]
+            if not person:
+                self._enrolled.pop((tenant, subject), None)
+            return True
+
+    def named_of(self, tenant: str, subject: str) -> dict[str, tuple[str, str, dict[str, Enrolled]]]:
+        """A copy of the subject's named-gallery samples {gallery: (purpose, scheme, {sample_id: Enrolled})}."""
+        with self.lock:
+            person = self._enrolled.get((tenant, subject))
+            return {g: (n.purpose, n.scheme, dict(n.samples)) for g, n in (person.named.items() if person else ())}
+
+    def replace_person(self, tenant: str, subject: str, default: dict[tuple[str, str], Enrolled],
+                       named: dict[str, tuple[str, str, dict[str, Enrolled]]]) -> None:
+        """Set everything the index knows of a subject (replicas re-read it from the shared store);
+        the galleries are the caller's business."""
+        with self.lock:
+            person = _Person()
+            person.default = dict(default)
+            for g, (purpose, scheme, samples) in named.items():
+                if samples:
+                    person.named[g] = _Named(purpose, scheme)
+                    person.named[g].samples = dict(samples)
+            if person:
+                self._enrolled[(tenant, subject)] = person
+            else:
+                self._enrolled.pop((tenant, subject), None)
+
+    def drop_gallery(self, tenant: str, gallery: str, subjects: list[str]) -> None:
+        """Forget a deleted named gallery: the samples of ``subjects`` (its former members; the
+        caller holds their locks), then its backend galleries that are empty (one per key
+        version; a gallery re-created meanwhile under the same name keeps what it holds)."""
+        with self.lock:
+            for subject in subjects:
+                person = self._enrolled.get((tenant, subject))
+                named = person.named.pop(gallery, None) if person is not None else None
+                for sample_id, m in (named.samples.items() if named else ()):
+                    self.backend.remove(GalleryKey(tenant, named.purpose, named.scheme, m.key_version, gallery),
+                                        entry_id(subject, sample_id))
+                if person is not None and not person:
+                    self._enrolled.pop((tenant, subject), None)
+            empty = [k for k in self.backend.keys()
+                     if k.tenant == tenant and k.gallery == gallery and self.backend.size(k) == 0]
+            for k in empty:
+                self.backend.drop(k)

@@ -35,7 +35,7 @@ from ..status import PreconditionFailed, StatusError
 from ..store import shard_of
 from .backend import LocalMatching, MatchingBackend
 from .galleries import SchemeCache
-from .keys import GalleryKey
+from .keys import GalleryKey, entry_id, split_entry
 
 log = logging.getLogger("veilface.service")
 
@@ -89,11 +89,11 @@ class GalleryShard:
                 after = page[-1].id
                 groups: dict[GalleryKey, tuple[list, list]] = {}
                 for row in page:
-                    key = GalleryKey(row.tenant, row.purpose, row.scheme, row.key_version)
+                    key = GalleryKey(row.tenant, row.purpose, row.scheme, row.key_version, row.gallery)
                     if key.encrypted:
                         continue
                     ids, ts = groups.setdefault(key, ([], []))
-                    ids.append(row.subject)
+                    ids.append(entry_id(row.subject, row.sample_id) if row.gallery else row.subject)   # api
                     ts.append(Template.from_bytes(row.template))
                 for key, (ids, ts) in groups.items():
                     self._open(key, ts[0])
@@ -180,7 +180,9 @@ class RayMatching(MatchingBackend):
             raise MatchingUnavailable(f"gallery shards unavailable: {type(exc).__name__}") from None
 
     def shard(self, tenant: str, subject: str):
-        return self._shards[shard_of(tenant, subject, self.shards)]
+        """The shard of a gallery entry: its subject's (api: a named-gallery sample ``subject/sample``
+        lives with its subject, as the loader reads it)."""
+        return self._shards[shard_of(tenant, split_entry(subject)[0], self.shards)]
 
     @staticmethod
     def _check(key: GalleryKey) -> None:
@@ -202,7 +204,7 @@ class RayMatching(MatchingBackend):
         self._check(key)
         parts: dict[int, tuple[list, list]] = {}
         for s, t in zip(subject_ids, templates):
-            ids, blobs = parts.setdefault(shard_of(key.tenant, s, self.shards), ([], []))
+            ids, blobs = parts.setdefault(shard_of(key.tenant, split_entry(s)[0], self.shards), ([], []))
             ids.append(s)
             blobs.append(t.to_bytes())
         self._get([self._shards[i].add.remote(tuple(key), ids, blobs) for i, (ids, blobs) in parts.items()])

@@ -16,6 +16,8 @@ from .base import (
     ConsentRow,
     DeviceRow,
     FilingAlert,
+    GalleryRow,
+    GallerySummary,
     HEContextRow,
     HEContextSummary,
     HEEpoch,
@@ -23,6 +25,7 @@ from .base import (
     ProcessingRecord,
     QuarantineRow,
     RequestRow,
+    SampleRow,
     Store,
     StoreConflict,
     StoreCounts,
@@ -37,6 +40,15 @@ from .base import (
     WriteTx,
     shard_of,
     subject_hash,
+)
+from .measures import (  # measures (issue 15)
+    AssessmentRow,
+    OffDeviceConsentRow,
+    OffDeviceSummary,
+    OutboxRow,
+    OversightBundleRow,
+    OversightKeyRow,
+    TerminationRow,
 )
 from .sql import SCHEMA_VERSION, Dialect, SQLStore
 from .sqlite import DB_NAME, SQLiteStore
@@ -58,4 +70,8 @@ __all__ = ["Store", "WriteTx", "StoreError", "StoreConflict", "StoreUnavailable"
            "SQLStore", "SQLiteStore", "Dialect", "open_store", "DB_NAME",
            "SCHEMA_VERSION", "ConsentRow", "DeviceRow", "FilingAlert", "HEContextRow", "HEContextSummary", "HEEpoch",
            "HESnapshotRow", "ProcessingRecord", "QuarantineRow", "RequestRow", "StoreCounts", "SubjectRow", "SubjectSummary",
-           "TemplateIndexRow", "TemplateKey", "TemplateRow", "WipeCounts"]
+           "TemplateIndexRow", "TemplateKey", "TemplateRow", "WipeCounts",
+           "GalleryRow", "GallerySummary", "SampleRow",
+           # measures
+           "AssessmentRow", "OffDeviceConsentRow", "OffDeviceSummary", "OutboxRow", "OversightBundleRow",
+           "OversightKeyRow", "TerminationRow"]

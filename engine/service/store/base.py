@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 from ..audit import AuditEvent, AuditKey, AuditRow, ChainReport
 from ..status import StatusError
+from .measures import MeasuresReads, MeasuresTx  # measures: records of the 2025 Measures (issue 15)
 
 #: prefix of the canonical spec key of an ``he`` (encrypted) template
 HE_PREFIX = "he/"
@@ -100,6 +101,8 @@ class TemplateRow:
     consent_id: str
     device: str
     id: int = 0            # assigned by the store
+    gallery: str = ""      # api: "" = the default gallery of (purpose, scheme); else a named gallery
+    sample_id: str = ""    # api: "" in a default gallery (one template per subject); a sample of a named one
 
 
 class TemplateIndexRow(NamedTuple):
@@ -114,6 +117,8 @@ class TemplateIndexRow(NamedTuple):
     key_version: int
     expires_at: float
     template: bytes | None
+    gallery: str = ""
+    sample_id: str = ""
 
 
 class TemplateKey(NamedTuple):
@@ -121,6 +126,8 @@ class TemplateKey(NamedTuple):
     subject: str
     purpose: str
     scheme: str
+    gallery: str = ""
+    sample_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -237,6 +244,42 @@ class WipeCounts:
     requests_deleted: int
     he_contexts_deleted: int
     he_snapshots_deleted: int
+    galleries_deleted: int = 0       # api
+
+
+# api: named galleries and their samples -----------------------------------------------------------
+@dataclass(frozen=True)
+class GalleryRow:
+    """A named gallery: what it is for (purpose), what it holds (one scheme spec)."""
+
+    tenant: str
+    name: str
+    purpose: str
+    scheme: str            # canonical spec key of every sample in it
+    description: str
+    created_at: float
+    created_by: str        # principal name
+
+
+@dataclass(frozen=True)
+class GallerySummary:
+    gallery: GalleryRow
+    subjects: int
+    samples: int
+
+
+@dataclass(frozen=True)
+class SampleRow:
+    """One sample of a subject in a named gallery (no template bytes)."""
+
+    tenant: str
+    gallery: str
+    subject: str
+    sample_id: str
+    scheme: str
+    key_version: int
+    enrolled_at: float
+    expires_at: float
 
 
 # harden: rows set aside at startup
@@ -260,8 +303,9 @@ class QuarantineRow:
 
 
 # -- the write transaction -------------------------------------------------------------------------
-class WriteTx(ABC):
-    """One open write transaction (see the module docstring)."""
+class WriteTx(MeasuresTx, ABC):
+    """One open write transaction (see the module docstring). The Measures records' methods
+    (assessments, off-device consents, oversight, termination) come from :class:`MeasuresTx`."""
 
     # meta
     @abstractmethod
@@ -300,7 +344,8 @@ class WriteTx(ABC):
 
     # templates
     @abstractmethod
-    def has_template(self, tenant: str, subject: str, purpose: str, scheme: str) -> bool: ...
+    def has_template(self, tenant: str, subject: str, purpose: str, scheme: str) -> bool:
+        """Whether the subject has a template in the default gallery of (purpose, scheme)."""
 
     @abstractmethod
     def insert_template(self, row: TemplateRow) -> int:
@@ -406,6 +451,24 @@ class WriteTx(ABC):
     @abstractmethod
     def put_subjects(self, rows: Sequence[SubjectRow]) -> None:
         """:meth:`put_subject` for many rows."""
+    # api: named galleries and samples (a sample is a templates row with gallery and sample_id set)
+    @abstractmethod
+    def insert_gallery(self, row: GalleryRow) -> bool:
+        """False (and nothing written) when the tenant has a gallery of that name."""
+
+    @abstractmethod
+    def gallery(self, tenant: str, name: str) -> GalleryRow | None: ...
+
+    @abstractmethod
+    def delete_gallery(self, tenant: str, name: str) -> list[tuple[str, str]]:
+        """Delete the gallery and every sample in it; returns the (subject, sample_id) deleted."""
+
+    @abstractmethod
+    def sample_ids(self, tenant: str, gallery: str, subject: str) -> list[str]:
+        """The subject's samples in a named gallery, oldest first."""
+
+    @abstractmethod
+    def delete_sample(self, tenant: str, gallery: str, subject: str, sample_id: str) -> bool: ...
 
     # decommission
     @abstractmethod
@@ -425,8 +488,9 @@ class WriteTx(ABC):
 
 
 # -- the store -------------------------------------------------------------------------------------
-class Store(ABC):
-    """Reads and lifecycle of a store; writes go through :meth:`transaction`."""
+class Store(MeasuresReads, ABC):
+    """Reads and lifecycle of a store; writes go through :meth:`transaction`. The Measures
+    records' reads come from :class:`MeasuresReads`."""
 
     #: the store's short name (e.g. the database file name; written into deletion certificates)
     name: str = ""
@@ -493,6 +557,27 @@ class Store(ABC):
     @abstractmethod
     def he_snapshot_keys(self) -> list[tuple[str, str, str, int]]: ...
 
+    # api: named galleries and samples
+    @abstractmethod
+    def gallery(self, tenant: str, name: str) -> GalleryRow | None: ...
+
+    @abstractmethod
+    def galleries(self, tenant: str, purpose: str = "") -> list[GallerySummary]:
+        """The tenant's named galleries (ordered by name) with their subject and sample counts."""
+
+    @abstractmethod
+    def gallery_summary(self, tenant: str, name: str) -> GallerySummary | None: ...
+
+    @abstractmethod
+    def samples(self, tenant: str, gallery: str, subject: str = "", after: tuple[str, str] = ("", ""),
+                limit: int = 100) -> list[SampleRow]:
+        """Samples of a named gallery (of one subject, if given) ordered by (subject, sample_id),
+        strictly after ``after`` (a page)."""
+
+    @abstractmethod
+    def gallery_templates(self, tenant: str, gallery: str, subject: str) -> list[TemplateRow]:
+        """The subject's samples in a named gallery, template bytes included."""
+
     # audit
     @abstractmethod
     def audit_head(self) -> tuple[int, str]: ...
@@ -500,6 +585,11 @@ class Store(ABC):
     @abstractmethod
     def audit_entries(self, after_seq: int = 0, limit: int = 100, action: str = "",
                       subject: str = "") -> list[AuditRow]: ...
+
+    # api: observability
+    @abstractmethod
+    def count_audit_action(self, action: str) -> int:
+        """Audit entries of ``action`` (e.g. ``INTRUSION_ALERT``), for the metrics endpoint."""
 
     @abstractmethod
     def verify_audit(self) -> ChainReport:
@@ -564,6 +654,12 @@ class Store(ABC):
     def present_subjects(self, tenant: str, purpose: str, scheme: str, key_version: int,
                          subjects: Sequence[str]) -> set[str]:
         """Which of ``subjects`` have a stored template in that gallery (filters 1:N results)."""
+
+    # api: replicas check named-gallery 1:N results too
+    @abstractmethod
+    def present_samples(self, tenant: str, gallery: str, key_version: int,
+                        pairs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        """Which (subject, sample_id) of a named gallery's key version are stored."""
 
     @abstractmethod
     def shard_templates(self, shards: int, shard: int, after_id: int, limit: int) -> list[TemplateIndexRow]:

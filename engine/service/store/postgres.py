@@ -52,6 +52,13 @@ def _dialect() -> Dialect:
             "FOR EACH ROW EXECUTE FUNCTION veilface_audit_append_only()",
             "CREATE OR REPLACE TRIGGER audit_no_truncate BEFORE TRUNCATE ON audit "
             "FOR EACH STATEMENT EXECUTE FUNCTION veilface_audit_append_only()",
+            # measures: a registered impact assessment and an accepted oversight bundle are never edited
+            "CREATE OR REPLACE FUNCTION veilface_immutable() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION '% rows are immutable', TG_TABLE_NAME; END $$",
+            "CREATE OR REPLACE TRIGGER impact_assessments_no_update BEFORE UPDATE ON impact_assessments "
+            "FOR EACH ROW EXECUTE FUNCTION veilface_immutable()",
+            "CREATE OR REPLACE TRIGGER oversight_bundles_no_update BEFORE UPDATE ON oversight_bundles "
+            "FOR EACH ROW EXECUTE FUNCTION veilface_immutable()",
         ))
 
 

@@ -27,6 +27,8 @@ from .base import (
     ConsentRow,
     DeviceRow,
     FilingAlert,
+    GalleryRow,
+    GallerySummary,
     HEContextRow,
     HEContextSummary,
     HEEpoch,
@@ -34,6 +36,7 @@ from .base import (
     ProcessingRecord,
     QuarantineRow,
     RequestRow,
+    SampleRow,
     Store,
     StoreConflict,
     StoreCounts,
@@ -47,6 +50,7 @@ from .base import (
     WriteTx,
     subject_hash,
 )
+from .measures_sql import MeasuresSQLReads, MeasuresSQLTx, measures_schema  # measures (issue 15)
 
 SCHEMA_VERSION = 2
 PRIVATE_SPACE = 3            # policy.PRIVATE_SPACE (mirrors veilface.v1.LocationClass)
@@ -106,12 +110,69 @@ class AddColumn:
         return (f"ALTER TABLE {self.table} ADD COLUMN {self.column} "
                 + self.ddl.format(real=d.real, blob=d.blob, bigint=d.bigint))
 
+    def apply(self, conn, d: Dialect) -> None:
+        conn.execute(self.statement(d))
 
-#: every additive column step, in the order they were introduced (append only; names never reused)
-COLUMN_STEPS: tuple[AddColumn, ...] = (
+
+@dataclass(frozen=True)
+class TableStep:
+    """A named schema step that is more than one added column (``fn(conn, dialect)``), recorded
+    in ``meta`` like :class:`AddColumn`; ``fn`` must leave a store that already has the change as is."""
+
+    name: str
+    table: str
+    fn: Callable
+
+    def apply(self, conn, d: Dialect) -> None:
+        self.fn(conn, d)
+
+
+# api: templates gain ``gallery`` and ``sample_id`` (named galleries, several samples per subject), and
+# the uniqueness of a template moves from (tenant, subject, purpose, scheme) to that plus the two.
+_SAMPLE_UNIQUE = "UNIQUE (tenant, subject, purpose, scheme, gallery, sample_id)"
+
+
+def _templates_gallery_sample(conn, d: Dialect) -> None:
+    if d.name != "sqlite":
+        cols = {r[0] for r in conn.execute("SELECT column_name FROM information_schema.columns "
+                                           "WHERE table_name = 'templates'").fetchall()}
+        if "sample_id" in cols:
+            return
+        conn.execute("ALTER TABLE templates ADD COLUMN gallery TEXT NOT NULL DEFAULT ''")
+        conn.execute("ALTER TABLE templates ADD COLUMN sample_id TEXT NOT NULL DEFAULT ''")
+        conn.execute("ALTER TABLE templates DROP CONSTRAINT IF EXISTS templates_tenant_subject_purpose_scheme_key")
+        conn.execute(f"ALTER TABLE templates ADD CONSTRAINT templates_sample_key {_SAMPLE_UNIQUE}")
+        return
+    # SQLite cannot drop a UNIQUE constraint: rebuild the table from its own columns (whatever steps
+    # added them), keeping every id and the id counter (HE snapshots record ids)
+    info = conn.execute("PRAGMA table_info(templates)").fetchall()     # cid, name, type, notnull, dflt, pk
+    names = [r[1] for r in info]
+    if "sample_id" in names:
+        return
+    row = conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'templates'").fetchone()
+    issued = int(row[0]) if row else 0
+    defs = [f"id {d.auto_id}" if name == "id" else
+            f"{name} {typ}" + (" NOT NULL" if notnull else "") + (f" DEFAULT {dflt}" if dflt is not None else "")
+            for _, name, typ, notnull, dflt, _ in info]
+    defs += ["gallery TEXT NOT NULL DEFAULT ''", "sample_id TEXT NOT NULL DEFAULT ''", _SAMPLE_UNIQUE]
+    conn.execute("DROP INDEX IF EXISTS templates_expiry")
+    conn.execute("ALTER TABLE templates RENAME TO templates_before_samples")
+    conn.execute(f"CREATE TABLE templates ({', '.join(defs)})")
+    cols = ", ".join(names)
+    conn.execute(f"INSERT INTO templates ({cols}) SELECT {cols} FROM templates_before_samples ORDER BY id")
+    conn.execute("DROP TABLE templates_before_samples")
+    if conn.execute("SELECT 1 FROM sqlite_sequence WHERE name = 'templates'").fetchone():
+        conn.execute("UPDATE sqlite_sequence SET seq = MAX(seq, ?) WHERE name = 'templates'", (issued,))
+    else:
+        conn.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('templates', ?)", (issued,))
+
+
+#: every additive schema step, in the order they were introduced (append only; names never reused)
+COLUMN_STEPS: tuple[AddColumn | TableStep, ...] = (
     # pg: the subject's shard hash (base.subject_hash), so a gallery shard selects its rows in SQL;
     # NULL in rows stored before it (a shard then filters those in Python)
     AddColumn("pg_shard_hash", "templates", "shard_hash", "{bigint}"),
+    TableStep("api_templates_gallery_sample", "templates", _templates_gallery_sample),
 )
 
 
@@ -152,11 +213,17 @@ def schema(d: Dialect) -> list[str]:
         f"CREATE TABLE IF NOT EXISTS audit_head (id INTEGER PRIMARY KEY CHECK (id = 1), seq {big} NOT NULL, "
         f"hash TEXT NOT NULL)",
         "CREATE INDEX IF NOT EXISTS audit_action ON audit(action)",
+        *measures_schema(d),   # measures: assessments, off-device consents, oversight, terminations
         # harden: rows that failed validation at startup (kept for the operator, deleted like templates)
         f"CREATE TABLE IF NOT EXISTS quarantine (id {aid}, kind TEXT NOT NULL, tenant TEXT NOT NULL, "
         f"subject TEXT NOT NULL, purpose TEXT NOT NULL, scheme TEXT NOT NULL, key_version {big} NOT NULL, "
         f"source_id {big} NOT NULL, reason TEXT NOT NULL, detail TEXT NOT NULL, blob {b} NOT NULL, "
         f"quarantined_at {r} NOT NULL, expires_at {r} NOT NULL)",
+        # api: named galleries (their samples are templates rows with gallery and sample_id set)
+        f"CREATE TABLE IF NOT EXISTS galleries (tenant TEXT NOT NULL, name TEXT NOT NULL, purpose TEXT NOT NULL, "
+        f"scheme TEXT NOT NULL, description TEXT NOT NULL, created_at {r} NOT NULL, created_by TEXT NOT NULL, "
+        f"PRIMARY KEY (tenant, name))",
+        "CREATE INDEX IF NOT EXISTS templates_gallery ON templates(tenant, gallery, subject)",
         *d.extra_ddl,
     ]
 
@@ -169,7 +236,7 @@ TEMPLATES_DDL = (
     "CREATE TABLE IF NOT EXISTS {table} (id {auto_id}, tenant TEXT NOT NULL, subject TEXT NOT NULL, "
     "purpose TEXT NOT NULL, scheme TEXT NOT NULL, key_version INTEGER NOT NULL, template {blob} NOT NULL, "
     "enrolled_at {real} NOT NULL, expires_at {real} NOT NULL, consent_id TEXT NOT NULL, device TEXT NOT NULL, "
-    "UNIQUE (tenant, subject, purpose, scheme))")
+    "gallery TEXT NOT NULL DEFAULT '', sample_id TEXT NOT NULL DEFAULT '', " + _SAMPLE_UNIQUE + ")")
 
 _AUDIT_COLS = tuple(f.name for f in fields(AuditRow))
 _CONSENT_COLS = tuple(f.name for f in fields(ConsentRow))
@@ -179,12 +246,13 @@ _TEMPLATE_INSERT_COLS = (*_TEMPLATE_COLS, "shard_hash")
 _HE_CONTEXT_COLS = tuple(f.name for f in fields(HEContextRow))
 _REQUEST_COLS = tuple(f.name for f in fields(RequestRow))
 _SNAPSHOT_COLS = tuple(f.name for f in fields(HESnapshotRow))
-_WIPED = ("templates", "subjects", "consents", "requests", "he_contexts", "he_snapshots")
+_WIPED = ("templates", "subjects", "consents", "requests", "he_contexts", "he_snapshots", "galleries")
 _QUARANTINE_COLS = ("id", "kind", "tenant", "subject", "purpose", "scheme", "key_version", "source_id", "reason",
                     "detail", "quarantined_at", "expires_at")
 # harden: meta keys of the keyed audit chain
 _AUDIT_KEY_ID, _AUDIT_SWITCH = "audit_key_id", "audit_keyed_from"
 NO_EXPIRY = 253_402_300_799.0        # 9999-12-31: a quarantined context has no retention of its own
+_GALLERY_COLS = tuple(f.name for f in fields(GalleryRow))
 
 
 def _consent(r) -> ConsentRow:
@@ -207,11 +275,16 @@ def _chunks(items: Sequence, n: int = 500) -> Iterator[Sequence]:
 
 
 def _template(r) -> TemplateRow:
-    return TemplateRow(r[1], r[2], r[3], r[4], int(r[5]), bytes(r[6]), float(r[7]), float(r[8]), r[9], r[10], int(r[0]))
+    return TemplateRow(r[1], r[2], r[3], r[4], int(r[5]), bytes(r[6]), float(r[7]), float(r[8]), r[9], r[10], int(r[0]),
+                       r[11], r[12])
+
+
+def _gallery(r) -> GalleryRow:
+    return GalleryRow(r[0], r[1], r[2], r[3], r[4], float(r[5]), r[6])
 
 
 # -- writes ------------------------------------------------------------------------------------------
-class SQLTx(WriteTx):
+class SQLTx(MeasuresSQLTx, WriteTx):
     """A write transaction on one connection (opened and committed by :meth:`SQLStore.transaction`)."""
 
     def __init__(self, conn, dialect: Dialect, clock: Clock, audit_key: AuditKey | None = None,
@@ -282,8 +355,8 @@ class SQLTx(WriteTx):
 
     # templates
     def has_template(self, tenant: str, subject: str, purpose: str, scheme: str) -> bool:
-        return self._one("SELECT 1 FROM templates WHERE tenant = ? AND subject = ? AND purpose = ? AND scheme = ?",
-                         (tenant, subject, purpose, scheme)) is not None
+        return self._one("SELECT 1 FROM templates WHERE tenant = ? AND subject = ? AND purpose = ? AND scheme = ? "
+                         "AND gallery = ''", (tenant, subject, purpose, scheme)) is not None
 
     def insert_template(self, row: TemplateRow) -> int:
         return int(self._one(f"INSERT INTO templates ({', '.join(_TEMPLATE_INSERT_COLS)}) VALUES "
@@ -309,7 +382,8 @@ class SQLTx(WriteTx):
 
     def expired_templates(self, now: float) -> list[TemplateKey]:
         return [TemplateKey(*r) for r in self._x(
-            "SELECT tenant, subject, purpose, scheme FROM templates WHERE expires_at <= ? ORDER BY id", (now,)).fetchall()]
+            "SELECT tenant, subject, purpose, scheme, gallery, sample_id FROM templates WHERE expires_at <= ? ORDER BY id",
+            (now,)).fetchall()]
 
     def delete_expired(self, now: float) -> int:
         self._x("DELETE FROM quarantine WHERE expires_at <= ?", (now,))        # harden: retention applies there too
@@ -412,7 +486,8 @@ class SQLTx(WriteTx):
         out: set[tuple[str, str, str]] = set()
         for part in _chunks(list(dict.fromkeys(subjects))):
             out.update((r[0], r[1], r[2]) for r in self._x(
-                f"SELECT subject, purpose, scheme FROM templates WHERE tenant = ? AND subject IN {_in(len(part))}",
+                f"SELECT subject, purpose, scheme FROM templates WHERE tenant = ? AND gallery = '' "   # api: default galleries
+                f"AND subject IN {_in(len(part))}",
                 [tenant, *part]).fetchall())
         return out
 
@@ -428,6 +503,31 @@ class SQLTx(WriteTx):
         sql = self.d.sql(self.d.upsert("subjects", ("tenant", "subject", "key_version", "revoked_upto", "updated_at"),
                                        ("tenant", "subject"), ("key_version", "revoked_upto", "updated_at")))
         self.conn.cursor().executemany(sql, [(r.tenant, r.subject, r.key_version, r.revoked_upto, r.updated_at) for r in rows])
+
+    # api: named galleries and samples
+    def insert_gallery(self, row: GalleryRow) -> bool:
+        cur = self._x(f"INSERT INTO galleries ({', '.join(_GALLERY_COLS)}) VALUES ({', '.join('?' * len(_GALLERY_COLS))}) "
+                      f"ON CONFLICT (tenant, name) DO NOTHING", [getattr(row, c) for c in _GALLERY_COLS])
+        return cur.rowcount == 1
+
+    def gallery(self, tenant: str, name: str) -> GalleryRow | None:
+        r = self._one(f"SELECT {', '.join(_GALLERY_COLS)} FROM galleries WHERE tenant = ? AND name = ?", (tenant, name))
+        return None if r is None else _gallery(r)
+
+    def delete_gallery(self, tenant: str, name: str) -> list[tuple[str, str]]:
+        gone = [(r[0], r[1]) for r in self._x("SELECT subject, sample_id FROM templates WHERE tenant = ? AND gallery = ? "
+                                              "ORDER BY subject, sample_id", (tenant, name)).fetchall()]
+        self._x("DELETE FROM templates WHERE tenant = ? AND gallery = ?", (tenant, name))
+        self._x("DELETE FROM galleries WHERE tenant = ? AND name = ?", (tenant, name))
+        return gone
+
+    def sample_ids(self, tenant: str, gallery: str, subject: str) -> list[str]:
+        return [r[0] for r in self._x("SELECT sample_id FROM templates WHERE tenant = ? AND gallery = ? AND subject = ? "
+                                      "ORDER BY id", (tenant, gallery, subject)).fetchall()]
+
+    def delete_sample(self, tenant: str, gallery: str, subject: str, sample_id: str) -> bool:
+        return self._x("DELETE FROM templates WHERE tenant = ? AND gallery = ? AND subject = ? AND sample_id = ?",
+                       (tenant, gallery, subject, sample_id)).rowcount == 1
 
     # decommission
     def wipe(self) -> WipeCounts:
@@ -468,7 +568,7 @@ class SQLTx(WriteTx):
 
 
 # -- reads -------------------------------------------------------------------------------------------
-class SQLStore(Store):
+class SQLStore(MeasuresSQLReads, Store):
     """Reads, transactions and schema versioning over DB-API connections of one :class:`Dialect`.
 
     Subclasses implement the connection hooks; ``migrations[v](conn)`` upgrades a store of schema
@@ -515,7 +615,7 @@ class SQLStore(Store):
                 if fresh or tx._meta(key) is not None:
                     continue
                 if self._has_table(conn, step.table):
-                    conn.execute(step.statement(self.dialect))
+                    step.apply(conn, self.dialect)
                 tx.set_meta(key, "1")
             for stmt in schema(self.dialect):
                 conn.execute(stmt)
@@ -594,9 +694,9 @@ class SQLStore(Store):
     # templates
     def template_index(self) -> list[TemplateIndexRow]:
         rows = self._all(f"SELECT id, tenant, subject, purpose, scheme, key_version, expires_at, "
-                         f"CASE WHEN {_HE} THEN NULL ELSE template END FROM templates ORDER BY id")
+                         f"CASE WHEN {_HE} THEN NULL ELSE template END, gallery, sample_id FROM templates ORDER BY id")
         return [TemplateIndexRow(int(r[0]), r[1], r[2], r[3], r[4], int(r[5]), float(r[6]),
-                                 None if r[7] is None else bytes(r[7])) for r in rows]
+                                 None if r[7] is None else bytes(r[7]), r[8], r[9]) for r in rows]
 
     def template_blob(self, template_id: int) -> bytes | None:
         row = self._one("SELECT template FROM templates WHERE id = ?", (template_id,))
@@ -665,6 +765,52 @@ class SQLStore(Store):
     def he_snapshot_keys(self) -> list[tuple[str, str, str, int]]:
         return [(r[0], r[1], r[2], int(r[3])) for r in self._all("SELECT tenant, purpose, scheme, epoch FROM he_snapshots")]
 
+    # api: named galleries and samples
+    def gallery(self, tenant: str, name: str) -> GalleryRow | None:
+        r = self._one(f"SELECT {', '.join(_GALLERY_COLS)} FROM galleries WHERE tenant = ? AND name = ?", (tenant, name))
+        return None if r is None else _gallery(r)
+
+    def _gallery_counts(self, tenant: str, names: list[str]) -> dict[str, tuple[int, int]]:
+        counts = {}
+        for name, subjects, samples in self._all(
+                "SELECT gallery, COUNT(DISTINCT subject), COUNT(*) FROM templates WHERE tenant = ? AND gallery != '' "
+                "GROUP BY gallery", (tenant,)):
+            counts[name] = (int(subjects), int(samples))
+        return {n: counts.get(n, (0, 0)) for n in names}
+
+    def galleries(self, tenant: str, purpose: str = "") -> list[GallerySummary]:
+        sql, args = f"SELECT {', '.join(_GALLERY_COLS)} FROM galleries WHERE tenant = ?", [tenant]
+        if purpose:
+            sql += " AND purpose = ?"
+            args.append(purpose)
+        rows = [_gallery(r) for r in self._all(sql + " ORDER BY name", args)]
+        counts = self._gallery_counts(tenant, [g.name for g in rows])
+        return [GallerySummary(g, *counts[g.name]) for g in rows]
+
+    def gallery_summary(self, tenant: str, name: str) -> GallerySummary | None:
+        g = self.gallery(tenant, name)
+        if g is None:
+            return None
+        r = self._one("SELECT COUNT(DISTINCT subject), COUNT(*) FROM templates WHERE tenant = ? AND gallery = ?",
+                      (tenant, name))
+        return GallerySummary(g, int(r[0] or 0), int(r[1] or 0))
+
+    def samples(self, tenant: str, gallery: str, subject: str = "", after: tuple[str, str] = ("", ""),
+                limit: int = 100) -> list[SampleRow]:
+        sql = ("SELECT subject, sample_id, scheme, key_version, enrolled_at, expires_at FROM templates "
+               "WHERE tenant = ? AND gallery = ? AND (subject > ? OR (subject = ? AND sample_id > ?))")
+        args = [tenant, gallery, after[0], after[0], after[1]]
+        if subject:
+            sql += " AND subject = ?"
+            args.append(subject)
+        rows = self._all(sql + " ORDER BY subject, sample_id LIMIT ?", [*args, int(limit)])
+        return [SampleRow(tenant, gallery, r[0], r[1], r[2], int(r[3]), float(r[4]), float(r[5])) for r in rows]
+
+    def gallery_templates(self, tenant: str, gallery: str, subject: str) -> list[TemplateRow]:
+        return [_template(r) for r in self._all(
+            f"SELECT id, {', '.join(_TEMPLATE_COLS)} FROM templates WHERE tenant = ? AND gallery = ? AND subject = ? "
+            f"ORDER BY id", (tenant, gallery, subject))]
+
     # audit
     def audit_head(self) -> tuple[int, str]:
         r = self._one("SELECT seq, hash FROM audit_head WHERE id = 1")
@@ -679,6 +825,10 @@ class SQLStore(Store):
             sql += " AND subject = ?"
             args.append(subject)
         return [AuditRow(*r) for r in self._all(sql + " ORDER BY seq LIMIT ?", [*args, int(limit)])]
+
+    # api: observability
+    def count_audit_action(self, action: str) -> int:
+        return self._scalar("SELECT COUNT(*) FROM audit WHERE action = ?", (action,))
 
     def verify_audit(self) -> ChainReport:
         with self._read_tx() as conn:
@@ -727,11 +877,16 @@ class SQLStore(Store):
                 "SELECT purpose, COUNT(DISTINCT tenant || '/' || subject), COUNT(*) FROM templates GROUP BY purpose"):
             out.setdefault(purpose, {}).update(subjects=int(subjects), templates=int(templates))
         names = {"Enroll": "enrolments", "Verify": "verifications", "Identify": "identifications",
-                 "Withdraw": "withdrawals"}
+                 "Withdraw": "withdrawals",
+                 # api: the named-gallery calls are enrolments / verifications / identifications too
+                 "AddSample": "enrolments", "GalleryVerify": "verifications", "GallerySearch": "identifications",
+                 "SearchBySubject": "identifications"}
+        actions = ", ".join(f"'{a}'" for a in names)
         for action, purpose, n in self._all(
-                "SELECT action, purpose, COUNT(*) FROM audit WHERE result = 'OK' AND action IN "
-                "('Enroll', 'Verify', 'Identify', 'Withdraw') AND purpose != '' GROUP BY action, purpose"):
-            out.setdefault(purpose, {})[names[action]] = int(n)
+                f"SELECT action, purpose, COUNT(*) FROM audit WHERE result = 'OK' AND action IN "
+                f"({actions}) AND purpose != '' GROUP BY action, purpose"):
+            rec = out.setdefault(purpose, {})
+            rec[names[action]] = rec.get(names[action], 0) + int(n)
         return [ProcessingRecord(p, **v) for p, v in sorted(out.items())]
 
     def filing_alert(self) -> FilingAlert | None:
@@ -753,8 +908,9 @@ class SQLStore(Store):
         return None if r is None else SubjectRow(tenant, subject, int(r[0]), int(r[1]), float(r[2]))
 
     def subject_index(self, tenant: str, subject: str) -> list[TemplateIndexRow]:
-        return [TemplateIndexRow(int(r[0]), r[1], r[2], r[3], r[4], int(r[5]), float(r[6]), None) for r in self._all(
-            "SELECT id, tenant, subject, purpose, scheme, key_version, expires_at FROM templates "
+        return [TemplateIndexRow(int(r[0]), r[1], r[2], r[3], r[4], int(r[5]), float(r[6]), None, r[7], r[8])
+                for r in self._all(
+            "SELECT id, tenant, subject, purpose, scheme, key_version, expires_at, gallery, sample_id FROM templates "
             "WHERE tenant = ? AND subject = ? ORDER BY id", (tenant, subject))]
 
     def present_subjects(self, tenant: str, purpose: str, scheme: str, key_version: int,
@@ -763,16 +919,29 @@ class SQLStore(Store):
         for part in _chunks(list(dict.fromkeys(subjects))):
             out.update(r[0] for r in self._all(
                 f"SELECT subject FROM templates WHERE tenant = ? AND purpose = ? AND scheme = ? AND key_version = ? "
-                f"AND subject IN {_in(len(part))}", [tenant, purpose, scheme, int(key_version), *part]))
+                f"AND gallery = '' AND subject IN {_in(len(part))}", [tenant, purpose, scheme, int(key_version), *part]))
+        return out
+
+    # api: named-gallery entries (subject/sample) of a 1:N result that are stored (replicas check shards)
+    def present_samples(self, tenant: str, gallery: str, key_version: int,
+                        pairs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
+        out: set[tuple[str, str]] = set()
+        subjects = list(dict.fromkeys(s for s, _ in pairs))
+        wanted = set(pairs)
+        for part in _chunks(subjects):
+            out.update(p for p in ((r[0], r[1]) for r in self._all(
+                f"SELECT subject, sample_id FROM templates WHERE tenant = ? AND gallery = ? AND key_version = ? "
+                f"AND subject IN {_in(len(part))}", [tenant, gallery, int(key_version), *part])) if p in wanted)
         return out
 
     def shard_templates(self, shards: int, shard: int, after_id: int, limit: int) -> list[TemplateIndexRow]:
         # h - (h / n) * n: the remainder in integer arithmetic both engines spell the same way
         rows = self._all(
-            "SELECT id, tenant, subject, purpose, scheme, key_version, expires_at, template, shard_hash FROM templates "
+            "SELECT id, tenant, subject, purpose, scheme, key_version, expires_at, template, shard_hash, gallery, "
+            "sample_id FROM templates "
             "WHERE id > ? AND (shard_hash IS NULL OR shard_hash - (shard_hash / ?) * ? = ?) ORDER BY id LIMIT ?",
             (int(after_id), int(shards), int(shards), int(shard), int(limit)))
-        return [TemplateIndexRow(int(r[0]), r[1], r[2], r[3], r[4], int(r[5]), float(r[6]), bytes(r[7]))
+        return [TemplateIndexRow(int(r[0]), r[1], r[2], r[3], r[4], int(r[5]), float(r[6]), bytes(r[7]), r[9], r[10])
                 for r in rows if r[8] is not None or subject_hash(r[1], r[2]) % shards == shard]
 
     def export_templates(self, after_id: int, limit: int) -> list[TemplateRow]:

@@ -25,6 +25,11 @@ SQLITE = Dialect("sqlite", integrity_errors=(sqlite3.IntegrityError,), extra_ddl
     "BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END",
     "CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit "
     "BEGIN SELECT RAISE(ABORT, 'audit log is append-only'); END",
+    # measures: a registered impact assessment and an accepted oversight bundle are never edited
+    "CREATE TRIGGER IF NOT EXISTS impact_assessments_no_update BEFORE UPDATE ON impact_assessments "
+    "BEGIN SELECT RAISE(ABORT, 'impact assessments are immutable'); END",
+    "CREATE TRIGGER IF NOT EXISTS oversight_bundles_no_update BEFORE UPDATE ON oversight_bundles "
+    "BEGIN SELECT RAISE(ABORT, 'oversight bundles are immutable'); END",
 ))
 
 _V1_TEMPLATE_COLS = ("tenant", "subject", "purpose", "scheme", "key_version", "template", "enrolled_at",

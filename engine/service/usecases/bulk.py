@@ -2,7 +2,8 @@
 
 Every row passes the checks of :mod:`.enrolment` -- a pseudonymous subject id, a valid protected
 template of an allowed cancellable scheme, the subject's separate consent for this purpose (not
-withdrawn, guardian for a minor), a key version that is not revoked, no template already stored
+withdrawn, guardian for a minor), the purpose's current impact assessment and, on a central
+matcher, the consent's off-device-storage consent, a key version that is not revoked, no template already stored
 for (subject, purpose, scheme) -- and a refused row is reported with the reason Enroll would give,
 nothing of it stored. Accepted rows are written ``bulk_batch_rows`` at a time, in one transaction
 per batch (PostgreSQL: ``COPY``; SQLite: ``executemany``), with the subjects' advisory locks held
@@ -30,8 +31,10 @@ from ..matching import Enrolled, GalleryIndex, GalleryKey
 from ..scope import Scope
 from ..status import Decommissioned, classify
 from ..store import Store, SubjectRow, TemplateRow
+from .assessments import check_assessment  # measures
 from .common import TemplateReader
 from .maintenance import Retention
+from .off_device import check_off_device_row  # measures
 
 log = logging.getLogger("veilface.service")
 MAX_LISTED = 1000
@@ -104,6 +107,16 @@ class BulkEnrolment:
                 raise Decommissioned("this matcher has been decommissioned")
             tx.lock_subjects(tenant, subjects)
             consents = tx.consents([row.consent_id for _, row, _, _ in parsed])
+            # measures: the purpose's impact assessment (every row refused without it); on a central
+            # matcher, each row's off-device-storage consent
+            try:
+                check_assessment(tx, tenant, purpose, now)
+            except Exception as exc:  # noqa: BLE001
+                for i, _, subject, _ in parsed:
+                    res.reject(i, subject, classify(exc)[1])
+                return
+            off_device = (tx.off_device_consents([row.consent_id for _, row, _, _ in parsed])
+                          if self.cfg.deployment == "central" else None)
             states = tx.subject_states(tenant, subjects)
             existing = tx.existing_templates(tenant, subjects)
             rows, subj_rows, digest, keep = [], {}, hashlib.sha256(), []
@@ -113,6 +126,8 @@ class BulkEnrolment:
                 cur_kv, revoked = (state.key_version, state.revoked_upto) if state else (0, 0)
                 try:
                     policy.check_enrol_consent(consents.get(row.consent_id), row.consent_id, subject, tenant, purpose)
+                    if off_device is not None:   # measures
+                        check_off_device_row(off_device.get(row.consent_id))
                     if kv <= revoked:
                         raise_revoked(kv, revoked)
                     if (subject, purpose, p.spec_key) in existing:

@@ -15,8 +15,10 @@ from ..matching import GalleryIndex, GalleryKey
 from ..scope import Scope
 from ..status import AlreadyExists, Decommissioned, KeyVersionRevoked
 from ..store import FilingAlert, RequestRow, Store, SubjectRow, TemplateRow, WriteTx
+from .assessments import check_assessment  # measures
 from .common import TemplateReader
 from .maintenance import Retention
+from .off_device import check_off_device_consent  # measures
 
 log = logging.getLogger("veilface.service")
 
@@ -91,7 +93,7 @@ class Enrolment:
         p = self.templates.read(req.template)
         t, kv = p.template, p.template.key_version
         ev.details = {"scheme": t.spec.name, "key_version": kv, "consent_id": req.consent_id[:64],
-                      "request_id": req.request_id[:64]}
+                      "idempotency_key": req.request_id[:64]}
         if p.encrypted:
             # a ciphertext of the current epoch's public context, fully parsed before anything is stored
             entry = check_blob(self.contexts.get(tenant, purpose, p.spec_key), tenant, p.he_header)
@@ -111,6 +113,9 @@ class Enrolment:
                         tx.audit(ev)
                         return _replayed(prior.response)
                 policy.check_enrol_consent(tx.consent(req.consent_id), req.consent_id, subject, tenant, purpose)
+                # measures: an impact assessment first; off the device only with its own consent
+                check_assessment(tx, tenant, purpose, self.clock.now())
+                check_off_device_consent(tx, self.cfg, req.consent_id)
                 state = tx.subject(tenant, subject)
                 cur_kv, revoked = (state.key_version, state.revoked_upto) if state else (0, 0)
                 self._check_version(tx, p, tenant, purpose, revoked)

@@ -75,7 +75,7 @@ class HESnapshots:
                 if cur is None or cur.epoch != key.key_version or tx.decommissioned():
                     st.closed = True
                     return False
-                tx.put_he_snapshot(HESnapshotRow(*key, cur.fingerprint, max(seqs.values(), default=0), seqs, blob,
+                tx.put_he_snapshot(HESnapshotRow(*key.stored, cur.fingerprint, max(seqs.values(), default=0), seqs, blob,
                                                  self.clock.now()))
             st.saved()
         if removed:

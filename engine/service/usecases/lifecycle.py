@@ -13,6 +13,7 @@ from ..scope import Scope
 from ..status import BadRequest, NotFound
 from ..store import ConsentRow, Store, SubjectRow
 from ..validation import check_relationship, check_time
+from .off_device import OffDeviceTerms, off_device_row  # measures: off-device-storage consent
 
 
 @dataclass(frozen=True)
@@ -29,6 +30,7 @@ class ConsentRequest:
     subject_age: int
     consented_at: float = 0.0          # 0 = now
     guardian: Guardian | None = None
+    off_device: OffDeviceTerms | None = None   # measures: the separate consent to off-device storage
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class ConsentRecord:
     consented_at: float
     minor: bool
     guardian_consent: bool
+    off_device: bool = False           # measures: an off-device-storage consent was recorded with it
 
 
 @dataclass(frozen=True)
@@ -76,12 +79,18 @@ class Lifecycle:
         notice = req.notice_version
         scope.ev.details = {"consent_id": cid, "notice_version": notice, "minor": minor,
                             "guardian": bool(g and g.guardian_ref)}
+        # measures: the off-device-storage consent is its own record, stored with this one
+        off = off_device_row(cid, scope, req.off_device, now) if req.off_device is not None else None
+        if off is not None:
+            scope.ev.details.update({"off_device": True, "off_device_notice": off.notice_version})
         with self.store.transaction() as tx:
             tx.insert_consent(ConsentRow(cid, scope.tenant, scope.subject, scope.purpose, notice, at, int(req.subject_age),
                                          minor, g.guardian_ref if g else "", relationship, guardian_at, scope.device))
+            if off is not None:
+                tx.insert_off_device_consent(off)
             tx.audit(scope.ev)
         return ConsentRecord(cid, scope.tenant, scope.subject, scope.purpose, notice, at, minor,
-                             bool(g and g.guardian_ref))
+                             bool(g and g.guardian_ref), off is not None)
 
     def withdraw(self, scope: Scope) -> Withdrawn:
         """Delete every template of the subject, withdraw its consents, retire its key version,
@@ -91,6 +100,7 @@ class Lifecycle:
             with self.store.transaction() as tx:
                 n_t = tx.delete_subject_templates(tenant, subject)
                 n_c = tx.withdraw_consents(tenant, subject, now)
+                tx.withdraw_off_device_consents(tenant, subject, "", now)   # measures: they go with the consent
                 srow = tx.subject(tenant, subject)
                 if not (n_t or n_c or srow):
                     raise NotFound(f"no subject {subject!r}", reason="SUBJECT_NOT_FOUND")

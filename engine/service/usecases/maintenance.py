@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 from ..audit import AuditEvent
@@ -21,6 +22,10 @@ from ..config import ServiceConfig
 from ..encrypted import TicketBook
 from ..matching import GalleryIndex
 from ..store import Store, TemplateKey
+from .assessments import assessments_report, purge_records  # measures
+from .off_device import off_device_report  # measures
+from .oversight import fleet_report  # measures
+from .termination import certificate_terms, record_termination, termination_report  # measures
 
 log = logging.getLogger("veilface.service")
 
@@ -71,6 +76,12 @@ def compliance_report(store: Store, cfg: ServiceConfig, now: float) -> dict:
         "intrusion_alerts": counts.alerts,
         "audit": {"entries": head_seq, "head_hash": head_hash},
         "decommissioned": store.decommissioned(),
+        # measures (issue 15): assessments, off-device consents, termination, the edge fleet
+        "deployment": cfg.deployment,
+        "impact_assessments": assessments_report(store, cfg, now),
+        "off_device_consents": off_device_report(store, cfg),
+        "termination": termination_report(store, now),
+        "fleet": fleet_report(store, cfg),
         # harden: stored rows set aside at startup because they failed validation (usecases/recovery.py)
         "quarantine": [{"id": q.id, "kind": q.kind, "tenant": q.tenant, "subject": q.subject, "purpose": q.purpose,
                         "scheme": q.scheme, "key_version": q.key_version, "reason": q.reason, "detail": q.detail,
@@ -79,31 +90,53 @@ def compliance_report(store: Store, cfg: ServiceConfig, now: float) -> dict:
 
 
 def decommission(store: Store, cfg: ServiceConfig, now: float, ev: AuditEvent | None = None,
-                 reason: str = "") -> dict:
+                 reason: str = "", clear_memory: Callable[[], None] | None = None, mode: str | None = None) -> dict:
     """Purge every template, key-version record, consent, idempotency record, HE context and
-    snapshot; keep the audit log (the proof); write a deletion certificate to the data dir;
-    rewrite the storage (VACUUM). Returns the certificate."""
+    snapshot; keep the audit log (the proof) and the records the Measures keep (impact
+    assessments, oversight bundles); record the termination (open until the filing cancellation
+    is recorded); write a deletion certificate to the data dir; rewrite the storage (VACUUM).
+    Returns the certificate.
+
+    ``mode``: how it was run, when not one of the two above.
+    ``clear_memory``: a running matcher's hook that empties its in-memory galleries (called right
+    after the commit). The certificate states only what was done: without the hook (the offline
+    command, which holds the data dir lock so no server is running) it says so instead.
+    """
     ev = ev or AuditEvent("Decommission", "admin", "cli")
+    measures = ["all protected templates deleted (SQLite secure_delete: pages overwritten)",
+                "subject key-version registry deleted", "consent and request records deleted",
+                "public HE contexts (all epochs) and HE gallery snapshots deleted",
+                "database VACUUMed and WAL truncated after commit"]
+    if clear_memory is not None:
+        measures.append("in-memory galleries, HE contexts and decision tickets of the running matcher cleared")
+        mode = "online: Decommission RPC of the running matcher"
+    else:
+        mode = mode or "offline: veilface decommission with the data dir locked (no matcher running on it)"
+    filing_raised = store.filing_alert() is not None   # measures
     with store.transaction() as tx:
         head_before = store.audit_head()
-        counts = dataclasses.asdict(tx.wipe())
+        wiped = tx.wipe()
+        counts = dataclasses.asdict(wiped)
+        off_deleted = tx.delete_off_device_consents()   # measures
         tx.mark_decommissioned()
         cert = {
-            "type": "veilface-deletion-certificate", "version": 1,
+            "type": "veilface-deletion-certificate", "version": 2,
             "issued_at": _iso(now), "issued_at_unix": now, "reason": reason[:200], "store": store.name,
-            **counts,
+            "mode": mode, **counts,
             "audit_head_before": {"seq": head_before[0], "hash": head_before[1]},
-            "measures": ["all protected templates deleted (SQLite secure_delete: pages overwritten)",
-                         "subject key-version registry deleted", "consent and request records deleted",
-                         "public HE contexts (all epochs) and HE gallery snapshots deleted",
-                         "database VACUUMed and WAL truncated after commit",
-                         "in-memory galleries cleared"],
+            "measures": measures,
             "key_material": "the matcher never held transform keys or HE secret keys; destroy the "
                             "tenant master secrets on devices / key holders to crypto-shred any copies",
+            # measures: the filing-cancellation deadline and what was done with the face information
+            **certificate_terms(cfg, now, filing_raised, wiped, off_deleted),
         }
         cert["certificate_sha256"] = hashlib.sha256(json.dumps(cert, sort_keys=True).encode()).hexdigest()
-        ev.details = {**counts, "certificate_sha256": cert["certificate_sha256"]}
+        ev.details = {**counts, "certificate_sha256": cert["certificate_sha256"],
+                      "filing_cancellation_deadline": cert["filing"]["cancellation_deadline"]}
         tx.audit(ev, "OK")
+        record_termination(tx, cfg, now, cert)   # measures
+    if clear_memory is not None:
+        clear_memory()
     store.vacuum()
     out = Path(cfg.data_dir) / f"deletion-certificate-{int(now)}.json"
     out.write_text(json.dumps(cert, indent=1, sort_keys=True))
@@ -145,11 +178,16 @@ class Retention:
 
     def start(self) -> None:
         """Purge expired templates and old idempotency records every ``purge_interval_s``."""
+        records_checked = [0.0]   # measures: the records' retention is checked once a day (it scans the audit log)
+
         def loop() -> None:
             while not self._stop.wait(self.cfg.purge_interval_s):
                 try:
                     self.maybe_purge()
                     self.store.purge_requests(self.clock.now() - self.cfg.request_id_ttl_s)
+                    if self.clock.now() - records_checked[0] >= 86400.0:
+                        purge_records(self.store, self.cfg, self.clock.now())   # >= 3 years after the last use
+                        records_checked[0] = self.clock.now()
                 except Exception:  # noqa: BLE001
                     log.exception("background purge failed")
         self._thread = threading.Thread(target=loop, name="veilface-purge", daemon=True)
@@ -184,7 +222,7 @@ class Maintenance:
         return compliance_report(self.store, self.cfg, self.clock.now())
 
     def decommission(self, ev: AuditEvent, reason: str) -> dict:
-        cert = decommission(self.store, self.cfg, self.clock.now(), ev, reason)
-        self.index.clear()
-        self.tickets.clear()
-        return cert
+        def clear_memory() -> None:
+            self.index.clear()
+            self.tickets.clear()
+        return decommission(self.store, self.cfg, self.clock.now(), ev, reason, clear_memory)

@@ -26,7 +26,7 @@ from .. import policy
 from ..audit import AuditEvent
 from ..config import ServiceConfig
 from ..encrypted import HERegistry
-from ..matching import Enrolled, GalleryIndex, GalleryKey
+from ..matching import Enrolled, GalleryIndex, GalleryKey, entry_id
 from ..store import Store
 from ..validation.templates import check_stored_template
 from .devices import DeviceRegistry
@@ -61,7 +61,7 @@ class Recovery:
                 with self.store.transaction() as tx:
                     tx.delete_all_he_snapshots()
             for row in self.store.template_index():
-                key = GalleryKey(row.tenant, row.purpose, row.scheme, row.key_version)
+                key = GalleryKey(row.tenant, row.purpose, row.scheme, row.key_version, row.gallery)
                 if key.encrypted:
                     entry = self.contexts.get(*key.scope)
                     if entry is None or entry.epoch != key.key_version:
@@ -83,7 +83,7 @@ class Recovery:
                     self._quarantine_template(row, exc)
                     continue
                 ids, templates = codes.setdefault(key, ([], []))
-                ids.append(row.subject)
+                ids.append(entry_id(row.subject, row.sample_id) if row.gallery else row.subject)
                 templates.append(t)
                 self._note(row)
                 n += 1
@@ -112,7 +112,12 @@ class Recovery:
         return loaded
 
     def _note(self, row) -> None:
-        self.index.note(row.tenant, row.subject, row.purpose, row.scheme, Enrolled(row.key_version, row.expires_at))
+        meta = Enrolled(row.key_version, row.expires_at)
+        if row.gallery:       # api: a sample of a named gallery
+            key = GalleryKey(row.tenant, row.purpose, row.scheme, row.key_version, row.gallery)
+            self.index.note_sample(key, row.subject, row.sample_id, meta)
+        else:
+            self.index.note(row.tenant, row.subject, row.purpose, row.scheme, meta)
         self.retention.note_expiry(row.expires_at)
 
     def _scheme_of(self, row) -> bool:
@@ -161,7 +166,7 @@ class Recovery:
         seqs: dict[str, int] = {}
         restored = False
         if st is not None and self.snapshots.enabled:
-            snap = self.store.he_snapshot(*key)
+            snap = self.store.he_snapshot(*key.stored)
             if snap is not None and snap.fingerprint == entry.fingerprint:
                 try:
                     backend.load_snapshot(key, snap.snapshot)
