@@ -12,6 +12,7 @@ from ._optional import MissingDependency
 _COMMAND_MODULES = (
     "engine.benchmark.commands",
     "engine.service.commands",
+    "engine.keyservice.commands",   # keysvc
     "engine.evaluation.commands",
     "engine.face.commands",
 )

@@ -218,6 +218,7 @@ def test_cli_eval(tmp_path, capsys):
     from engine.cli import main
     rc = main(["eval", "--subjects", "12", "--samples", "3", "--dim", "32", "--quick", "--no-plots",
                "--no-progress", "--schemes", "biohash:bits=64,128", "--gallery", "200",
+               "--no-protocol-attacks",   # keysvc: they run in tests/test_keysvc_attacks.py
                "--out", str(tmp_path / "o")])
     assert rc == 0
     out = capsys.readouterr().out

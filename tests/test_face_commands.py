@@ -122,7 +122,8 @@ def test_embed_output_feeds_eval(tmp_path, fake, capsys):
     faces = _folder(tmp_path / "faces", people=("amy", "bob", "cy", "dan"), each=3)
     assert main(["embed", str(faces), "--out", str(tmp_path / "emb"), "--no-progress"]) == 0
     rc = main(["eval", "--data", str(tmp_path / "emb"), "--schemes", "rotation", "--quick", "--no-plots",
-               "--no-progress", "--gallery", "50", "--out", str(tmp_path / "rep")])
+               "--no-progress", "--gallery", "50", "--no-protocol-attacks",   # keysvc: tests/test_keysvc_attacks.py
+               "--out", str(tmp_path / "rep")])
     assert rc == 0
     doc = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert doc["dataset"]["n_subjects"] == 4 and doc["dataset"]["n_embeddings"] == 12

@@ -100,22 +100,29 @@ def two_part(t: Template) -> bytes:
     return Template(t.spec, np.frombuffer(blob, np.uint8).copy(), t.key_version).to_bytes()
 
 
-def test_an_he_row_with_two_ciphertexts_no_longer_stops_the_server(world):
-    kh = KeyHolder("verify", 128, tenant="default")
-    world.client("operator").register_he_context(kh.public_context(), PURPOSE)
-    dev = he_device(world, kh)
-    x = faces(2)
-    enrol(world, "s0", x[0], dev)
-    t = dev.protect("stuck", x[1])
-    world.stop()
-    plant(world, "stuck", two_part(t), t.spec.key())      # what the old code committed before refusing it
-    world.start()
-    assert world.srv.app.loaded["quarantined"] == 1
-    assert [r.reason for r in world.store.quarantined()] == ["HE_PART_COUNT"]
-    dev = he_device(world, kh)
-    assert dev.verify("s0", x[0]).matched
-    enrol(world, "stuck", x[1], dev)                        # no longer stuck
-    assert dev.verify("stuck", x[1]).matched
+def test_an_he_row_with_two_ciphertexts_no_longer_stops_the_server(tmp_path):
+    # keysvc: encrypted verifies are decided by the key service, so this world has one
+    from tests.support.keyservice import ks_device, register_he, running_keyservice
+    with running_keyservice(tmp_path / "ks") as ks:
+        world = World(tmp_path / "data", **ks.matcher_settings())
+        try:
+            world.client("admin").register_device("gate-1", LocationClass.PUBLIC_PLACE, "lobby", True)
+            register_he(ks, world.srv, PURPOSE, "verify", 128)
+            dev = ks_device(ks, world.srv, scheme=VERIFY)
+            x = faces(2)
+            enrol(world, "s0", x[0], dev)
+            t = dev.protect("stuck", x[1])
+            world.stop()
+            plant(world, "stuck", two_part(t), t.spec.key())      # what the old code committed before refusing it
+            world.start()
+            assert world.srv.app.loaded["quarantined"] == 1
+            assert [r.reason for r in world.store.quarantined()] == ["HE_PART_COUNT"]
+            dev = ks_device(ks, world.srv, scheme=VERIFY)
+            assert dev.verify("s0", x[0]).matched
+            enrol(world, "stuck", x[1], dev)                        # no longer stuck
+            assert dev.verify("stuck", x[1]).matched
+        finally:
+            world.stop()
 
 
 def test_an_unparsable_he_context_is_quarantined(world):

@@ -75,7 +75,8 @@ def test_matcher_context_is_public_and_refuses_secrets(vkh, ikh):
         assert kh.public_context().has_eval_keys and not kh.public_context(eval_keys=False).has_eval_keys
         with pytest.raises(HEUnsupported):
             EncryptedGallery(kh.public_context(eval_keys=False))
-    assert vkh.public_context().galois_keys is None and ikh.public_context().galois_keys is not None
+    # keysvc: verify mode carries one Galois key too (X -> X^-1, for the probe norm)
+    assert vkh.public_context().galois_keys is not None and ikh.public_context().galois_keys is not None
 
 
 def test_nothing_the_matcher_stores_decrypts_without_the_key(vkh):
@@ -250,9 +251,9 @@ def test_parameters_are_128_bit_and_versioned(vkh, ikh):
 def test_public_context_holds_exactly_the_keys_of_its_mode(vkh, ikh):
     vh, vparts = unpack_blob(vkh.public_context().to_bytes())
     ih, iparts = unpack_blob(ikh.public_context().to_bytes())
-    assert len(vparts) == 2 and len(iparts) == 3       # pk + relin (+ Galois for 1:N)
+    assert len(vparts) == 3 and len(iparts) == 3       # pk + relin + Galois (verify: X -> X^-1 only)
     strip = lambda h: {k: v for k, v in h.items() if k not in ("kind", "parts")}  # noqa: E731
-    for h, parts in ((vh, vparts + [iparts[2]]), (ih, iparts[:2]), (ih, iparts + [iparts[1]])):
+    for h, parts in ((vh, vparts[:2]), (vh, vparts + [iparts[2]]), (ih, iparts[:2]), (ih, iparts + [iparts[1]])):
         with pytest.raises(HEFormatError):
             PublicContext.from_bytes(pack_blob("public_context", strip(h), parts))
     device = PublicContext.from_bytes(pack_blob("public_context", strip(vh), vparts[:1]))

@@ -450,10 +450,12 @@ def test_reenrolled_subject_verifies_and_old_template_is_unlinkable(revoked, rng
     assert not forged.matched and forged.score < 0.62                    # impostor level
 
 
-def test_identify_searches_every_version_in_use(revoked, rng):
+def test_identify_sends_the_current_version_only(revoked, rng):
+    # keysvc (issue 9): one capture is never sent under two key versions (the matcher would link
+    # them); subjects of an older version are found again after re-enrolment
     dev, x = revoked[:2]
     assert dev.identify(capture(x[1], rng))[0][0] == "s1"
-    assert dev.identify(capture(x[0], rng))[0][0] == "s0"
+    assert "s0" not in dict(dev.identify(capture(x[0], rng)))
 
 
 def test_revoking_everything_then_verifying_is_not_found(srv, rng):

@@ -33,6 +33,9 @@ BAD.update({"deployment": ["edge ", "", 1], "records_retention_years": [2, 0, "3
 BAD.update({"store": [1, "mysql://x", "/tmp/x.db"], "matching": ["ray", "ray://nohost", "ray://h:0", "ray://h:x", 2],
             "ray_shards": [0, 1.5], "ray_namespace": [""], "ray_node_ip": [1], "ray_timeout_s": [0],
             "bulk_batch_rows": [0]})
+# keysvc
+BAD.update({"keyservice": [1], "keyservice_token": [1], "keyservice_token_file": [1], "keyservice_key": ["zz", 1],
+            "keyservice_tls_ca": [1], "keyservice_server_name": [1], "keyservice_timeout_s": [0]})
 
 
 def test_every_field_has_a_bad_value():

@@ -1,7 +1,8 @@
 """Encrypted (he / CKKS) templates through the gRPC service on loopback: public-context
-registration (private contexts refused), enrolment, 1:1 decided by the device's key holder,
-1:N decided by the decider, decision reports in the audit log, withdrawal / revocation /
-retention / decommission, epoch rotation, message sizes, restart reload."""
+registration (private contexts refused), enrolment, 1:1 and 1:N decided by the key service
+(keysvc: signed decisions, no score to the device; the device's self-report is gone), decisions in
+the audit log, withdrawal / revocation / retention / decommission, epoch rotation, message sizes,
+restart reload."""
 from __future__ import annotations
 
 import json
@@ -18,6 +19,7 @@ from engine._proto.veilface.v1 import matcher_pb2 as pb  # noqa: E402
 from engine.client import LocationClass, ServiceError  # noqa: E402
 from engine.he import KeyHolder, PublicContext, blob_header  # noqa: E402
 from tests.support import NOTICE, PURPOSE, TOKENS, capture, device_client, faces, running_server  # noqa: E402
+from tests.support.keyservice import ks_device, register_he, running_keyservice, running_pair  # noqa: E402
 
 VERIFY = "he:dim=128,mode=verify"
 IDENTIFY = "he:dim=128,mode=identify"
@@ -45,6 +47,20 @@ def srv(tmp_path):
     with running_server(tmp_path / "data") as s:
         s.client("admin").register_device("gate-1", LocationClass.PUBLIC_PLACE, "lobby", True)
         yield s
+
+
+@pytest.fixture
+def pair(tmp_path):
+    """keysvc: a key service and a matcher that uses it as its HE decider."""
+    with running_pair(tmp_path) as (ks, m):
+        m.client("admin").register_device("gate-1", LocationClass.PUBLIC_PLACE, "lobby", True)
+        yield ks, m
+
+
+@pytest.fixture
+def ksrv(pair):
+    """The matcher of ``pair``."""
+    return pair[1]
 
 
 @pytest.fixture(scope="module")
@@ -138,39 +154,30 @@ def test_allowed_schemes_can_exclude_he(tmp_path, vkh):
 
 
 # -- 1:1 ---------------------------------------------------------------------------------------
-def test_verify_decided_by_device_key_holder_and_audited(srv, vkh, rng):
-    srv.client("operator").register_he_context(vkh, PURPOSE)
-    dev = he_device(srv, VERIFY, key_holder=vkh)
+def test_verify_decided_by_the_key_service_and_audited(pair, rng):
+    ks, srv = pair
+    register_he(ks, srv, PURPOSE, "verify", 128)
+    dev = ks_device(ks, srv, scheme=VERIFY)
     x = faces(3, seed=1)
     for i in range(3):
         r = enrol(dev, f"s{i}", x[i])
-        assert r.key_version == vkh.epoch and r.scheme.startswith("he/")
+        assert r.key_version == 1 and r.scheme.startswith("he/")
     g = dev.verify("s0", capture(x[0], rng))
-    assert g.encrypted and g.matched and g.score > 0.5 and not g.fallback_required and g.decision_audited
+    assert g.encrypted and g.matched and np.isnan(g.score) and not g.fallback_required and g.decision_verified
     imp = dev.verify("s1", capture(x[0], rng))
     assert not imp.matched and imp.fallback_required and imp.fallback_methods
     assert "alternative" in imp.fallback_message
-    # what the matcher returns: an encrypted score blob and a ticket, no clear score or decision
-    probe = dev.protect_probe("s0", capture(x[0], rng))
-    raw = dev._call("Verify", pb.VerifyRequest(subject_id="s0", probe=probe.to_bytes(), purpose=PURPOSE,
-                                               device_id="gate-1"))
-    assert raw.encrypted and not raw.matched and raw.score == 0.0 and raw.decision_ticket
-    assert blob_header(raw.encrypted_score)["kind"] == "score" and raw.fallback.methods
-    ok, _ = vkh.verify_decision(raw.encrypted_score, raw.threshold)
-    rep = dev._call("ReportDecision", pb.ReportDecisionRequest(decision_ticket=raw.decision_ticket, matched=ok,
-                                                               threshold=raw.threshold, device_id="gate-1"))
-    assert rep.recorded and not rep.fallback.required
-    e = err(lambda: dev._call("ReportDecision", pb.ReportDecisionRequest(
-        decision_ticket=raw.decision_ticket, matched=True, device_id="gate-1")))
-    assert e.code == grpc.StatusCode.NOT_FOUND and e.reason == "DECISION_TICKET_UNKNOWN"
-    # the audit log: "encrypted score returned", then the key holder's decision, linked by ref
+    # what the matcher returns: the key service's signed decision, no score, no ciphertext
+    probe = dev.protect_probe("s0", capture(x[0], rng)).to_bytes()
+    raw = dev._call("Verify", pb.VerifyRequest(subject_id="s0", probe=probe, purpose=PURPOSE, device_id="gate-1",
+                                               decision_grant=dev.protection.grant("verify", probe, "s0", PURPOSE)))
+    assert raw.encrypted and raw.matched and raw.score == 0.0 and raw.decision_ticket and raw.decision_signature
+    assert json.loads(raw.decision_payload)["ticket"] == raw.decision_ticket and raw.fallback.methods
+    # the audit log: one Verify entry per call, with the decision and its signed reference, no score
     aud = srv.client("auditor")
     ver = [json.loads(a.details_json) for a in aud.audit_log(action="Verify") if a.result == "OK"]
-    dec = [json.loads(a.details_json) for a in aud.audit_log(action="ReportDecision") if a.result == "OK"]
-    assert [d["outcome"] for d in ver] == ["encrypted_score_returned"] * 3
-    assert [d["matched"] for d in dec] == [True, False, True]
-    assert [d["decision_ref"] for d in ver] == [d["decision_ref"] for d in dec]
-    assert all("score" not in d for d in ver + dec)
+    assert [d["matched"] for d in ver] == [True, False, True]
+    assert all(d["encrypted"] and d["signed_decision"] and "score" not in d for d in ver)
     assert aud.verify_audit_chain().ok
     # 1:N is refused on a verify-mode context; an unknown subject is NOT_FOUND
     e = err(lambda: dev.identify(capture(x[0], rng)))
@@ -178,27 +185,26 @@ def test_verify_decided_by_device_key_holder_and_audited(srv, vkh, rng):
     assert err(lambda: dev.verify("nobody", x[0])).code == grpc.StatusCode.NOT_FOUND
 
 
-def test_unreported_encrypted_verifies_count_as_failures(srv, vkh, rng):
-    srv.client("operator").register_he_context(vkh, PURPOSE)
-    dev = he_device(srv, VERIFY, key_holder=vkh)
-    x = faces(1, seed=2)
+def test_failed_encrypted_verifies_count_towards_the_burst_limit(pair, rng):
+    ks, srv = pair
+    register_he(ks, srv, PURPOSE, "verify", 128)
+    dev = ks_device(ks, srv, scheme=VERIFY)
+    x = faces(2, seed=2)
     enrol(dev, "s0", x[0])
-    assert dev.verify("s0", capture(x[0], rng)).matched       # reported matches reset the counter
-    probe = dev.protect_probe("s0", capture(x[0], rng)).to_bytes()
-    req = pb.VerifyRequest(subject_id="s0", probe=probe, purpose=PURPOSE, device_id="gate-1")
-    for _ in range(srv.cfg.verify_fail_limit):                 # a device that withholds decisions
-        dev._call("Verify", req)
-    e = err(lambda: dev._call("Verify", req))
+    assert dev.verify("s0", capture(x[0], rng)).matched
+    for _ in range(srv.cfg.verify_fail_limit):                 # decided by the key service: no report to withhold
+        assert not dev.verify("s0", x[1]).matched
+    e = err(lambda: dev.verify("s0", capture(x[0], rng)))
     assert e.code == grpc.StatusCode.RESOURCE_EXHAUSTED and e.reason == "VERIFY_BURST"
 
 
 # -- 1:N ---------------------------------------------------------------------------------------
 @pytest.fixture
-def identify(srv, ikh):
-    """An identify context; a capture device with the public device context and a decider; s0..s3
-    enrolled (s3 for one day only)."""
-    srv.client("operator").register_he_context(ikh, PURPOSE)
-    dev = he_device(srv, IDENTIFY, he_context=ikh.public_context(eval_keys=False).to_bytes(), decider=ikh)
+def identify(pair):
+    """An identify context of the key service; a capture device; s0..s3 enrolled (s3 for one day only)."""
+    ks, srv = pair
+    register_he(ks, srv, PURPOSE, "identify", 128)
+    dev = ks_device(ks, srv, scheme=IDENTIFY)
     x = faces(4, seed=3)
     for i in range(4):
         enrol(dev, f"s{i}", x[i], retention_days=1 if i == 3 else 0)
@@ -213,51 +219,54 @@ def test_identify_decided_by_the_decider(identify, rng):
     assert dev.identify(faces(1, seed=99)[0]) == []                # stranger: no match
 
 
-def test_identify_reply_is_encrypted_scores_in_id_order(identify):
+def test_identify_reply_is_a_signed_decision_without_scores(identify):
     dev, x = identify
-    raw = dev._call("Identify", pb.IdentifyRequest(probe=dev.protect_probe(None, x[0]).to_bytes(),
-                                                   purpose=PURPOSE, device_id="gate-1", top_k=1))
-    assert raw.encrypted and not raw.candidates and raw.gallery_size == 4 and raw.decision_ticket
-    h = blob_header(raw.encrypted_scores)
-    assert h["kind"] == "scores" and sorted(h["blocks"][0][1]) == ["s0", "s1", "s2", "s3"]
+    probe = dev.protect_probe(None, x[0]).to_bytes()
+    raw = dev._call("Identify", pb.IdentifyRequest(probe=probe, purpose=PURPOSE, device_id="gate-1", top_k=1,
+                                                   decision_grant=dev.protection.grant("identify", probe, "", PURPOSE)))
+    assert raw.encrypted and [c.subject_id for c in raw.candidates] == ["s0"] and raw.gallery_size == 4
+    assert np.isnan(raw.candidates[0].score) and raw.decision_ticket
+    assert json.loads(raw.decision_payload)["subject_ids"] == ["s0"]
 
 
-def test_identify_decisions_are_audited(srv, identify, rng):
+def test_identify_decisions_are_audited(ksrv, identify, rng):
     dev, x = identify
     dev.identify(capture(x[0], rng))
     dev.identify(faces(1, seed=99)[0])
-    dec = [json.loads(a.details_json) for a in srv.client("auditor").audit_log(action="ReportDecision")]
-    assert [(d["kind"], d["matched"]) for d in dec] == [("identify", True), ("identify", False)]
+    dec = [json.loads(a.details_json) for a in ksrv.client("auditor").audit_log(action="Identify") if a.result == "OK"]
+    assert [(d["encrypted"], d["candidates"]) for d in dec] == [(True, 1), (True, 0)]
+    assert all("score" not in d and d["signed_decision"] for d in dec)
 
 
-def test_withdrawal_removes_the_subject_from_the_encrypted_gallery(srv, identify, rng):
+def test_withdrawal_removes_the_subject_from_the_encrypted_gallery(ksrv, identify, rng):
     dev, x = identify
     assert dev.withdraw("s1").templates_deleted == 1
-    (gal,) = he_galleries(srv)
+    (gal,) = he_galleries(ksrv)
     assert "s1" not in gal and len(gal) == 3
     assert all(h != "s1" for h, _ in dev.identify(capture(x[1], rng), top_k=3))
-    assert "s1" not in {s.subject_id for s in srv.client("operator").list_subjects()}
+    assert "s1" not in {s.subject_id for s in ksrv.client("operator").list_subjects()}
 
 
-def test_revocation_deletes_the_subjects_he_template(srv, identify):
+def test_revocation_deletes_the_subjects_he_template(ksrv, identify):
     dev = identify[0]
     assert dev.revoke("s2").templates_deleted == 1
-    assert "s2" not in he_galleries(srv)[0] and srv.store.templates_of("default", "s2") == []
+    assert "s2" not in he_galleries(ksrv)[0] and ksrv.store.templates_of("default", "s2") == []
 
 
-def test_retention_purges_encrypted_templates(srv, identify, rng):
+def test_retention_purges_encrypted_templates(ksrv, identify, rng):
     dev, x = identify
-    srv.clock.advance(2 * DAY)
-    assert srv.client("operator").purge_expired().templates_purged == 1
-    assert "s3" not in he_galleries(srv)[0] and len(he_galleries(srv)[0]) == 3
-    assert [s.subject_id for s in srv.client("operator").list_subjects()] == ["s0", "s1", "s2"]
+    ksrv.clock.advance(2 * DAY)
+    assert ksrv.client("operator").purge_expired().templates_purged == 1
+    assert "s3" not in he_galleries(ksrv)[0] and len(he_galleries(ksrv)[0]) == 3
+    assert [s.subject_id for s in ksrv.client("operator").list_subjects()] == ["s0", "s1", "s2"]
 
 
-def test_too_large_encrypted_result_is_refused(srv, ikh, monkeypatch):
-    """A 1:N result above max_response_bytes is refused, not truncated (a real one needs ~10^4 templates:
+def test_too_large_encrypted_result_is_refused(pair, monkeypatch):
+    """A 1:N result above max_response_bytes is refused, not sent on (a real one needs ~10^4 templates:
     the backend's reply is inflated here)."""
-    srv.client("operator").register_he_context(ikh, PURPOSE)
-    dev = he_device(srv, IDENTIFY, key_holder=ikh)
+    ks, srv = pair
+    register_he(ks, srv, PURPOSE, "identify", 128)
+    dev = ks_device(ks, srv, scheme=IDENTIFY)
     backend = srv.app.index.backend
     real = backend.search
     limit = max(srv.cfg.max_message_bytes, srv.cfg.max_response_bytes) - 4096
@@ -269,18 +278,19 @@ def test_too_large_encrypted_result_is_refused(srv, ikh, monkeypatch):
 
 
 # -- revocation = new epoch ------------------------------------------------------------------------
-def test_epoch_rotation_refuses_old_ciphertexts(srv, rng):
-    kh1 = KeyHolder("verify", 128, tenant="default")
+def test_epoch_rotation_refuses_old_ciphertexts(pair, rng):
+    ks, srv = pair
     op = srv.client("operator")
-    op.register_he_context(kh1, PURPOSE)
-    dev = he_device(srv, VERIFY, key_holder=kh1)
+    register_he(ks, srv, PURPOSE, "verify", 128)
+    dev = ks_device(ks, srv, scheme=VERIFY)
     x = faces(2, seed=4)
     enrol(dev, "s0", x[0])
-    pub1 = kh1.public_context(eval_keys=False)
+    pub1, _ = ks.client("device").he_context(PURPOSE, "verify", 128)
     old_probe = dev.protect_probe("s0", x[0])
     old_tpl = dev.protect("s1", x[1])
-    kh2 = kh1.rotate()                                             # epoch 2; epoch 1's key is shredded
-    info = op.register_he_context(kh2, PURPOSE)
+    r = ks.client("admin").rotate("HE", purpose=PURPOSE, mode="verify", dim=128)   # epoch 2; epoch 1's key shredded
+    assert (r.old_version, r.new_version, r.shredded) == (1, 2, True)
+    info = register_he(ks, srv, PURPOSE, "verify", 128)
     assert (info.epoch, info.retired_epoch, info.templates_deleted) == (2, 1, 1)
     assert [c.epoch for c in op.list_he_contexts()] == [2]
     e = err(lambda: dev.verify("s0", template=old_probe))
@@ -289,9 +299,9 @@ def test_epoch_rotation_refuses_old_ciphertexts(srv, rng):
     e = err(lambda: dev.enroll("s1", consent_id=c.consent_id, template=old_tpl))
     assert e.code == grpc.StatusCode.FAILED_PRECONDITION and e.reason == "HE_EPOCH_REVOKED"
     e = err(lambda: op.register_he_context(pub1.to_bytes(), PURPOSE))   # cannot go back
-    assert e.reason == "HE_EPOCH_REVOKED"
-    # re-enrol from a fresh capture under the new epoch
-    dev.set_he_keys(key_holder=kh2)
+    assert e.reason in ("HE_EPOCH_REVOKED", "HE_CONTEXT_NOT_FROM_KEYSERVICE")
+    # re-enrol from a fresh capture under the new epoch (the device fetches the new context)
+    dev.protection.refresh()
     assert enrol(dev, "s0b", x[0]).key_version == 2
     assert dev.verify("s0b", capture(x[0], rng)).matched
     assert err(lambda: dev.verify("s0", x[0])).code == grpc.StatusCode.NOT_FOUND   # old template is gone
@@ -303,34 +313,35 @@ def test_epoch_rotation_refuses_old_ciphertexts(srv, rng):
 
 
 # -- threat model, restart, sizes ------------------------------------------------------------------
-def test_matcher_has_no_private_context_and_restart_reloads(tmp_path, ikh, rng):
+def test_matcher_has_no_private_context_and_restart_reloads(tmp_path, rng):
     x = faces(3, seed=5)
     data = tmp_path / "data"
-    with running_server(data) as s:
-        s.client("admin").register_device("gate-1", LocationClass.PUBLIC_PLACE, "lobby", True)
-        s.client("operator").register_he_context(ikh, PURPOSE)
-        dev = he_device(s, IDENTIFY, key_holder=ikh)
-        for i in range(3):
-            enrol(dev, f"s{i}", x[i])
-        for e in s.app.contexts.entries():
-            assert isinstance(e.context, PublicContext) and not e.context.is_private()
-        for g in he_galleries(s):
-            assert not g.ctx.is_private()
-        clock = s.clock
-    with running_server(data, clock=clock) as s:          # restart: galleries rebuilt from the store
-        assert s.app.loaded["templates"] == 3
-        dev = he_device(s, IDENTIFY, key_holder=ikh)
-        for i in range(3):
-            assert dev.identify(capture(x[i], rng), top_k=1)[0][0] == f"s{i}"
-        store = s.store
-        for row in store.current_he_contexts():
-            assert blob_header(row.context)["kind"] == "public_context"
-            assert not PublicContext.from_bytes(row.context).is_private()
-        for row in store.template_index():
-            from engine.template import Template
-            blob = store.template_blob(row.id)
-            assert blob_header(Template.from_bytes(blob).data.tobytes())["kind"] == "template"
-        store.checkpoint()
+    with running_keyservice(tmp_path / "ks") as ks:
+        with running_server(data, ks.clock, **ks.matcher_settings()) as s:
+            s.client("admin").register_device("gate-1", LocationClass.PUBLIC_PLACE, "lobby", True)
+            register_he(ks, s, PURPOSE, "identify", 128)
+            dev = ks_device(ks, s, scheme=IDENTIFY)
+            for i in range(3):
+                enrol(dev, f"s{i}", x[i])
+            for e in s.app.contexts.entries():
+                assert isinstance(e.context, PublicContext) and not e.context.is_private()
+            for g in he_galleries(s):
+                assert not g.ctx.is_private()
+        with running_server(data, ks.clock, **ks.matcher_settings()) as s:   # restart: galleries rebuilt
+            assert s.app.loaded["templates"] == 3
+            dev = ks_device(ks, s, scheme=IDENTIFY)
+            for i in range(3):
+                assert dev.identify(capture(x[i], rng), top_k=1)[0][0] == f"s{i}"
+            store = s.store
+            for row in store.current_he_contexts():
+                assert blob_header(row.context)["kind"] == "public_context"
+                assert not PublicContext.from_bytes(row.context).is_private()
+            for row in store.template_index():
+                from engine.template import Template
+                blob = store.template_blob(row.id)
+                assert blob_header(Template.from_bytes(blob).data.tobytes())["kind"] == "template"
+            store.checkpoint()
+        ikh = ks.server.keys.he_key("default", PURPOSE, "identify", 128)
     raw = b"".join(p.read_bytes() for p in Path(data).iterdir() if p.name.startswith("veilface.db"))
     secret_part = ikh.to_bytes()[-4096:]                    # from the SEAL-serialised secret key
     assert secret_part[:256] not in raw and secret_part[-256:] not in raw

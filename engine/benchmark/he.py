@@ -89,7 +89,9 @@ def _verify_rows(quick: bool, rng) -> tuple[list[dict], dict]:
 
         def ours():
             for i in range(pairs):
-                ours_scores[i] = kh._decrypt_constant(gallery.verify_ct(probes[i], templates[i]))
+                # keysvc: with the probe norm (what the service computes for the decider)
+                ours_scores[i] = kh._decrypt_constant(gallery.verify_ct(probes[i], templates[i],
+                                                                        gallery.norm_position()))
 
         def bare():
             for i in range(pairs):

@@ -2,7 +2,9 @@
 
 * :class:`DeviceClient` -- the device SDK: takes an embedding (or an image, via
   ``engine.face``), protects it **on the device** and calls the service. Keys come from a
-  :class:`KeySource` (a local :class:`engine.keys.KeyDeriver` today); they never leave the device.
+  :class:`KeySource`: in a deployment the key service (``keyservice=``, one key per transaction,
+  :class:`engine.client.keys.KeyServiceKeys`); a local :class:`engine.keys.KeyDeriver` for edge
+  devices and tests. They never leave the device.
 * :class:`OperatorClient` -- operator / auditor / admin calls (devices, listing, audit log,
   compliance report, purge, decommission, HE contexts).
 
@@ -15,17 +17,16 @@ targets (a list or ``"a:50051,b:50051"``) are load-balanced with gRPC's ``round_
 idempotent calls (:data:`IDEMPOTENT_METHODS`) are retried on UNAVAILABLE (and CANCELLED by a
 stopping replica) by gRPC's retry policy (:class:`RetryPolicy`).
 
-Encrypted (``he``) templates: pass ``scheme="he:dim=128,mode=verify"`` and the device's
-:class:`engine.he.KeyHolder` (``key_holder=``; 1:1, the device decrypts and decides), or
-``scheme="he:dim=128,mode=identify"`` with the public device context (``he_context=``) and a
-decider (``key_holder=``/``decider=``: anything with ``decide(blob, k, threshold)``). The
-matcher only ever returns encrypted scores; the SDK hands them to the key holder, then reports
-the decision (a boolean, never a score) with ``ReportDecision`` for the audit log.
+Encrypted (``he``) templates: pass ``scheme="he:dim=128,mode=verify"`` (or ``mode=identify``)
+and ``keyservice=``: the device encrypts under the public context the key service signed, asks it
+for a single-use decision grant per probe; the matcher sends the encrypted result to the key
+service, which decides and signs (ids above the threshold, never a score). No device decrypts or
+reports a decision (issue 9: ``ReportDecision`` was removed).
 
-Key scopes: with ``key_scope="purpose"`` (default) a subject's template is protected with the
-purpose's group key of the subject's key version, so a probe of an unknown person can be
-searched 1:N (one probe per key version in use). With ``key_scope="subject"`` every subject
-has its own key (strongest unlinkability), which supports 1:1 verification only.
+Key scopes: with ``key_scope="purpose"`` (default) a template is protected with the purpose's
+group key (the fast cancellable 1:N mode, which the key service enables per purpose); a 1:N
+search sends one probe, under the current version only. With ``key_scope="subject"`` every
+subject has its own key (strongest unlinkability), which supports 1:1 verification only.
 
 Modules: :mod:`.channel` (channel, targets, retries), :mod:`.errors`, :mod:`.base` (shared
 calls), :mod:`.operator`, :mod:`.device`, :mod:`.protection` (strategies), :mod:`.keys`.

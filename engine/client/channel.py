@@ -61,7 +61,6 @@ NOT_RETRIED: dict[str, str] = {
     "RegisterDevice": "a repeat after a lost answer fails with DEVICE_EXISTS",
     "Withdraw": "no idempotency key: a late repeat could delete a re-enrolment made meanwhile",
     "Revoke": "each call moves the subject to a further key version",
-    "ReportDecision": "the decision ticket is single use and held by the replica that issued it",
     "RegisterHEContext": "a client stream; registering the next epoch deletes the previous one",
     "EnrollStream": "a client stream; rows already stored are reported ALREADY_ENROLLED on a repeat (re-send those rejected)",
     "PurgeExpired": "reports what this call deleted; a repeat would report nothing",

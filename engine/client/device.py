@@ -3,7 +3,8 @@
 The client itself only makes calls and keeps the device's key-version bookkeeping; how a
 capture is protected and how an answer is read belong to its :class:`Protection` strategy
 (cancellable transform or HE encryption, :mod:`engine.client.protection`), and keys come from
-a :class:`KeySource` (:mod:`engine.client.keys`), never from a master secret held here.
+a :class:`KeySource` (:mod:`engine.client.keys`) -- in a deployment the key service
+(``keyservice=``), one key per transaction, never a master secret held here.
 """
 from __future__ import annotations
 
@@ -14,8 +15,7 @@ from ..keys import KeyDeriver
 from ..schemes import make_scheme
 from ..template import Template
 from .base import DEFAULT_TIMEOUT, BaseClient, OffDeviceTerms, consent_request
-from .errors import ServiceError
-from .keys import KeySource, KeyVersions, as_key_source
+from .keys import KeyServiceKeys, KeySource, KeyVersions, as_key_source
 from .protection import HEProtection, Protection, VerifyResult, make_protection
 
 
@@ -27,21 +27,23 @@ class DeviceClient(BaseClient):
     target, token : service address(es) and this device's role token (several addresses:
         a list or ``"a:1,b:2"``, see :func:`engine.client.channel`)
     device_id : the registered device this SDK runs on
-    deriver : where transform keys come from: a :class:`engine.keys.KeyDeriver` (the tenant
-        master secret in the device keystore) or any :class:`engine.client.KeySource`
+    deriver : where transform keys come from when not from the key service: a
+        :class:`engine.client.KeySource`, or a :class:`engine.keys.KeyDeriver` (a master secret on
+        the device: edge devices, tests -- a stolen device then exposes every subject)
     scheme : factory string, e.g. ``"biohash:bits=256,dim=128"``
     purpose : default purpose of this device's calls
-    key_scope : ``"purpose"`` (1:N-capable group keys per key version) or ``"subject"``
+    key_scope : ``"subject"`` (per-subject keys, 1:1) or ``"purpose"`` (group keys: the fast
+        cancellable 1:N mode, which the key service enables per purpose)
     tenant : tenant of every call ("" = the server's default)
     versions : :class:`KeyVersions` (pass one with a path to persist it)
     timeout : default deadline of a call in seconds, retries included
-    key_holder : ``he`` only -- :class:`engine.he.KeyHolder`. Verify mode: the device's own key
-        holder (encrypts with its public half, decrypts the score and decides). Identify mode:
-        the decider (or pass ``decider=``); ``he_context`` then defaults to its public half.
-    he_context : ``he`` only -- the public (device) context to encrypt with, when the key holder
-        is elsewhere (identify mode). Get it from the key holder, not from the matcher.
-    decider : ``he`` identify mode -- any object with ``decide(blob, k, threshold) -> [Match]``
-        (e.g. a client of a remote decider service); defaults to ``key_holder``.
+    keyservice : a :class:`engine.keyservice.client.KeyServiceClient` with this device's key-service
+        token and the pinned verification key: per-transaction keys (cancellable schemes, when no
+        ``deriver`` is given), the signed public HE context, decision grants, and the check of
+        every HE decision.
+    key_holder, he_context : ``he`` only -- a public context to encrypt with instead of the key
+        service's (a key holder's public half); the SDK never decrypts.
+    decider : removed (issue 9): HE decisions come from the key service; passing one is an error.
     off_device : :class:`OffDeviceTerms` -- the off-device-storage notice of this device's consent
         flow (a central matcher stores templates only with that separate consent). When set,
         :meth:`record_consent` records the subject's agreement to it unless called with
@@ -49,24 +51,27 @@ class DeviceClient(BaseClient):
         relies on the application to have obtained it.
     **channel_options : ``tls_ca``, ``client_cert``, ``client_key``, ``server_name``, ``retry``,
         ``lb_policy``, message sizes (:func:`engine.client.channel`).
-
-    With the ``he`` scheme every call goes to one replica (``pick_first``) unless
-    ``lb_policy=`` says otherwise: the decision report must reach the replica that issued the
-    decision ticket.
     """
 
     def __init__(self, target, token: str, device_id: str, deriver: KeyDeriver | KeySource | None = None,
                  scheme: str = "biohash:bits=256,dim=128", purpose: str = "access_control",
                  key_scope: str = "purpose", tenant: str = "", versions: KeyVersions | None = None,
                  timeout: float = DEFAULT_TIMEOUT, key_holder=None, he_context=None, decider=None,
-                 off_device: OffDeviceTerms | None = None, **channel_options) -> None:
+                 keyservice=None, off_device: OffDeviceTerms | None = None, **channel_options) -> None:
+        if decider is not None:
+            raise ValueError("decider= was removed: encrypted matches are decided by the key service (keyservice=)")
         self.device_id, self.purpose, self.tenant = device_id, purpose, tenant
         self.off_device = off_device or None
         self.scheme = make_scheme(scheme)
         self.key_scope = key_scope
         self.versions = versions or KeyVersions()
-        self.protection: Protection = make_protection(self.scheme, as_key_source(deriver), key_scope, self.versions,
-                                                      key_holder=key_holder, he_context=he_context, decider=decider)
+        self.keyservice = keyservice
+        source = as_key_source(deriver)
+        if source is None and keyservice is not None:
+            source = KeyServiceKeys(keyservice, tenant, device_id)
+        self.protection: Protection = make_protection(self.scheme, source, key_scope, self.versions,
+                                                      key_holder=key_holder, he_context=he_context,
+                                                      keyservice=keyservice, tenant=tenant, device_id=device_id)
         if self.protection.needs_replica_affinity:
             channel_options.setdefault("lb_policy", "pick_first")
         super().__init__(target, token, timeout, **channel_options)
@@ -75,10 +80,12 @@ class DeviceClient(BaseClient):
     def encrypted(self) -> bool:
         return self.protection.encrypted
 
-    def set_he_keys(self, key_holder=None, he_context=None, decider=None) -> None:
-        """(Re)configure HE material, e.g. after a rotation: ``key_holder`` (secret, stays on this
-        device / decider), ``he_context`` (public device context or its bytes), ``decider``."""
-        self.protection = HEProtection(self.scheme, key_holder, he_context, decider)
+    def set_he_keys(self, key_holder=None, he_context=None, keyservice=None) -> None:
+        """(Re)configure HE material, e.g. after a rotation: ``he_context`` (public device context or
+        its bytes) or ``key_holder`` (its public half), ``keyservice``."""
+        self.keyservice = keyservice or self.keyservice
+        self.protection = HEProtection(self.scheme, key_holder, he_context, self.keyservice, self.tenant,
+                                       self.device_id)
 
     # -- protection (local) ------------------------------------------------------------
     def protect(self, subject_id: str | None, embedding, version: int | None = None,
@@ -99,15 +106,6 @@ class DeviceClient(BaseClient):
         return self.protect(subject_id, embed_image(path), version, purpose)
 
     # -- calls -------------------------------------------------------------------------
-    def _report(self, ticket: str, matched: bool, threshold: float, candidates: int = 0):
-        """Tell the matcher the key holder's decision (boolean only) for its audit log."""
-        try:
-            return self._call("ReportDecision", pb.ReportDecisionRequest(
-                decision_ticket=ticket, matched=matched, candidates=candidates, threshold=threshold,
-                device_id=self.device_id, tenant=self.tenant))
-        except ServiceError:
-            return None
-
     def record_consent(self, subject_id: str, notice_version: str, subject_age: int,
                        purpose: str | None = None, off_device: OffDeviceTerms | bool | None = None,
                        **kw) -> pb.ConsentRecord:
@@ -136,28 +134,33 @@ class DeviceClient(BaseClient):
 
     def verify(self, subject_id: str, embedding=None, purpose: str | None = None,
                template: Template | None = None, threshold: float = 0.0) -> VerifyResult:
-        """1:1. For ``he`` the matcher returns an encrypted score; the key holder decides here
-        (against ``threshold`` or the server's) and the decision is reported for the audit log."""
+        """1:1. For ``he`` the key service decides (signed, checked here against its pinned key);
+        ``score`` is NaN then: no score leaves the key service."""
         purpose = purpose or self.purpose
         t = template if template is not None else self.protect_probe(subject_id, embedding, purpose=purpose)
-        r = self._call("Verify", pb.VerifyRequest(subject_id=subject_id, probe=t.to_bytes(), purpose=purpose,
+        probe = t.to_bytes()
+        grant = self.protection.grant("verify", probe, subject_id, purpose)
+        r = self._call("Verify", pb.VerifyRequest(subject_id=subject_id, probe=probe, purpose=purpose,
                                                   device_id=self.device_id, threshold=threshold,
-                                                  tenant=self.tenant))
-        return self.protection.verify_result(r, threshold, self._report)
+                                                  tenant=self.tenant, decision_grant=grant))
+        return self.protection.verify_result(r, threshold, grant, probe, subject_id, purpose)
 
     def identify(self, embedding=None, top_k: int = 5, purpose: str | None = None, threshold: float = 0.0,
                  templates: list[Template] | None = None) -> list[tuple[str, float]]:
-        """1:N: probes under every key version in use, merged best first. [] = no match."""
+        """1:N with one probe (the current key version / HE epoch): [(subject_id, score)] best
+        first (``he``: the ids the key service released, score NaN). [] = no match."""
         purpose = purpose or self.purpose
         if templates is None:
             templates = self.protection.identify_probes(embedding, purpose)
-        hits: dict[str, float] = {}
+        hits: list[tuple[str, float]] = []
         for t in templates:
-            r = self._call("Identify", pb.IdentifyRequest(probe=t.to_bytes(), purpose=purpose, device_id=self.device_id,
-                                                          top_k=top_k, threshold=threshold, tenant=self.tenant))
-            for sid, score in self.protection.identify_hits(r, top_k, threshold, self._report):
-                hits[sid] = max(score, hits.get(sid, float("-inf")))
-        return sorted(hits.items(), key=lambda kv: -kv[1])[:top_k]
+            probe = t.to_bytes()
+            grant = self.protection.grant("identify", probe, "", purpose)
+            r = self._call("Identify", pb.IdentifyRequest(probe=probe, purpose=purpose, device_id=self.device_id,
+                                                          top_k=top_k, threshold=threshold, tenant=self.tenant,
+                                                          decision_grant=grant))
+            hits.extend(self.protection.identify_hits(r, top_k, threshold, grant, probe, purpose))
+        return hits[:top_k]
 
     def withdraw(self, subject_id: str) -> pb.WithdrawResponse:
         """Consent withdrawal: the server deletes everything; the device moves the subject
@@ -223,7 +226,8 @@ class DeviceClient(BaseClient):
     def search_gallery(self, gallery: str, embedding=None, top_k: int = 5, threshold: float = 0.0,
                        templates: list[Template] | None = None) -> list[tuple[str, float, str]]:
         """1:N in a named gallery: ``[(subject_id, score, best sample_id)]`` best first, one per
-        subject (probes under every key version in use, merged). SearchFacesByImage / recognize."""
+        subject (one probe under the current key version: a capture is never sent under two). SearchFacesByImage /
+        recognize."""
         purpose = self._gallery_purpose(gallery)
         if templates is None:
             templates = self.protection.identify_probes(embedding, purpose)

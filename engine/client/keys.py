@@ -3,10 +3,20 @@
 * :class:`KeySource` -- the one question a cancellable protector asks: "the key for this
   (subject or purpose group, version, scheme)". The device client never holds a master secret
   itself, only a key source.
-* :class:`DerivedKeys` -- today's source: HKDF from a tenant master secret in the device
-  keystore (:class:`engine.keys.KeyDeriver`). A key service that releases per-transaction keys
-  implements the same protocol.
+* :class:`KeyServiceKeys` -- the deployed source (issue 9): the key service releases one key per
+  transaction (``ReleaseKey``: rate-limited, audited, per device); the SDK uses it for one
+  protection and keeps nothing -- no master secret, no key, no expanded transform. A stolen device
+  holds its role tokens and version numbers only (measured: ``veilface eval``, protocol attacks,
+  "device compromise").
+* :class:`DerivedKeys` -- HKDF from a master secret held by the caller (:class:`engine.keys.KeyDeriver`):
+  for edge devices that are their own key holder, tests and the Python API. A device holding a
+  tenant master secret is the stolen-token scenario for every subject of the tenant.
+* :class:`UserHeldKey` -- the subject's own key (token, card, phone), presented per transaction.
 * :class:`KeyVersions` -- the device's record of each subject's current key version.
+
+A source may implement ``release(subject, version, spec, purpose, op) -> (key, version)`` as well:
+then *it* says which version the template carries (the key service's current group version in
+the fast 1:N mode) and ``op`` (``ENROL``, ``VERIFY``, ``IDENTIFY_FAST``) is audited by it.
 """
 from __future__ import annotations
 
@@ -46,6 +56,49 @@ class DerivedKeys:
     def key_for(self, subject: str | None, version: int, scheme_spec: SchemeSpec, purpose: str) -> bytes:
         owner = f"group.{purpose}" if subject is None else subject
         return self._deriver.derive(owner, version, scheme_spec)
+
+
+class KeyServiceKeys:
+    """:class:`KeySource` backed by the key service (``ReleaseKey``), one call per protection.
+
+    ``client``: a :class:`engine.keyservice.client.KeyServiceClient` with this device's token.
+    Group keys (``subject=None``): the key service's *current* group version of the purpose is
+    used and returned (the fast 1:N mode; refused unless the key service enables it for the
+    purpose). Subject keys: the version asked for. The key is returned, never stored."""
+
+    #: the protector must not cache what it expands from these keys
+    per_transaction = True
+
+    def __init__(self, client, tenant: str = "", device_id: str = "") -> None:
+        self.client, self.tenant, self.device_id = client, tenant, device_id
+
+    def release(self, subject: str | None, version: int | None, scheme_spec: SchemeSpec, purpose: str,
+                op: str) -> tuple[bytes, int]:
+        group = subject is None
+        r = self.client.release_key(purpose, scheme_spec.key(), op, subject=subject or "", group=group,
+                                    key_version=0 if group else int(version or 1), tenant=self.tenant,
+                                    device_id=self.device_id)
+        return bytes(r.key), int(r.key_version)
+
+    def key_for(self, subject: str | None, version: int, scheme_spec: SchemeSpec, purpose: str) -> bytes:
+        return self.release(subject, version, scheme_spec, purpose, "IDENTIFY_FAST" if subject is None else "VERIFY")[0]
+
+
+class UserHeldKey:
+    """:class:`KeySource` of a subject's own key (read from a card / phone for one transaction):
+    ``UserHeldKey(subject, key, version)``; refuses any other subject and group keys."""
+
+    per_transaction = True
+
+    def __init__(self, subject: str, key: bytes, version: int = 1) -> None:
+        if len(bytes(key)) < 16:
+            raise ValueError("a user-held key has at least 16 bytes")
+        self.subject, self._key, self.version = subject, bytes(key), int(version)
+
+    def key_for(self, subject: str | None, version: int, scheme_spec: SchemeSpec, purpose: str) -> bytes:
+        if subject != self.subject or int(version) != self.version:
+            raise PermissionError("a user-held key opens its own subject's templates at its version only")
+        return self._key
 
 
 def as_key_source(keys: KeyDeriver | KeySource | None) -> KeySource | None:
@@ -91,9 +144,15 @@ class KeyVersions:
             self._save()
 
     def in_use(self) -> list[int]:
-        """Key versions of currently enrolled subjects (1:N needs one probe per version)."""
+        """Key versions of currently enrolled subjects."""
         with self._lock:
             return sorted(set(self._enrolled.values())) or [1]
+
+    def current(self) -> int:
+        """keysvc: the one version a 1:N probe is made under (the newest in use). A capture is never
+        sent under two versions (the matcher would link them); subjects of older versions are found
+        again after re-enrolment."""
+        return self.in_use()[-1]
 
     def _save(self) -> None:
         if self.path:

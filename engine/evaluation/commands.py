@@ -45,6 +45,10 @@ def register(subparsers) -> None:
                    help="1:N speed test gallery size (default 10000)")
     p.add_argument("--he-probes", type=int, default=None,
                    help="encrypted probes scored for an 'he' scheme's accuracy (default 100)")
+    p.add_argument("--attack-subjects", type=int, default=None,
+                   help="victims per protocol attack against the running services (default 50; quick 20)")
+    p.add_argument("--no-protocol-attacks", action="store_true",
+                   help="skip the protocol attacks (key service + matcher on loopback)")
     p.add_argument("--same-key", action="store_true",
                    help="give every subject the same key (a broken deployment, for comparison)")
     p.add_argument("--no-plots", action="store_true", help="skip the PNG plots")
@@ -58,8 +62,10 @@ def handler(args) -> int:
     require_extra("eval", feature="veilface eval")  # before minutes of work, not at the plots
     from .runner import evaluate
 
-    options = {k: getattr(args, k) for k in ("max_impostor", "attack_templates", "n_gallery", "he_probes")
+    options = {k: getattr(args, k) for k in ("max_impostor", "attack_templates", "n_gallery", "he_probes",
+                                             "attack_subjects")
                if getattr(args, k) is not None}
+    options["protocol_attacks"] = not args.no_protocol_attacks
     report = evaluate(args.data, args.schemes, out=args.out, seed=args.seed, subjects=args.subjects,
                       samples=args.samples, dim=args.dim, images_root=args.images_root, labels=args.labels,
                       quick=args.quick, progress=False if args.no_progress else None, plots=not args.no_plots,

@@ -84,10 +84,14 @@ class Options:
     he_gallery: int = 1000
     progress: bool | None = False
     plots: bool = True
+    # keysvc: protocol attacks against the real gRPC services (matcher + key service on loopback);
+    # on in `veilface eval`, opt-in from Python (it starts servers)
+    protocol_attacks: bool = False
+    attack_subjects: int = 50
 
     def __post_init__(self) -> None:
         for name in ("max_impostor", "n_gallery", "speed_repeats", "bootstrap", "he_probes", "he_gallery",
-                     "null_repeats", "attack_steps"):
+                     "null_repeats", "attack_steps", "attack_subjects"):
             v = getattr(self, name)
             if not isinstance(v, (int, np.integer)) or isinstance(v, bool) or v < 1:
                 raise InvalidParameter(f"{name} must be a positive integer, got {v!r}")
@@ -95,7 +99,7 @@ class Options:
             raise InvalidParameter(f"attack_templates must be an integer >= 0, got {self.attack_templates!r}")
 
     QUICK = {"attack_templates": 40, "attack_steps": 60, "null_repeats": 5, "n_gallery": 2000, "he_probes": 20,
-             "he_gallery": 256, "speed_repeats": 5, "bootstrap": 500, "max_impostor": 200_000}
+             "he_gallery": 256, "speed_repeats": 5, "bootstrap": 500, "max_impostor": 200_000, "attack_subjects": 20}
 
 
 def study_rng(seed: int, *names: str) -> np.random.Generator:

@@ -91,6 +91,7 @@ class Report:
     config: dict
     seconds: float = 0.0
     files: list[str] = field(default_factory=list)
+    protocol_attacks: Any = None     # keysvc: studies.protocol_attacks.ProtocolAttacks | NotApplicable | None
 
     @property
     def records(self) -> list[dict]:
@@ -109,7 +110,17 @@ class Report:
                           "synthetic": bool(self.dataset.get("synthetic")), "config": self.config,
                           "machine": {"python": platform.python_version(), "machine": platform.machine(),
                                       "processor": platform.processor() or None},
-                          "seconds": self.seconds, "records": self.records})
+                          "seconds": self.seconds, "records": self.records,
+                          **self._attacks_dict()})
+
+    def _attacks_dict(self) -> dict:
+        """keysvc: ``protocol_attacks`` (list of {attack, scheme, success, ci_low, ci_high, n, chance, ...})."""
+        pa = self.protocol_attacks
+        if pa is None:
+            return {}
+        if not hasattr(pa, "records"):
+            return {"protocol_attacks": [], "protocol_attacks_note": getattr(pa, "note", str(pa))}
+        return {"protocol_attacks": pa.records, "protocol_attacks_settings": {**pa.settings, "seconds": pa.seconds}}
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, allow_nan=False)
@@ -172,7 +183,7 @@ class Report:
                   "system (lower is better). Renewed match: old template vs re-keyed enrolment at the stolen-token "
                   "threshold for FMR 0.1% (impostor level ≈ 0.1%). † FMR target below the resolution of the "
                   "number of impostor comparisons (< 3/FMR).", "", PROTOCOL_MD, ""]
-        lines += self._accuracy_md() + self._folds_md() + self._privacy_md() + self._speed_md()
+        lines += self._accuracy_md() + self._folds_md() + self._privacy_md() + self._attacks_md() + self._speed_md()
         skipped = [r for r in self.records if r["status"] != "ok"]
         if skipped:
             lines += ["## Skipped", ""] + [f"* `{r['factory']}`: {r.get('reason')}" for r in skipped]
@@ -273,6 +284,29 @@ class Report:
                        f"{_pct(n['match_rate_ci95'][1])}] | {_pct(n['match_rate_same_capture'])} | "
                        f"{_pct(n['impostor_rate_normal'], 3)} / {_pct(n['impostor_rate_stolen_token'], 3)} | "
                        f"{_pct(n['genuine_rate'])} | {_num(n['d_sys_old_vs_new'])} |")
+        return out + [""]
+
+    def _attacks_md(self) -> list[str]:
+        """keysvc: the protocol-attacks table."""
+        pa = self.protocol_attacks
+        if pa is None:
+            return []
+        if not hasattr(pa, "records"):
+            return ["## Protocol attacks", "", f"Not run: {getattr(pa, 'note', pa)}", ""]
+        out = ["## Protocol attacks (against the running services)", "",
+               "Each attack runs against a key service and a matcher on loopback (real gRPC), with the device SDK "
+               "and the attacker's own code. *control* rows re-create the old protocol's weakness in the same run, "
+               "so a *current* row at chance is the defence, not a weak attack. Success rates with Clopper-Pearson "
+               "95% intervals; *chance* is what a guess achieves. Settings: "
+               + ", ".join(f"{k} {v}" for k, v in pa.settings.items()) + f"; {pa.seconds:.0f} s.", "",
+               r"| attack | scheme | protocol | success [95% CI] | n | chance | mean \|cos\| | criterion | notes |",
+               "|---|---|---|--:|--:|--:|--:|---|---|"]
+        for r in pa.records:
+            cos = (f"{_num(r.mean_abs_cos)} (chance {_num(r.chance_mean_abs_cos)})" if r.mean_abs_cos is not None
+                   else "–")
+            out.append(f"| {r.attack} | `{r.scheme}` | {r.protocol} | {_pct(r.success, 1)} "
+                       f"[{_pct(r.ci_low, 1)}, {_pct(r.ci_high, 1)}] | {r.n} | {_pct(r.chance, 2)} | {cos} | "
+                       f"{r.criterion} | {r.note} |")
         return out + [""]
 
     def _speed_md(self) -> list[str]:

@@ -116,6 +116,18 @@ def _encrypted(ctx: ScoreContext, scheme, rec: SchemeRecord, t_start: float) -> 
                               "impostor_stolen": study.impostor})
 
 
+def _protocol_attacks(ctx: ScoreContext, opts: Options, quick: bool):
+    """keysvc: the protocol-attacks study (None when switched off; a note when it cannot run here)."""
+    if not opts.protocol_attacks:
+        return None
+    from .studies import protocol_attacks
+    try:
+        import tenseal  # noqa: F401 - the HE attacks need it
+    except ImportError as exc:
+        return NotApplicable(f"not available in this build: {exc}")
+    return protocol_attacks.run(ctx, opts.attack_subjects, quick)
+
+
 def evaluate(data: str | Path | Dataset | None = None, schemes: Sequence[str] | None = None,
              out: str | Path | None = None, seed: int = 0, *, subjects: int = 200, samples: int = 5,
              dim: int = 128, images_root: str | Path | None = None, labels: str | Path | None = None,
@@ -178,10 +190,12 @@ def evaluate(data: str | Path | Dataset | None = None, schemes: Sequence[str] | 
         results = [evaluate_unprotected(ctx)]
         for desc in _progress(descs, "schemes", unit="scheme", enabled=progress):
             results.append(evaluate_scheme(ctx, desc))
+        attacks = _protocol_attacks(ctx, opts, quick)   # keysvc
     config = {"seed": seed, "schemes": descs, "quick": quick,
               "options": {k: v for k, v in opts.__dict__.items() if k != "progress"},
               **protocol.describe(ctx.keys, ctx.pairs), "unprotected_thresholds": ctx.raw_thresholds}
-    report = Report(dataset=ds.describe(), results=results, config=config, seconds=time.perf_counter() - t0)
+    report = Report(dataset=ds.describe(), results=results, config=config, seconds=time.perf_counter() - t0,
+                    protocol_attacks=attacks)
     if out is not None:
         report.save(out, plots=plots)
     return report

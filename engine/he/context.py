@@ -104,10 +104,9 @@ class PublicContext(_ContextBase):
 
     @property
     def has_eval_keys(self) -> bool:
-        """The matcher's keys: relinearisation (both modes) and Galois keys (identify mode)."""
-        if self.relin_keys is None:
-            return False
-        return self.params.mode == "verify" or self.galois_keys is not None
+        """The matcher's keys: relinearisation and Galois keys (identify: the trace / expansion
+        elements; verify: ``X -> X^-1`` for the probe norm)."""
+        return self.relin_keys is not None and self.galois_keys is not None
 
     def require_eval_keys(self) -> None:
         if not self.has_eval_keys:
@@ -120,8 +119,7 @@ class PublicContext(_ContextBase):
             parts = [seal_save(self.public_key)]
             if self.has_eval_keys:
                 parts.append(seal_save(self.relin_keys))
-                if self.params.mode == "identify":
-                    parts.append(seal_save(self.galois_keys))
+                parts.append(seal_save(self.galois_keys))
             self._parts = parts
         return pack_blob("public_context", dict(self.header(), eval_keys=self.has_eval_keys), self._parts)
 
@@ -132,10 +130,11 @@ class PublicContext(_ContextBase):
         h, parts = unpack_blob(buf, "public_context")
         params = HEParams.from_dict(h.get("params"))
         core = core_for(params)
-        full = 2 if params.mode == "verify" else 3
-        if len(parts) not in (1, full):
-            raise HEFormatError(f"a {params.mode} public context holds the public key and "
-                                f"{full - 1} evaluation key(s) or the public key only, got {len(parts)} parts")
+        # public key, or public key + relinearisation key + Galois keys (verify mode: the one
+        # X -> X^-1 key of the probe norm; a two-part verify context predates it and is refused)
+        if len(parts) not in (1, 3):
+            raise HEFormatError(f"a {params.mode} public context holds the public key and 2 evaluation "
+                                f"keys (relinearisation, Galois) or the public key only, got {len(parts)} parts")
         fp = fingerprint(params, parts[0])
         if fp != h.get("fp"):
             raise HEFormatError("public context fingerprint does not match its public key")
@@ -248,10 +247,8 @@ class KeyHolder(_ContextBase):
         if self._public is None:
             rk = seal.RelinKeys()
             self._keygen.create_relin_keys(rk)
-            gk = None
-            if self.params.mode == "identify":
-                gk = seal.GaloisKeys()
-                self._keygen.create_galois_keys(self.params.galois_elements, gk)
+            gk = seal.GaloisKeys()
+            self._keygen.create_galois_keys(self.params.galois_elements, gk)
             self._public = PublicContext(self.params, self.tenant, self.epoch, self.fingerprint,
                                          self._public_key, rk, gk)
         return self._public if eval_keys else self._public.device_context()
@@ -315,13 +312,21 @@ class KeyHolder(_ContextBase):
             if len(cts) != 1:
                 raise HEFormatError("a score blob holds one ciphertext")
             pos = int(h["pos"])
-            if not 0 <= pos < self.params.poly_degree:
+            n = self.params.poly_degree
+            if not 0 <= pos < n:
                 raise HEFormatError("score blob: bad position")
-            if pos == 0:
+            norm = None
+            if h.get("norm_pos") is not None:      # the probe norm rides along (engine.he.verify)
+                npos = int(h["norm_pos"])
+                if not (self.params.dim <= npos <= n - self.params.dim) or npos == pos:
+                    raise HEFormatError("score blob: bad norm position")
+                coeffs = self._decrypt_coeffs(cts[0])
+                value, norm = coeffs[pos], np.array([coeffs[npos]])
+            elif pos == 0:
                 value = self._decrypt_constant(cts[0])
             else:
                 value = self._decrypt_coeffs(cts[0])[pos]
-            return [str(h["subject"])], np.array([value * factor]), None
+            return [str(h["subject"])], np.array([value * factor]), norm
         blocks = h["blocks"]
         has_norm = bool(h.get("norm"))
         if len(blocks) + int(has_norm) != len(cts):
@@ -365,10 +370,15 @@ class KeyHolder(_ContextBase):
         d = self.decide_identify(blob, threshold=threshold, k=k)
         return [Match(s, float("nan")) for s in d.subject_ids]
 
-    def decide_verify(self, blob, threshold: float) -> VerifyDecision:
-        """1:1 decision without the score (what a decider other than the device releases)."""
-        ids, scores, _ = self._open(blob, "score")
-        thr = float(threshold)
+    def decide_verify(self, blob, threshold: float | None = None) -> VerifyDecision:
+        """1:1 decision without the score (what a decider other than the device releases): the
+        threshold is floored at ``policy.min_threshold``; raises
+        :class:`~engine.he.errors.HEProbeRefused` unless the result carries the probe's norm
+        (:mod:`engine.he.verify`) and it decrypts to ~1 (a scaled probe would turn the decision into
+        a component oracle)."""
+        ids, scores, norm = self._open(blob, "score")
+        thr = self.policy.threshold(threshold)
+        self.policy.check_norm(norm)
         return VerifyDecision(ids[0], bool(scores[0] >= thr), thr)
 
     def verify_decision(self, blob, threshold: float, decimals: int | None = 4) -> tuple[bool, float]:

@@ -94,9 +94,10 @@ class HEParams:
     def galois_elements(self) -> list[int]:
         """Galois elements ``N/2^j + 1`` for every level ``j < log2 N`` (identify mode): the trace
         and expansion of an upload and the purge of a slot (:mod:`engine.he.algorithms`). Verify
-        mode needs none."""
+        mode: ``2N - 1`` only (``X -> X^-1``, which turns the probe into the template layout so the
+        matcher can compute the probe's norm beside the score, :mod:`engine.he.verify`)."""
         if self.mode == "verify":
-            return []
+            return [2 * self.poly_degree - 1]
         n = self.poly_degree
         return [n // (1 << j) + 1 for j in range(self.ring_levels)]
 

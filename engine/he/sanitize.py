@@ -145,7 +145,8 @@ def centred_binomial(n: int) -> np.ndarray:
 
 
 class Sanitizer:
-    """Per-context precomputation and the sanitising step of a verify result (score at ``pos``).
+    """Per-context precomputation and the sanitising step of a verify result (score at ``pos``;
+    :meth:`apply` may name several released coefficients, e.g. the score and the probe norm).
 
     One-time: the public key reduced to the data level as a ciphertext ``PK = (pk0, pk1)`` and the
     flood of :func:`flood_bound`. Per result, with ``u`` uniform ternary, ``e1`` centred binomial
@@ -181,16 +182,19 @@ class Sanitizer:
         """A small signed integer polynomial as residues ``(L, N)``."""
         return np.where(v < 0, self._q + v.astype(np.uint64), v.astype(np.uint64))
 
-    def mask_coeffs(self) -> np.ndarray:
-        """Residues ``(L, N)`` of a fresh mask: uniform modulo q on every coefficient but ``pos``,
-        which holds the flood ``F`` uniform in ``[-B, B]``."""
+    def mask_coeffs(self, positions=None) -> np.ndarray:
+        """Residues ``(L, N)`` of a fresh mask: uniform modulo q on every coefficient but the
+        released ones (``positions``, default ``(pos,)``), each of which holds its own flood ``F``
+        uniform in ``[-B, B]``."""
         m = uniform_residues(self.primes, self.n)
-        flood = secrets.randbelow(2 * self.bound.flood + 1) - self.bound.flood
-        m[:, self.pos] = [flood % q for q in self.primes]
+        for pos in (self.pos,) if positions is None else positions:
+            flood = secrets.randbelow(2 * self.bound.flood + 1) - self.bound.flood
+            m[:, int(pos)] = [flood % q for q in self.primes]
         return m
 
-    def rerandomizer(self):
-        """``Enc_pk(M)`` as a size-3 ciphertext at the product's scale (see the class docstring)."""
+    def rerandomizer(self, positions=None):
+        """``Enc_pk(M)`` as a size-3 ciphertext at the product's scale (see the class docstring);
+        ``positions``: the coefficients released (flooded, not masked)."""
         core = self.ctx.core
         ev, ctx, pid = core.evaluator, core.ctx, core.first_parms_id
         a = np.empty((2, len(self.primes), self.n), dtype=np.uint64)
@@ -202,19 +206,20 @@ class Sanitizer:
         z = seal.Ciphertext()
         ev.multiply(ua, self._pk, z)
         b = np.empty_like(a)
-        b[0] = self.mask_coeffs()
+        b[0] = self.mask_coeffs(positions)
         b[1] = self._small(centred_binomial(self.n))
         mb = raw_ciphertext(ctx, pid, b, self.scale, ntt_form=False)
         ev.transform_to_ntt_inplace(mb)
         ev.add_inplace(z, mb)
         return z
 
-    def apply(self, ct) -> None:
-        """Sanitise a size-3 product in place: add ``Enc_pk(mask)``, relinearise."""
+    def apply(self, ct, positions=None) -> None:
+        """Sanitise a size-3 product in place: add ``Enc_pk(mask)``, relinearise. ``positions``:
+        the coefficients released (default ``(pos,)``); every other one is uniform modulo q."""
         ev = self.ctx.core.evaluator
         if ct.scale != self.scale or ct.size() != 3:
             raise HEUnsupported("not a fresh probe x template product (size or scale)")
-        ev.add_inplace(ct, self.rerandomizer())
+        ev.add_inplace(ct, self.rerandomizer(positions))
         ev.relinearize_inplace(ct, self.ctx.relin_keys)
 
 

@@ -10,7 +10,7 @@ from .audit_keys import attach_audit_key
 from .auth import Principal
 from .clock import Clock
 from .config import ServiceConfig
-from .encrypted import HERegistry, TicketBook
+from .encrypted import HERegistry, KeyServiceDecider, TicketBook
 from .matching import GalleryIndex, LocalMatching, MatchingBackend, SchemeCache
 from .ratelimit import AuthFailures, IntrusionDetector
 from .scope import Scopes
@@ -44,7 +44,7 @@ class MatcherApp:
     (``loaded`` says what was loaded)."""
 
     def __init__(self, cfg: ServiceConfig, store: Store, clock: Clock | None = None,
-                 backend: MatchingBackend | None = None) -> None:
+                 backend: MatchingBackend | None = None, decider=None) -> None:
         self.cfg, self.store = cfg, store
         self.clock = clock or store.clock
         # harden: the audit chain is keyed with a key kept outside the store (before any entry is written)
@@ -83,9 +83,12 @@ class MatcherApp:
             filing = SharedFilingMonitor(cfg, filing.raised)
         self.enrolment = Enrolment(cfg, store, self.clock, self.index, self.templates, self.contexts, self.retention,
                                    filing)
+        # keysvc: the key service decides encrypted matches (None: he Verify / Identify are refused)
+        self.decider = decider if decider is not None else KeyServiceDecider.from_config(cfg)
         self.matching = Matching(cfg, store, self.index, self.templates, self.contexts, self.tickets, self.intrusion,
-                                 self.retention)
-        self.he_contexts = HEContexts(store, self.clock, self.index, self.templates, cfg.max_he_context_bytes)
+                                 self.retention, self.decider)
+        self.he_contexts = HEContexts(store, self.clock, self.index, self.templates, cfg.max_he_context_bytes,
+                                      self.decider)
         self.maintenance = Maintenance(cfg, store, self.clock, self.index, self.retention, self.tickets)
         self.queries = Queries(store, self.page_tokens)
         self.lockouts = Lockouts(store, self.intrusion)
@@ -137,3 +140,5 @@ class MatcherApp:
         self.retention.stop()
         self.snapshots.close()
         self.index.backend.close()
+        if self.decider is not None:   # keysvc
+            self.decider.close()

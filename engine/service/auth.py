@@ -48,7 +48,6 @@ METHOD_ROLES: dict[str, frozenset[str]] = {
     "Decommission": frozenset({"admin"}),
     "RegisterHEContext": frozenset({"admin", "operator"}),
     "ListHEContexts": frozenset({"device", "operator", "auditor", "admin"}),
-    "ReportDecision": frozenset({"device"}),
     # measures
     "RegisterImpactAssessment": frozenset({"admin", "operator"}),
     "WithdrawOffDeviceConsent": frozenset({"device", "operator"}),

@@ -62,10 +62,13 @@ def register(sub) -> None:
     p.add_argument("--log-format", choices=("text", "json"), help="log lines as text (default) or one JSON object each")
     p.set_defaults(func=_serve)
 
-    p = sub.add_parser("demo", help="end-to-end scenario: edge devices + fleet oversight, and a central matcher")
-    p.add_argument("--mode", choices=("both", "edge", "central"), default="both",
+    p = sub.add_parser("demo", help="end-to-end scenario: edge devices + fleet oversight, a central matcher, "
+                                    "and the key service")
+    p.add_argument("--mode", choices=("all", "both", "edge", "central", "keyservice"), default="all",
                    help="edge: on-device enrolment and matching, fleet aggregation of audit and counts; "
-                        "central: a gRPC matcher with off-device consent; both (default): edge, then central")
+                        "central: a gRPC matcher with off-device consent; keyservice: three processes (key "
+                        "service, a matcher deciding HE matches with it, the device SDK without keys); "
+                        "both: edge, then central; all (default): edge, central, keyservice")
     p.add_argument("--subjects", type=int, default=None,
                    help="synthetic subjects to enrol (default: central 300, edge 60 per device)")
     p.add_argument("--scheme", default="biohash:bits=256,dim=128", help="scheme descriptor (default %(default)s)")

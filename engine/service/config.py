@@ -15,6 +15,7 @@ Environment variables (all optional)::
     VEILFACE_TOKENS           "role:sha256hex[:name[:device_id[:tenant]]],..." extra hashed tokens
     VEILFACE_FILING_THRESHOLD, VEILFACE_RETENTION_DAYS, VEILFACE_MAX_RETENTION_DAYS,
     VEILFACE_WORKERS, VEILFACE_GALLERY_BACKEND
+    VEILFACE_KEYSERVICE, VEILFACE_KEYSERVICE_TOKEN, VEILFACE_KEYSERVICE_KEY   the key service (he decisions)
     VEILFACE_AUDIT_KEY_FILE   the audit key (default: audit.key next to the config file, else in
                               the data dir); keep it outside the data dir in production
     VEILFACE_METRICS_PORT     Prometheus metrics on 127.0.0.1:<port> (default off)
@@ -138,6 +139,14 @@ class ServiceConfig:
     ray_node_ip: str = ""               # address of the Ray node this replica runs on ("" = Ray's guess)
     ray_timeout_s: float = 60.0         # a gallery call waits this long for a (restarting) shard
     bulk_batch_rows: int = 5000         # EnrollStream / import: rows per transaction
+    # keysvc: the key service decides encrypted (he) matches; the matcher pins its verification key
+    keyservice: str = ""                # host:port of `veilface keyservice` ("" = no he Verify/Identify)
+    keyservice_token: str = ""          # the matcher-role token of the key service (plaintext: the matcher sends it)
+    keyservice_token_file: str = ""     # ... or a 0600 file holding it
+    keyservice_key: str = ""            # pinned Ed25519 verification key, 64 hex digits (required with keyservice)
+    keyservice_tls_ca: str = ""         # CA of the key service's certificate (TLS; required unless loopback)
+    keyservice_server_name: str = ""
+    keyservice_timeout_s: float = 30.0  # one Decide (an identify result of a large gallery takes a while)
     # api: observability (engine/service/observability.py; docs/operations.md) and the gallery model
     metrics_port: int = -1              # Prometheus /metrics on 127.0.0.1:<port>; -1 = off, 0 = ephemeral
     tracing: str = ""                   # "" (off), "otlp" or "console": OpenTelemetry spans of every RPC
@@ -199,6 +208,12 @@ class ServiceConfig:
             raise BadRequest("mTLS (tls_client_ca) needs tls_cert and tls_key", reason="BAD_CONFIG")
         if self.max_retention_days < self.retention_days:
             raise BadRequest("need 1 <= retention_days <= max_retention_days", reason="BAD_CONFIG")
+        if self.keyservice and not self.keyservice_key:   # keysvc: decisions are checked against a pinned key
+            raise BadRequest("keyservice needs keyservice_key (the key service's verification key, 64 hex digits: "
+                             "`veilface keyservice` prints it)", reason="BAD_CONFIG")
+        if self.keyservice and not (self.keyservice_token or self.keyservice_token_file):
+            raise BadRequest("keyservice needs keyservice_token or keyservice_token_file (a matcher-role token "
+                             "of the key service)", reason="BAD_CONFIG")
         self.token_entries()
         return self
 
@@ -206,6 +221,7 @@ class ServiceConfig:
         """The config without token hashes (for printing)."""
         d = dataclasses.asdict(self)
         d["tokens"] = [f"{t.role}:{t.name}" for t in self.token_entries()]
+        d["keyservice_token"] = "***" if self.keyservice_token else ""   # keysvc
         return d
 
 
@@ -346,10 +362,22 @@ _CHECKS = {
     "store": lambda v: _store_url(v), "matching": lambda v: _matching_url(v), "ray_shards": _int(1, 4096),
     "ray_namespace": _text(required=True), "ray_node_ip": _text(), "ray_timeout_s": _num(0, lo_open=True),
     "bulk_batch_rows": _int(1, 1_000_000),
+    # keysvc
+    "keyservice": _text(), "keyservice_token": _text(), "keyservice_token_file": _text(),
+    "keyservice_key": lambda v: _keyservice_key(v), "keyservice_tls_ca": _text(), "keyservice_server_name": _text(),
+    "keyservice_timeout_s": _num(0, lo_open=True),
     # api
     "metrics_port": _int(-1, 65535), "tracing": _choice("", "otlp", "console"), "tracing_endpoint": _text(),
     "log_format": _choice("text", "json"), "access_log": _bool, "max_samples_per_subject": _int(1, 1000),
 }
+
+
+def _keyservice_key(v):   # keysvc
+    if not isinstance(v, str):
+        return f"must be a string, got {v!r}"
+    if v and (len(v.strip()) != 64 or any(c not in "0123456789abcdefABCDEF" for c in v.strip())):
+        return "must be the key service's Ed25519 verification key: 64 hex digits"
+    return None
 
 
 _ENV = {
@@ -363,6 +391,9 @@ _ENV = {
     "VEILFACE_WORKERS": ("workers", int), "VEILFACE_GALLERY_BACKEND": ("gallery_backend", str),
     "VEILFACE_AUDIT_KEY_FILE": ("audit_key_file", str),
     "VEILFACE_STORE": ("store", str), "VEILFACE_MATCHING": ("matching", str),
+    # keysvc
+    "VEILFACE_KEYSERVICE": ("keyservice", str), "VEILFACE_KEYSERVICE_TOKEN": ("keyservice_token", str),
+    "VEILFACE_KEYSERVICE_KEY": ("keyservice_key", str),
     "VEILFACE_METRICS_PORT": ("metrics_port", int), "VEILFACE_TRACING": ("tracing", str),
     "VEILFACE_LOG_FORMAT": ("log_format", str),
 }

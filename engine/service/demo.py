@@ -5,7 +5,10 @@
 * ``--mode central``: a gRPC matcher on the embedded store; the device SDK protects every capture
   locally and the server stores protected templates only with the subjects' separate
   off-device-storage consent;
-* ``--mode both`` (default, what ``make demo`` runs): edge, then central.
+* ``--mode keyservice`` (:mod:`engine.keyservice.demo`): three processes -- the key service, a
+  matcher that uses it as its HE decider, the device SDK holding no key beyond one transaction;
+* ``--mode both``: edge, then central; ``--mode all`` (default, what ``make demo`` runs): edge,
+  central, then the key service.
 
 Synthetic subjects: random unit "face" centres in 128-d; a capture is the centre plus noise
 (genuine) -- an impostor is another subject's capture.
@@ -55,16 +58,21 @@ _expect_error = expect_error
 _Timer = Timer
 
 
-def run_demo(mode: str = "both", subjects: int | None = None, scheme: str = "biohash:bits=256,dim=128",
+MODES = ("all", "both", "edge", "central", "keyservice")
+
+
+def run_demo(mode: str = "all", subjects: int | None = None, scheme: str = "biohash:bits=256,dim=128",
              keep: str | None = None, in_process: bool = False, seed: int = 7) -> int:
-    """Run the scenario(s) of ``mode`` ("edge", "central" or "both"); 0 when every check passed."""
+    """Run the scenario(s) of ``mode`` (one of :data:`MODES`); 0 when every check passed."""
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {', '.join(MODES)}, got {mode!r}")
     t_all = time.perf_counter()
     root = Path(keep) if keep else Path(tempfile.mkdtemp(prefix="veilface-demo-"))
     if keep and root.exists():
         shutil.rmtree(root)
     tm = Timer()
     ok = True
-    if mode in ("edge", "both"):
+    if mode in ("edge", "both", "all"):
         from ..edge.demo import run_edge
         n = subjects or 60
         print(f"Veilface demo, EDGE mode (the default single-site deployment): {n} synthetic subjects per device, "
@@ -72,8 +80,13 @@ def run_demo(mode: str = "both", subjects: int | None = None, scheme: str = "bio
         edge_ok = run_edge(root / "edge", n, scheme, in_process, seed, tm)
         print(f"\nedge demo {'PASSED' if edge_ok else 'FAILED'}")
         ok &= edge_ok
-    if mode in ("central", "both"):
+    if mode in ("central", "both", "all"):
         ok &= _run_central(root / "central", subjects or 300, scheme, in_process, seed, tm) == 0
+    if mode in ("keyservice", "all"):   # keysvc: key service + a matcher that uses it + the device SDK
+        from ..keyservice.demo import run_keyservice_demo
+        ks_ok = run_keyservice_demo(root / "keyservice", tm)
+        print(f"\nkey-service demo {'PASSED' if ks_ok else 'FAILED'}")
+        ok &= ks_ok
     print(f"\ndemo {'PASSED' if ok else 'FAILED'} in {time.perf_counter() - t_all:.1f} s")
     if not keep:
         shutil.rmtree(root, ignore_errors=True)

@@ -1,16 +1,22 @@
-"""Encrypted (``he``) templates in the matcher: public-context registry, blob checks, decision tickets.
+"""Encrypted (``he``) templates in the matcher: public-context registry, blob checks, decision
+tickets, and the key service as the decider.
 
 The matcher is *not* a key holder. Per (tenant, purpose, HE scheme spec) it keeps the public CKKS
-context of the current epoch (public key + evaluation keys, registered with ``RegisterHEContext``)
-and ciphertext templates; it computes encrypted scores and hands them to the key holder (the
-device in 1:1 ``verify`` mode, the decider in 1:N ``identify`` mode). It never decides, so:
+context of the current epoch (public key + evaluation keys, registered with ``RegisterHEContext``;
+with a key service configured, only the context the key service serves for that purpose) and
+ciphertext templates; it computes encrypted, sanitised results. It never decides, and neither does
+the device (issue 9):
 
-* Verify / Identify return an encrypted ``score`` / ``scores`` blob plus a single-use *decision
-  ticket*; the audit entry of the call records ``outcome = encrypted_score(s)_returned``;
-* the key holder reports its decision (a boolean, never a score) with ``ReportDecision(ticket)``,
-  which writes a second audit entry linked by ``decision_ref`` and feeds intrusion detection
-  (an unreported 1:1 attempt counts as a failure, so a device that withholds its decisions gets
-  at most ``verify_fail_limit`` tries per subject and window).
+* for each encrypted Verify / Identify the matcher issues a single-use *ticket*, sends the result
+  with the ticket, the device's *decision grant* and the SHA-256 of the probe it received to the
+  key service (:class:`KeyServiceDecider`), and gets back an Ed25519-signed decision (ids above the
+  threshold, never a score);
+* it checks the signature against the **pinned** key and that the decision is about *this*
+  ticket, grant, probe, result hash, tenant, purpose, subject and device
+  (:func:`engine.keyservice.signing.check_decision`); anything else is refused and the match fails
+  closed;
+* intrusion counters are fed with that verified decision; a device reports nothing (the former
+  ``ReportDecision`` RPC is gone).
 
 ``engine.he`` (TenSEAL) is imported lazily: a matcher without HE contexts never loads it.
 """
@@ -23,7 +29,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from .clock import Clock
-from .status import AlreadyExists, BadRequest, NotFound, PermissionDenied, PreconditionFailed
+from .status import AlreadyExists, BadRequest, NotFound, PermissionDenied, PreconditionFailed, StatusError, Throttled
 from .store import HEContextRow, HEEpoch
 
 HE_NAME = "he"
@@ -249,11 +255,109 @@ class TicketBook:
             del self._open[token]
             return t
 
+    def discard(self, token: str) -> None:
+        """keysvc: forget a ticket once its decision came back (or failed)."""
+        with self._lock:
+            self._open.pop(token, None)
+
     def clear(self) -> None:
         with self._lock:
             self._open.clear()
 
 
+# -- keysvc: the key service as the decider ----------------------------------------------------------
+class KeyServiceUnavailable(StatusError):
+    """The key service (the HE decider) could not be reached; nothing was decided."""
+    code, reason = "UNAVAILABLE", "KEYSERVICE_UNAVAILABLE"
+
+
+class KeyServiceNotConfigured(PreconditionFailed):
+    """Encrypted Verify / Identify need a key service (config ``keyservice``)."""
+    reason = "KEYSERVICE_NOT_CONFIGURED"
+
+
+#: key-service status codes relayed to the device as they are (the device's own doing)
+_RELAYED = {"INVALID_ARGUMENT": BadRequest, "FAILED_PRECONDITION": PreconditionFailed,
+            "RESOURCE_EXHAUSTED": Throttled, "PERMISSION_DENIED": PermissionDenied}
+
+
+class KeyServiceDecider:
+    """The matcher's client of the key service: ``Decide`` + the checks of the signed answer.
+
+    ``client``: a :class:`engine.keyservice.client.KeyServiceClient` with the matcher-role token;
+    ``pinned_key``: hex of the key service's Ed25519 verification key (from the config, never from
+    the network)."""
+
+    def __init__(self, client, pinned_key: str, timeout_s: float = 30.0) -> None:
+        from ..keyservice.signing import Verifier
+        self.client, self.timeout = client, float(timeout_s)
+        self.verifier = Verifier(pinned_key)
+
+    @classmethod
+    def from_config(cls, cfg) -> KeyServiceDecider | None:
+        if not cfg.keyservice:
+            return None
+        from pathlib import Path
+
+        from ..keyservice.client import KeyServiceClient
+        token = cfg.keyservice_token or Path(cfg.keyservice_token_file).read_text().strip()
+        opts = {}
+        if cfg.keyservice_tls_ca:
+            opts["tls_ca"] = cfg.keyservice_tls_ca
+        if cfg.keyservice_server_name:
+            opts["server_name"] = cfg.keyservice_server_name
+        return cls(KeyServiceClient(cfg.keyservice, token, pinned_key=cfg.keyservice_key, **opts),
+                   cfg.keyservice_key, cfg.keyservice_timeout_s)
+
+    def decide(self, *, ticket: str, grant: str, kind: str, tenant: str, purpose: str, subject: str, device: str,
+               probe: bytes, threshold: float, top_k: int, result: bytes):
+        """Ask the key service, verify its answer -> :class:`engine.keyservice.signing.Decision`.
+        Raises a status error: the key service's refusal relayed (a refused probe, an unknown grant,
+        its rate limits), :class:`KeyServiceUnavailable`, or ``DECISION_REJECTED`` (FAILED_PRECONDITION)
+        when the answer does not verify."""
+        from ..client.errors import ServiceError
+        from ..keyservice.signing import DecisionRejected, check_decision, sha256_hex
+        probe_hash = hashlib.sha256(probe).digest()
+        try:
+            sd = self.client.decide(ticket=ticket, grant=grant, kind=kind, tenant=tenant, purpose=purpose,
+                                    subject=subject, device_id=device, probe_sha256=probe_hash, threshold=threshold,
+                                    top_k=top_k, result=result, timeout=self.timeout)
+        except ServiceError as exc:
+            relay = _RELAYED.get(exc.code.name)
+            if relay is None:
+                raise KeyServiceUnavailable(f"the key service did not decide: {exc.code.name} {exc.reason}") from None
+            raise relay(f"the key service refused: {exc.message}", reason=exc.reason) from None
+        try:
+            return check_decision(self.verifier, bytes(sd.payload), bytes(sd.signature), kind=kind, ticket=ticket,
+                                  grant=grant, tenant=tenant, purpose=purpose, subject=subject, device=device,
+                                  probe_sha256=probe_hash.hex(), result_sha256=sha256_hex(result),
+                                  min_threshold=threshold, max_ids=max(int(top_k), 0) if kind == "identify" else 0)
+        except DecisionRejected as exc:
+            raise PreconditionFailed(f"the key service's answer was refused: {exc}", reason=exc.reason) from None
+
+    def check_context(self, tenant: str, purpose: str, mode: str, dim: int, epoch: int, fingerprint: str) -> None:
+        """Refuse to register an HE context that is not the key service's current one for this purpose."""
+        from ..client.errors import ServiceError
+        from ..keyservice.signing import DecisionRejected
+        try:
+            ctx, _ = self.client.he_context(purpose, mode, dim, tenant=tenant, eval_keys=False, check=True)
+        except DecisionRejected as exc:
+            raise PreconditionFailed(str(exc), reason=exc.reason) from None
+        except ServiceError as exc:
+            if exc.code.name in ("NOT_FOUND", "PERMISSION_DENIED"):
+                raise PreconditionFailed("the key service holds no such HE key for this tenant and purpose",
+                                         reason="HE_CONTEXT_NOT_FROM_KEYSERVICE") from None
+            raise KeyServiceUnavailable(f"the key service did not answer: {exc.code.name} {exc.reason}") from None
+        if (ctx.epoch, ctx.fingerprint) != (int(epoch), fingerprint):
+            raise PreconditionFailed(f"this context (epoch {epoch}) is not the key service's current one for "
+                                     f"{purpose!r} (epoch {ctx.epoch}); fetch it from the key service",
+                                     reason="HE_CONTEXT_NOT_FROM_KEYSERVICE")
+
+    def close(self) -> None:
+        self.client.close()
+
+
 __all__ = ["HE_NAME", "is_he_spec", "epoch_revoked", "HEEntry", "HERegistry",
            "parse_public_context", "blob_kind_header", "check_blob", "check_registration",
-           "Ticket", "TicketBook", "ticket_ref"]
+           "Ticket", "TicketBook", "ticket_ref", "KeyServiceDecider", "KeyServiceUnavailable",
+           "KeyServiceNotConfigured"]

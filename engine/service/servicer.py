@@ -30,7 +30,7 @@ from .usecases.enrolment import EnrolRequest
 from .usecases.galleries import GalleryInfo, GallerySearchResult
 from .usecases.he_contexts import HEContextInfo
 from .usecases.lifecycle import ConsentRequest, Guardian
-from .usecases.matching import DecisionReport, IdentifyRequest, VerifyRequest
+from .usecases.matching import IdentifyRequest, VerifyRequest
 from .usecases.off_device import OffDeviceTerms  # measures
 from .usecases.samples import AddSampleRequest
 
@@ -142,27 +142,22 @@ class MatcherServicer(pb_grpc.MatcherServicer):
     def Verify(self, req, context, ev):
         scope = self._scope(ev, context, tenant=req.tenant, subject=req.subject_id, purpose=req.purpose,
                             device=req.device_id, device_op="verify")
-        r = self.app.matching.verify(scope, VerifyRequest(req.probe, req.threshold))
+        r = self.app.matching.verify(scope, VerifyRequest(req.probe, req.threshold, req.decision_grant))
         return pb.VerifyResponse(matched=r.matched, score=r.score, threshold=r.threshold, fallback=_fallback(r.fallback),
-                                 encrypted=r.encrypted, encrypted_score=r.encrypted_score,
-                                 decision_ticket=r.decision_ticket)
+                                 encrypted=r.encrypted, decision_ticket=r.decision_ticket,
+                                 decision_payload=r.decision.payload, decision_signature=r.decision.signature,
+                                 decision_key_id=r.decision.key_id)
 
     @_rpc
     def Identify(self, req, context, ev):
         scope = self._scope(ev, context, tenant=req.tenant, purpose=req.purpose, device=req.device_id,
                             device_op="identify")
-        r = self.app.matching.identify(scope, IdentifyRequest(req.probe, req.top_k, req.threshold))
+        r = self.app.matching.identify(scope, IdentifyRequest(req.probe, req.top_k, req.threshold, req.decision_grant))
         return pb.IdentifyResponse(candidates=[pb.Candidate(subject_id=h.subject_id, score=h.score) for h in r.candidates],
                                    threshold=r.threshold, gallery_size=r.gallery_size, fallback=_fallback(r.fallback),
-                                   encrypted=r.encrypted, encrypted_scores=r.encrypted_scores,
-                                   decision_ticket=r.decision_ticket)
-
-    @_rpc
-    def ReportDecision(self, req, context, ev):
-        scope = self._scope(ev, context, tenant=req.tenant, device=req.device_id)
-        fallback = self.app.matching.report_decision(scope, DecisionReport(req.decision_ticket, req.matched,
-                                                                           req.threshold, req.candidates))
-        return pb.ReportDecisionResponse(recorded=True, fallback=_fallback(fallback))
+                                   encrypted=r.encrypted, decision_ticket=r.decision_ticket,
+                                   decision_payload=r.decision.payload, decision_signature=r.decision.signature,
+                                   decision_key_id=r.decision.key_id)
 
     # -- HE contexts --------------------------------------------------------------------------------
     @_rpc

@@ -1,7 +1,7 @@
 """The matcher's use cases: plain classes with typed inputs and outputs, no gRPC.
 
 * :mod:`.enrolment`   -- Enroll (consent, key versions, idempotency, filing alert);
-* :mod:`.matching`    -- Verify / Identify, cancellable and encrypted, and ReportDecision;
+* :mod:`.matching`    -- Verify / Identify, cancellable and encrypted (the key service decides he);
 * :mod:`.lifecycle`   -- RecordConsent, Withdraw, Revoke;
 * :mod:`.devices`     -- RegisterDevice and the device registry;
 * :mod:`.he_contexts` -- RegisterHEContext (epoch rotation), ListHEContexts;

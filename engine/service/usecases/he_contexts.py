@@ -41,9 +41,10 @@ class HEContexts:
     """RegisterHEContext, ListHEContexts."""
 
     def __init__(self, store: Store, clock: Clock, index: GalleryIndex, templates: TemplateReader,
-                 max_bytes: int = 1 << 30) -> None:
+                 max_bytes: int = 1 << 30, decider=None) -> None:
         self.store, self.clock, self.index, self.templates = store, clock, index, templates
         self.max_bytes = max_bytes
+        self.decider = decider   # keysvc: with a key service, only its current context is registered
 
     def register(self, scope: Scope, body: bytes) -> HEContextInfo:
         """Register the public context ``body`` (``PublicContext.to_bytes()``) for the scope's purpose."""
@@ -55,6 +56,8 @@ class HEContexts:
         self.index.schemes.remember(spec_key, scheme)
         ev.details = {"scheme": "he", "mode": ctx.mode, "dim": ctx.dim, "epoch": ctx.epoch,
                       "fingerprint": ctx.fingerprint[:16], "eval_keys": ctx.has_eval_keys, "context_bytes": len(body)}
+        if self.decider is not None:   # keysvc: a context whose secret key the key service does not hold is refused
+            self.decider.check_context(tenant, purpose, ctx.mode, ctx.dim, ctx.epoch, ctx.fingerprint)
         now = self.clock.now()
         # ``public``: re-serialised by SEAL from what it parsed -- public key (+ relinearisation, Galois keys) only
         gone: list[str] = []

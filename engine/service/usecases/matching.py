@@ -1,11 +1,13 @@
-"""Verify (1:1) and Identify (1:N), cancellable and encrypted, and the key holder's decision
-reports. Intrusion detection is a named dependency: failed-verify bursts and 1:N enumeration
-are throttled and raise an alert in the audit log.
+"""Verify (1:1) and Identify (1:N), cancellable and encrypted. Intrusion detection is a named
+dependency: failed-verify bursts and 1:N enumeration are throttled and raise an alert in the audit
+log.
 
-For ``he`` the matcher computes an encrypted score blob and cannot decide: the reply carries the
-blob and a single-use decision ticket; the key holder reports its decision (a boolean, never a
-score) with :meth:`Matching.report_decision`. Until then a 1:1 attempt counts as a failure and a
-1:N search as a no-match.
+For ``he`` the matcher computes an encrypted, sanitised result and cannot decide: it sends the
+result to the key service with a fresh ticket and the device's decision grant
+(:class:`~engine.service.encrypted.KeyServiceDecider`), checks the signed decision against the
+pinned key, feeds the intrusion counters with it and answers with the decision (no score; the
+signed payload goes back to the device). Nothing a device reports reaches the counters: the
+former ``ReportDecision`` self-report was removed (issue 9).
 """
 from __future__ import annotations
 
@@ -13,9 +15,8 @@ from dataclasses import dataclass, field
 
 from ...errors import NotEnrolled
 from ...gallery import Match
-from .. import policy
 from ..config import ServiceConfig
-from ..encrypted import HERegistry, TicketBook, check_blob, epoch_revoked
+from ..encrypted import HERegistry, KeyServiceNotConfigured, TicketBook, check_blob, epoch_revoked
 from ..matching import GalleryIndex, GalleryKey
 from ..ratelimit import IntrusionDetector
 from ..scope import Scope
@@ -29,6 +30,16 @@ from .maintenance import Retention
 class VerifyRequest:
     probe: bytes
     threshold: float = 0.0           # 0 = the scheme's default
+    grant: str = ""                  # he: the device's decision grant (key service)
+
+
+@dataclass(frozen=True)
+class SignedDecisionOut:
+    """What the device gets to check the key service's decision itself."""
+
+    payload: bytes = b""
+    signature: bytes = b""
+    key_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -38,8 +49,8 @@ class VerifyResult:
     threshold: float
     fallback: dict                   # policy.fallback: {required, methods, message}
     encrypted: bool = False
-    encrypted_score: bytes = b""
     decision_ticket: str = ""
+    decision: SignedDecisionOut = field(default_factory=SignedDecisionOut)
 
 
 @dataclass(frozen=True)
@@ -47,6 +58,7 @@ class IdentifyRequest:
     probe: bytes
     top_k: int = 0                   # 0 = 5
     threshold: float = 0.0
+    grant: str = ""                  # he: the device's decision grant
 
 
 @dataclass(frozen=True)
@@ -56,25 +68,19 @@ class IdentifyResult:
     fallback: dict
     candidates: list[Match] = field(default_factory=list)
     encrypted: bool = False
-    encrypted_scores: bytes = b""
     decision_ticket: str = ""
-
-
-@dataclass(frozen=True)
-class DecisionReport:
-    ticket: str
-    matched: bool
-    threshold: float = 0.0
-    candidates: int = 0
+    decision: SignedDecisionOut = field(default_factory=SignedDecisionOut)
 
 
 class Matching:
-    """Verify, Identify, ReportDecision."""
+    """Verify, Identify (the key service decides encrypted matches: ``decider``)."""
 
     def __init__(self, cfg: ServiceConfig, store: Store, index: GalleryIndex, templates: TemplateReader,
-                 contexts: HERegistry, tickets: TicketBook, intrusion: IntrusionDetector, retention: Retention) -> None:
+                 contexts: HERegistry, tickets: TicketBook, intrusion: IntrusionDetector, retention: Retention,
+                 decider=None) -> None:
         self.cfg, self.store, self.index, self.templates = cfg, store, index, templates
         self.contexts, self.tickets, self.intrusion, self.retention = contexts, tickets, intrusion, retention
+        self.decider = decider   # keysvc: engine.service.encrypted.KeyServiceDecider (None: no he matching)
 
     def _he_entry(self, scope: Scope, p: Parsed, mode: str):
         return check_blob(self.contexts.get(scope.tenant, scope.purpose, p.spec_key), scope.tenant, p.he_header, mode)
@@ -123,19 +129,44 @@ class Matching:
             report_intrusion(self.store, alert, scope.tenant, device=scope.ev.device)
         raise NotEnrolled("no enrolment of this subject matches this purpose and scheme")
 
+    def _decider(self):
+        if self.decider is None:
+            raise KeyServiceNotConfigured("encrypted matches are decided by the key service: configure keyservice, "
+                                          "keyservice_token and keyservice_key")
+        return self.decider
+
     def _verify_encrypted(self, scope: Scope, p: Parsed, key: GalleryKey, req: VerifyRequest, ids_key: str) -> VerifyResult:
+        """keysvc: sanitised result (score + probe norm) -> the key service decides -> checked, counted, audited."""
+        decider = self._decider()
+        if not req.grant:
+            raise BadRequest("an encrypted Verify needs the device's decision grant (KeyService.GrantDecision)",
+                             reason="DECISION_GRANT_REQUIRED")
         scope.check_deadline()
-        blob = self.index.backend.verify(key, scope.subject, p.template)   # encrypted score (masked product)
+        blob = self.index.backend.verify(key, scope.subject, p.template)   # sanitised result with the probe norm
         thr = self.templates.threshold(p.scheme, req.threshold)
         token, tk = self.tickets.issue("verify", scope.tenant, scope.subject, scope.purpose, scope.ev.device,
                                        scope.principal.name, ids_key)
-        # pending until the key holder reports a match: an unreported attempt counts as a failure
-        alert = self.intrusion.record_verify(ids_key, False)
+        scope.ev.details.update({"encrypted": True, "decision_ref": tk.ref})
+        try:
+            d = decider.decide(ticket=token, grant=req.grant, kind="verify", tenant=scope.tenant,
+                               purpose=scope.purpose, subject=scope.subject, device=scope.ev.device, probe=req.probe,
+                               threshold=thr, top_k=0, result=blob)
+        except Exception as exc:
+            if getattr(exc, "code", "") != "UNAVAILABLE":    # a refused probe counts as a failed attempt
+                self._count_verify(scope, ids_key, False)
+            raise
+        finally:
+            self.tickets.discard(token)
+        self._count_verify(scope, ids_key, d.matched)
+        scope.ev.details.update({"matched": d.matched, "threshold": d.threshold, "signed_decision": d.ref,
+                                 "result_ref": d.result_sha256[:16]})
+        return VerifyResult(d.matched, 0.0, d.threshold, self.templates.fallback(d.matched), encrypted=True,
+                            decision_ticket=token, decision=_signed(d))
+
+    def _count_verify(self, scope: Scope, ids_key: str, matched: bool) -> None:
+        alert = self.intrusion.record_verify(ids_key, matched)
         if alert:
             report_intrusion(self.store, alert, scope.tenant, scope.subject, scope.ev.device)
-        scope.ev.details.update({"encrypted": True, "outcome": "encrypted_score_returned", "decision_ref": tk.ref})
-        return VerifyResult(False, 0.0, thr, policy.fallback_pending(self.cfg.fallback_methods), encrypted=True,
-                            encrypted_score=blob, decision_ticket=token)
 
     # -- 1:N ------------------------------------------------------------------------------------------
     def identify(self, scope: Scope, req: IdentifyRequest) -> IdentifyResult:
@@ -158,7 +189,7 @@ class Matching:
         scope.check_deadline()
         key = GalleryKey(tenant, scope.purpose, p.spec_key, t.key_version)
         if p.encrypted:
-            return self._identify_encrypted(scope, p, key, thr, caller)
+            return self._identify_encrypted(scope, p, key, thr, caller, req, k)
         hits = self.index.backend.search(key, t, k, thr)
         ev.details["candidates"] = len(hits)
         alert = self.intrusion.record_identify(caller, bool(hits))
@@ -166,7 +197,13 @@ class Matching:
             report_intrusion(self.store, alert, tenant, device=scope.device)
         return IdentifyResult(thr, self.index.backend.size(key), self.templates.fallback(bool(hits)), candidates=hits)
 
-    def _identify_encrypted(self, scope: Scope, p: Parsed, key: GalleryKey, thr: float, caller: str) -> IdentifyResult:
+    def _identify_encrypted(self, scope: Scope, p: Parsed, key: GalleryKey, thr: float, caller: str,
+                            req: IdentifyRequest, k: int) -> IdentifyResult:
+        """keysvc: encrypted scores + probe norm -> the key service releases ids (no score) -> checked."""
+        decider = self._decider()
+        if not req.grant:
+            raise BadRequest("an encrypted Identify needs the device's decision grant (KeyService.GrantDecision)",
+                             reason="DECISION_GRANT_REQUIRED")
         if not self.index.open(key):
             raise epoch_revoked("the HE context changed meanwhile; encrypt again")
         blob = self.index.backend.search(key, p.template, 0, None)   # one encrypted score per stored template
@@ -177,28 +214,29 @@ class Matching:
                             f"the gallery by purpose or raise the limit", reason="HE_RESULT_TOO_LARGE")
         token, tk = self.tickets.issue("identify", scope.tenant, "", scope.purpose, scope.ev.device,
                                        scope.principal.name, caller)
-        alert = self.intrusion.record_identify(caller, False)   # a no-match until the decider reports one
+        scope.ev.details.update({"encrypted": True, "gallery_size": size, "decision_ref": tk.ref})
+        try:
+            d = decider.decide(ticket=token, grant=req.grant, kind="identify", tenant=scope.tenant,
+                               purpose=scope.purpose, subject="", device=scope.ev.device, probe=req.probe,
+                               threshold=thr, top_k=k, result=blob)
+        except Exception as exc:
+            if getattr(exc, "code", "") != "UNAVAILABLE":
+                self._count_identify(scope, caller, False)
+            raise
+        finally:
+            self.tickets.discard(token)
+        self._count_identify(scope, caller, d.matched)
+        scope.ev.details.update({"candidates": len(d.subject_ids), "threshold": d.threshold,
+                                 "signed_decision": d.ref, "result_ref": d.result_sha256[:16]})
+        hits = [Match(sid, float("nan")) for sid in d.subject_ids]
+        return IdentifyResult(d.threshold, size, self.templates.fallback(d.matched), candidates=hits, encrypted=True,
+                              decision_ticket=token, decision=_signed(d))
+
+    def _count_identify(self, scope: Scope, caller: str, matched: bool) -> None:
+        alert = self.intrusion.record_identify(caller, matched)
         if alert:
             report_intrusion(self.store, alert, scope.tenant, device=scope.ev.device)
-        scope.ev.details.update({"encrypted": True, "outcome": "encrypted_scores_returned", "gallery_size": size,
-                                 "decision_ref": tk.ref})
-        return IdentifyResult(thr, size, policy.fallback_pending(self.cfg.fallback_methods), encrypted=True,
-                              encrypted_scores=blob, decision_ticket=token)
 
-    # -- the key holder's decision ----------------------------------------------------------------------
-    def report_decision(self, scope: Scope, req: DecisionReport) -> dict:
-        """Record the key holder's decision on an encrypted Verify/Identify; returns the fallback."""
-        if req.candidates < 0 or not (-1e9 < req.threshold < 1e9):
-            raise BadRequest("bad candidates / threshold", reason="BAD_DECISION")
-        tk = self.tickets.redeem(req.ticket, scope.tenant, scope.principal.name, scope.device)
-        ev = scope.ev
-        ev.subject, ev.purpose = tk.subject, tk.purpose
-        matched = bool(req.matched)
-        ev.details = {"kind": tk.kind, "matched": matched, "decision_ref": tk.ref, "threshold": float(req.threshold)}
-        if tk.kind == "identify":
-            ev.details["candidates"] = int(req.candidates)
-            if matched:
-                self.intrusion.identify_hit(tk.ids_key)
-        elif matched:
-            self.intrusion.record_verify(tk.ids_key, True)
-        return self.templates.fallback(matched)
+
+def _signed(d) -> SignedDecisionOut:
+    return SignedDecisionOut(d.payload, d.signature, str(d.body.get("key_id", "")))

@@ -8,8 +8,9 @@ a request may carry:
 * templates and probes: exactly the header fields the SDK writes, exactly **one** part (both
   modes), a part no larger than a fresh ciphertext of the parameter set, and a SEAL header whose
   size field is the part's length (no trailing bytes);
-* public contexts: the same, with 1 part (public key) or, as ``eval_keys`` says, 2 (verify: +
-  relinearisation keys) or 3 (identify: + relinearisation and Galois keys); no secret-key material
+* public contexts: the same, with 1 part (public key) or, as ``eval_keys`` says, 3 (+
+  relinearisation and Galois keys; verify mode's Galois key is the ``X -> X^-1`` one of the probe
+  norm, issue 9); no secret-key material
   (a ``secret_context``, a secret-looking header field, bytes appended after a SEAL object, an
   extra part); then SEAL parses it and the context
   is serialised again -- only that re-serialisation is stored, and it must equal what was sent.
@@ -149,8 +150,8 @@ def check_public_context(body: bytes, tenant: str, max_bytes: int):
     if not isinstance(eval_keys, bool):
         raise _malformed("HE context header eval_keys must be true or false")
     mode = h.get("mode")
-    # the public key, plus the mode's evaluation keys: relinearisation (verify), + Galois keys (identify)
-    sizes = _parts(h, len(payload), (3 if mode == "identify" else 2) if eval_keys else 1)
+    # the public key, plus the evaluation keys: relinearisation + Galois keys (keysvc: verify mode too)
+    sizes = _parts(h, len(payload), 3 if eval_keys else 1)
     if set(h) != CONTEXT_KEYS:
         raise _malformed(f"HE context header fields: unknown {sorted(set(h) - CONTEXT_KEYS)[:4]}, "
                          f"missing {sorted(CONTEXT_KEYS - set(h))}")
