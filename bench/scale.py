@@ -17,10 +17,11 @@ baseline, speedup`` (+ details). Every baseline is measured in the same run:
   checks and audit entry; at 10M the baseline stays the 1M in-process number: how cost grows);
 * ``scale_identify_he128_<n>``: encrypted Identify (HE-128, identify mode, probe encrypted) through
   ``veilface serve`` over HE galleries on the Ray shards (blocks of 8,192 templates bulk-loaded with
-  ``add_he_block``: the store cannot hold 1M uploads of ~256 KB), the reply = the shards' encrypted
-  scores concatenated; ``baseline`` = p50 of one in-process ``IdentifyGallery`` search at
-  ``baseline_n`` templates, ``speedup`` = templates/s through gRPC over shards / templates/s of that
-  baseline; ``decide_ms`` = the decider's decryption + decision on one reply (not in p50);
+  ``add_he_block``: the store cannot hold 1M uploads of ~256 KB); the latency is the whole call: the
+  shards' encrypted scores concatenated, sent to a key service (in this process) that decrypts and
+  returns a signed decision (issue 9); ``baseline`` = p50 of one in-process ``IdentifyGallery``
+  search at ``baseline_n`` templates (no decision), ``speedup`` = templates/s through gRPC over
+  shards / templates/s of that baseline;
 * ``scale_enroll_stream``: rows/s of EnrollStream into PostgreSQL with every policy check (consent,
   device, key version, retention, filing, and the 2025 Measures' impact assessment of the purpose
   and each row's off-device-storage consent: the matchers are central, their operator registers
@@ -387,93 +388,98 @@ def _he_blocks(n: int, shards: int, block: int, rng: np.random.Generator):
 
 def identify_he(pg: str, ray_addr: str, node_ip: str, sizes: list[int], shards: int, queries: int, tokens: dict,
                 tmp: Path, baseline_blocks: int = 16) -> list[dict]:
-    import grpc
-
+    """Encrypted 1:N over Ray shards, decided by a key service (issue 9): the latency is the whole
+    Identify -- shards' encrypted scores, merge, the key service's decryption and signed decision."""
     from engine._proto.veilface.v1 import matcher_pb2 as pb
     from engine.client import DeviceClient, OperatorClient
-    from engine.he import IdentifyGallery, KeyHolder, encrypt_block_blob
+    from engine.he import IdentifyGallery, encrypt_block_blob
     from engine.schemes import make_scheme
+    from engine.service.clock import SystemClock
     from engine.service.matching import GalleryKey
     from engine.service.matching.ray_backend import RayMatching
+    from tests.support.keyservice import running_keyservice
+    from tests.support.measures import OFF_DEVICE
     from tests.support.services import drop_schema, fresh_schema, remove_namespace
-    kh = KeyHolder("identify", 128, tenant=TENANT)
-    pub = kh.public_context()
     scheme = make_scheme(HE_SCHEME)
-    N = pub.params.poly_degree
     out = []
-    for n in sizes:
-        dsn, schema = fresh_schema(pg)
-        ns = "vfbench_" + secrets.token_hex(4)
-        rng = np.random.default_rng(n)
-        try:
-            srv = _serve(tmp, f"he{n}", tokens, store=dsn, workers=8, max_message_bytes=512 << 20,
-                         max_response_bytes=512 << 20, **_ray_settings(ray_addr, node_ip, ns, shards))
+    with running_keyservice(tmp / "ks", clock=SystemClock(), max_message_bytes=512 << 20) as ks:
+        pub, _ = ks.client("operator", tenant=TENANT).he_context(PURPOSE, "identify", 128, eval_keys=True, create=True)
+        N = pub.params.poly_degree
+        for n in sizes:
+            dsn, schema = fresh_schema(pg)
+            ns = "vfbench_" + secrets.token_hex(4)
+            rng = np.random.default_rng(n)
             try:
-                _register_device(srv.target, tokens["admin"])
-                with OperatorClient(srv.target, tokens["admin"]) as op:
-                    info = op.register_he_context(kh, PURPOSE)
-                key = GalleryKey(TENANT, PURPOSE, scheme.spec.key(), info.epoch)
-                backend = RayMatching(f"ray://{ray_addr}", "", shards, ns, node_ip, timeout_s=3600.0)
-                backend.open(key, scheme, pub)
-                target_emb, t0, base_blobs = None, time.perf_counter(), []
-                for ids, _ in _he_blocks(n, shards, N, rng):
-                    emb = rng.standard_normal((len(ids), 128))
-                    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
-                    if target_emb is None:
-                        target_emb, target_id = emb[0].copy(), ids[0]
-                    blob = encrypt_block_blob(pub, emb)
-                    backend.add_he_block(key, ids, blob)
-                    if len(base_blobs) < baseline_blocks:
-                        base_blobs.append((ids, blob))
-                load_s = time.perf_counter() - t0
-                dev = DeviceClient(srv.target, tokens["device"], DEVICE, scheme=HE_SCHEME,
-                                   he_context=kh.public_context(eval_keys=False).to_bytes(), decider=kh)
-                probe = dev.protect_probe(None, target_emb + 0.3 * rng.standard_normal(128) / np.sqrt(128))
-                req = pb.IdentifyRequest(probe=probe.to_bytes(), purpose=PURPOSE, device_id=DEVICE, top_k=5)
-                ch = grpc.insecure_channel(srv.target, options=[("grpc.max_receive_message_length", 512 << 20)])
-                call = ch.unary_unary("/veilface.v1.Matcher/Identify", request_serializer=pb.IdentifyRequest.SerializeToString,
-                                      response_deserializer=pb.IdentifyResponse.FromString)
-                md = (("authorization", f"Bearer {tokens['device']}"),)
-                lat, reply = [], None
-                for q in range(queries + 1):                       # the first one warms up
-                    t1 = time.perf_counter()
-                    reply = call(req, metadata=md, timeout=3600)
-                    if q:
-                        lat.append((time.perf_counter() - t1) * 1e3)
-                ch.close()
-                t1 = time.perf_counter()
-                decision = kh.decide_identify(reply.encrypted_scores, threshold=0.5, k=5)
-                decide_ms = (time.perf_counter() - t1) * 1e3
-                backend.close()
-            finally:
-                srv.stop()
-                remove_namespace(ray_addr, node_ip, ns)
-            # baseline: one in-process gallery (one core) over the first blocks, same probe
-            g = IdentifyGallery(pub)
-            for ids, blob in base_blobs:
-                g.add_block(ids, blob)
-            del base_blobs
-            g.search(probe)
-            blat = []
-            for _ in range(max(3, queries)):
-                t1 = time.perf_counter()
+                srv = _serve(tmp, f"he{n}", tokens, store=dsn, workers=8, max_message_bytes=512 << 20,
+                             max_response_bytes=512 << 20, **ks.matcher_settings(),
+                             **_ray_settings(ray_addr, node_ip, ns, shards))
+                try:
+                    _register_device(srv.target, tokens["admin"])
+                    with OperatorClient(srv.target, tokens["admin"]) as op:
+                        info = op.register_he_context(pub, PURPOSE)
+                    key = GalleryKey(TENANT, PURPOSE, scheme.spec.key(), info.epoch)
+                    backend = RayMatching(f"ray://{ray_addr}", "", shards, ns, node_ip, timeout_s=3600.0)
+                    backend.open(key, scheme, pub)
+                    target_emb, t0, base_blobs = None, time.perf_counter(), []
+                    for ids, _ in _he_blocks(n, shards, N, rng):
+                        emb = rng.standard_normal((len(ids), 128))
+                        emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+                        if target_emb is None:
+                            target_emb, target_id = emb[0].copy(), ids[0]
+                        blob = encrypt_block_blob(pub, emb)
+                        backend.add_he_block(key, ids, blob)
+                        if len(base_blobs) < baseline_blocks:
+                            base_blobs.append((ids, blob))
+                    load_s = time.perf_counter() - t0
+                    dev = DeviceClient(srv.target, tokens["device"], DEVICE, scheme=HE_SCHEME, timeout=3600.0,
+                                       keyservice=ks.client("device", device_id=DEVICE, tenant=TENANT),
+                                       off_device=OFF_DEVICE)
+                    capture = target_emb + 0.3 * rng.standard_normal(128) / np.sqrt(128)
+                    lat, reply = [], None
+                    for q in range(queries + 1):                       # the first one warms up
+                        # a fresh encryption and a single-use grant per call (a replayed probe's
+                        # result is refused by the key service), not timed
+                        probe = dev.protect_probe(None, capture)
+                        blob = probe.to_bytes()
+                        grant = dev.protection.grant("identify", blob, "", PURPOSE)
+                        req = pb.IdentifyRequest(probe=blob, purpose=PURPOSE, device_id=DEVICE, top_k=5,
+                                                 decision_grant=grant)
+                        t1 = time.perf_counter()
+                        reply = dev._call("Identify", req, timeout=3600.0)
+                        if q:
+                            lat.append((time.perf_counter() - t1) * 1e3)
+                    dev.close()
+                    backend.close()
+                finally:
+                    srv.stop()
+                    remove_namespace(ray_addr, node_ip, ns)
+                # baseline: one in-process gallery (one core) over the first blocks, same probe, no decision
+                g = IdentifyGallery(pub)
+                for ids, b in base_blobs:
+                    g.add_block(ids, b)
+                del base_blobs
                 g.search(probe)
-                blat.append((time.perf_counter() - t1) * 1e3)
-            bn, b50 = len(g), statistics.median(blat)
-            del g
-            p50, p99 = _pct(lat)
-            rec = {"name": f"scale_identify_he128_{_label(n) if n % 1_000_000 else _label(n)}", "n": n,
-                   "shards": shards, "p50_ms": p50, "p99_ms": p99, "baseline": round(b50, 1), "baseline_n": bn,
-                   "baseline_kind": "one in-process IdentifyGallery search (ms) at baseline_n",
-                   "speedup": round((n / p50) / (bn / b50), 3), "templates_per_s": round(n / p50 * 1e3),
-                   "baseline_templates_per_s": round(bn / b50 * 1e3), "decide_ms": round(decide_ms, 1),
-                   "top1_is_target": bool(decision.subject_ids and decision.subject_ids[0] == target_id),
-                   "result_mb": round(len(reply.encrypted_scores) / 1e6, 1), "load_s": round(load_s, 1),
-                   "queries": queries}
-            out.append(rec)
-            _emit(rec)
-        finally:
-            drop_schema(schema, pg)
+                blat = []
+                for _ in range(max(3, queries)):
+                    t1 = time.perf_counter()
+                    g.search(probe)
+                    blat.append((time.perf_counter() - t1) * 1e3)
+                bn, b50 = len(g), statistics.median(blat)
+                del g
+                p50, p99 = _pct(lat)
+                hits = [c.subject_id for c in reply.candidates]
+                rec = {"name": f"scale_identify_he128_{_label(n)}", "n": n,
+                       "shards": shards, "p50_ms": p50, "p99_ms": p99, "baseline": round(b50, 1), "baseline_n": bn,
+                       "baseline_kind": "one in-process IdentifyGallery search (ms) at baseline_n, no decision",
+                       "speedup": round((n / p50) / (bn / b50), 3), "templates_per_s": round(n / p50 * 1e3),
+                       "baseline_templates_per_s": round(bn / b50 * 1e3),
+                       "includes": "shards + merge + key service decryption and signed decision + gRPC",
+                       "top1_is_target": bool(hits and hits[0] == target_id), "load_s": round(load_s, 1),
+                       "queries": queries}
+                out.append(rec)
+                _emit(rec)
+            finally:
+                drop_schema(schema, pg)
     return out
 
 

@@ -1,6 +1,6 @@
 """Smoke test of ``python -m bench.scale`` at toy sizes (the harness must not rot between the quiet
 reruns that produce its numbers): every record is produced with its fields, no call fails, every
-bulk row is accepted, the decider finds the planted subject in the shards' merged HE scores. No
+bulk row is accepted, the key service decides the planted subject from the shards' merged HE scores. No
 timing is asserted."""
 from __future__ import annotations
 
