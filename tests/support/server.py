@@ -13,6 +13,12 @@ PURPOSE = "access_control"
 NOTICE = "notice-v1"
 
 
+# a test's clients get their own subchannels: gRPC shares them process-wide by address, and one left
+# in reconnect backoff by an earlier test's stopped server answers "connection refused" to a new
+# server that got the same ephemeral port
+OWN_SUBCHANNELS = (("grpc.use_local_subchannel_pool", 1),)
+
+
 @dataclass
 class Running:
     server: object          # engine.service.server.VeilfaceServer
@@ -43,13 +49,14 @@ class Running:
 
         from .measures import OFF_DEVICE
         kw.setdefault("off_device", OFF_DEVICE)   # the subjects also agree to central storage (issue 15)
+        kw.setdefault("options", OWN_SUBCHANNELS)
         return self._track(DeviceClient(self.target, TOKENS["device"], device_id,
                                         kw.pop("deriver", None) or KeyDeriver(bytes(range(32)), "default"),
                                         scheme=scheme, **kw))
 
     def client(self, role: str):
         from engine.client import OperatorClient
-        return self._track(OperatorClient(self.target, TOKENS[role]))
+        return self._track(OperatorClient(self.target, TOKENS[role], options=OWN_SUBCHANNELS))
 
 
 def make_config(data_dir, **settings) -> ServiceConfig:

@@ -462,15 +462,7 @@ def device_compromise(env: _Env, ctx: ScoreContext, scheme_desc: str, n_victims:
     for i, x in enumerate(victims):
         env.enrol(ob, f"dc-v{i}", x, purpose)
     # the attacker: the persistent state of device a + the whole matcher store
-    stored = {}
-    after = 0
-    while True:
-        page = dep.matcher.store.export_templates(after, 1000)
-        if not page:
-            break
-        for row in page:
-            stored[(row.tenant, row.subject)] = row
-        after = page[-1].id
+    stored = {(row.tenant, row.subject): row for row in _stolen_rows(dep.matcher.store)}
     records = []
     for tenant, st, proto in (("default", state, "current"),
                               (old_tenant, old_state, "control: the device keeps the tenant master secret")):
@@ -513,7 +505,7 @@ def device_compromise_online(root: Path, ctx: ScoreContext, scheme_desc: str, n_
                                                     key_version=1).key))
             except Exception:  # noqa: BLE001 - KEY_HARVESTING lock-out
                 keys.append(None)
-        rows = {r.subject: r for r in env.dep.matcher.store.export_templates(0, 10 * n_victims)}
+        rows = {r.subject: r for r in _stolen_rows(env.dep.matcher.store)}
         codes = np.stack([scheme.codes_of(Template.from_bytes(rows[f"do-v{i}"].template))[0] for i in range(n_victims)])
         thr = float(ctx.raw_thresholds["0.001"])
         best = _invert_type1(scheme, keys, codes, victims, rng, steps)
@@ -599,7 +591,7 @@ def version_linkage(env: _Env, ctx: ScoreContext, scheme_desc: str, n: int, capt
                 dev.identify(templates=[scheme.protect(kd.derive("group." + purpose, v, scheme.spec), x, key_version=v)
                                         for v in (1, 2)], top_k=1)
             env.clock.advance(1.0)
-        rows = [r for r in dep.matcher.store.export_templates(0, 100 * n) if r.tenant == tenant and r.purpose == purpose]
+        rows = [r for r in _stolen_rows(dep.matcher.store) if r.tenant == tenant and r.purpose == purpose]
         old = {r.subject: r.template for r in rows if r.subject.startswith("old")}
         new = {r.subject: r.template for r in rows if r.subject.startswith("new")}
         links = link_by_probe_pairs(scheme, seen[start:], old, new)
@@ -635,7 +627,7 @@ def cross_tenant_linkage(env: _Env, ctx: ScoreContext, scheme_desc: str, n: int,
         for i in range(n):
             env.enrol(devs[0], f"a{i}", a_x[i], purpose)
             env.enrol(devs[1], f"b{perm[i]}", b_x[i], purpose)
-        rows = dep.matcher.store.export_templates(0, 100 * n)
+        rows = _stolen_rows(dep.matcher.store)
         ta = {r.subject: r.template for r in rows if r.tenant == tenants[0] and r.purpose == purpose}
         tb = {r.subject: r.template for r in rows if r.tenant == tenants[1] and r.purpose == purpose}
         a_ids = list(ta)
@@ -887,3 +879,16 @@ def run(ctx: ScoreContext, subjects: int = 50, quick: bool = False) -> ProtocolA
 
 
 __all__ = ["AttackRecord", "ProtocolAttacks", "run", "clopper_pearson", "chance_cosine", "link_by_probe_pairs"]
+
+
+def _stolen_rows(store) -> list:
+    """Every template row of the matcher's store, as an attacker who copied the database has them
+    (read through the store's consistent export view)."""
+    rows: list = []
+    with store.export_view() as view:
+        for tenant, purpose, _ in view.template_groups():
+            after = 0
+            while page := view.templates(tenant, purpose, after, 1000):
+                rows += page
+                after = page[-1].id
+    return rows
