@@ -35,6 +35,9 @@ Rows:
 * ``he_identify_128_1M``: the same at 1,000,000 templates (baseline timed on 2 blocks and
   scaled), only with ``python -m engine.benchmark.he --1m`` (its own process: ~5 GB; peak RSS is
   the row's). ``--quick`` there: 250,000 templates.
+
+Over 400 lines: each row needs its own setup, baseline and fields; the rows share the timing and
+record helpers of :mod:`engine.benchmark`.
 """
 from __future__ import annotations
 

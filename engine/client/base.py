@@ -17,22 +17,21 @@ DEFAULT_TIMEOUT = 10.0
 LocationClass = pb.LocationClass
 
 
-class BaseClient:
-    """A stub on a channel with this caller's role token.
+class RpcClient:
+    """A gRPC stub (``stub_class``) on a channel with this caller's role token; calls decode
+    errors into :class:`ServiceError`. ``target``: ``"host:port"``, several of them (a list or
+    ``"a:1,b:2"``), or an existing ``grpc.Channel`` (then not closed by :meth:`close`).
+    ``timeout``: default deadline of a call, retries included. ``**channel_options``:
+    :func:`engine.client.channel` keywords (``tls_ca``, ``client_cert``, ``client_key``,
+    ``server_name``, ``retry``, ``lb_policy``, message sizes)."""
 
-    ``target``: ``"host:port"``, several of them (a list or ``"a:1,b:2"``), or an existing
-    ``grpc.Channel`` (then not closed by :meth:`close`). ``timeout``: default deadline of a call,
-    retries included. ``**channel_options``: :func:`engine.client.channel` keywords (``tls_ca``,
-    ``client_cert``, ``client_key``, ``server_name``, ``retry``, ``lb_policy``, message sizes).
-    """
-
-    tenant = ""
+    stub_class = pb_grpc.MatcherStub
 
     def __init__(self, target: str | Sequence[str] | grpc.Channel, token: str, timeout: float = DEFAULT_TIMEOUT,
                  **channel_options) -> None:
         self._own = not isinstance(target, grpc.Channel)
         self.channel = channel(target, **channel_options) if self._own else target
-        self.stub = pb_grpc.MatcherStub(self.channel)
+        self.stub = self.stub_class(self.channel)
         self._md = (("authorization", f"Bearer {token}"),)
         self.timeout = timeout
 
@@ -52,6 +51,13 @@ class BaseClient:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class BaseClient(RpcClient):
+    """A matcher stub with this caller's role token (see :class:`RpcClient`), and the calls any
+    role may make."""
+
+    tenant = ""
 
     def compliance_report(self, tenant: str = "") -> dict:
         """The compliance report as a dict (operator, auditor, admin)."""

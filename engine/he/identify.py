@@ -28,6 +28,9 @@ pair gives it two, rounded ones (``docs/he-parameters.md``, "1:N: what the match
 
 Removal (consent withdrawal) purges the slot on the arrays
 (:func:`~engine.he.algorithms.purge_slot_arrays`): nothing is kept per subject.
+
+Over 400 lines: the gallery's block arrays, slot table, search, removal and snapshot format share
+one layout; the algorithms themselves live in :mod:`engine.he.algorithms` and the kernel in C++.
 """
 from __future__ import annotations
 

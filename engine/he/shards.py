@@ -25,6 +25,9 @@ cores); it is kept for deployments configured with it. Each shard is a separate 
 * ``"blocks"``: each shard owns whole blocks and expands the whole probe; the parent concatenates.
 
 No decryption anywhere on the matcher.
+
+Over 400 lines: the helper process, the shard processes and their pipe protocol belong together
+(each message type has one sender and one receiver in this module).
 """
 from __future__ import annotations
 

@@ -13,15 +13,14 @@ import grpc
 
 from .._proto.veilface.v1 import keyservice_pb2 as kpb
 from .._proto.veilface.v1 import keyservice_pb2_grpc as kpb_grpc
-from ..client.channel import channel
-from ..client.errors import ServiceError
+from ..client.base import RpcClient
 from .signing import DecisionRejected, Verifier, check_context, key_id
 
 OPS = {"ENROL": kpb.ENROL, "VERIFY": kpb.VERIFY, "IDENTIFY_FAST": kpb.IDENTIFY_FAST}
 SCOPES = {"MASTER": kpb.MASTER, "GROUP": kpb.GROUP, "HE": kpb.HE}
 
 
-class KeyServiceClient:
+class KeyServiceClient(RpcClient):
     """One role token on a channel to the key service.
 
     ``target``: ``host:port`` (or a ``grpc.Channel``); ``pinned_key``: the verification key to
@@ -30,34 +29,15 @@ class KeyServiceClient:
     :func:`engine.client.channel`.
     """
 
+    stub_class = kpb_grpc.KeyServiceStub
+
     def __init__(self, target: str | Sequence[str] | grpc.Channel, token: str, *, pinned_key: str | bytes | None = None,
                  timeout: float = 10.0, device_id: str = "", tenant: str = "", **channel_options) -> None:
-        self._own = not isinstance(target, grpc.Channel)
         channel_options.setdefault("retry", None)
         channel_options.setdefault("max_message_bytes", 64 << 20)
-        self.channel = channel(target, **channel_options) if self._own else target
-        self.stub = kpb_grpc.KeyServiceStub(self.channel)
-        self._md = (("authorization", f"Bearer {token}"),)
-        self.timeout = timeout
+        super().__init__(target, token, timeout, **channel_options)
         self.device_id, self.tenant = device_id, tenant
         self._verifier = Verifier(pinned_key) if pinned_key else None
-
-    def _call(self, method: str, request, timeout: float | None = None):
-        try:
-            return getattr(self.stub, method)(request, metadata=self._md,
-                                              timeout=self.timeout if timeout is None else timeout)
-        except grpc.RpcError as err:
-            raise ServiceError.from_rpc(err) from None
-
-    def close(self) -> None:
-        if self._own:
-            self.channel.close()
-
-    def __enter__(self) -> KeyServiceClient:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # -- public material --------------------------------------------------------------------------
     def verification_key(self) -> kpb.VerificationKey:

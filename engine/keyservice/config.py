@@ -21,13 +21,13 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import json
-import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..service.config import hash_token, new_token, read_config_file
+from ..service.config import _bool, _int, _num, _text, hash_token, new_token, read_config_file
+from ..service.config import _strings as _string_list
 from ..service.status import BadRequest
 
 ROLES = ("device", "matcher", "operator", "admin", "auditor")
@@ -142,40 +142,8 @@ class KeyServiceConfig:
         return self
 
 
-def _int(lo: int, hi: int = 2 ** 62):
-    def check(v):
-        if isinstance(v, bool) or not isinstance(v, int):
-            return f"must be an integer, got {v!r}"
-        return None if lo <= v <= hi else f"must be in [{lo}, {hi}], got {v}"
-    return check
-
-
-def _num(lo: float, hi: float = math.inf, lo_open: bool = False):
-    def check(v):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
-            return f"must be a finite number, got {v!r}"
-        if v < lo or (lo_open and v == lo) or v > hi:
-            return f"must be in {'(' if lo_open else '['}{lo}, {hi}], got {v}"
-        return None
-    return check
-
-
-def _bool(v):
-    return None if isinstance(v, bool) else f"must be true or false, got {v!r}"
-
-
-def _text(required: bool = False):
-    def check(v):
-        if not isinstance(v, str):
-            return f"must be a string, got {v!r}"
-        return "is required" if required and not v.strip() else None
-    return check
-
-
-def _strings(v):
-    if not isinstance(v, list) or not all(isinstance(x, str) and x for x in v):
-        return f"must be a list of non-empty strings, got {v!r}"
-    return None
+# the field checks are the matcher's (one wording of every config error)
+_strings = _string_list()
 
 
 def _tokens(v):

@@ -3,13 +3,10 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 from ..service.config import hash_token, new_token
+from ..service.launcher import ChildProcess
 from .config import ROLES
 
 
@@ -26,47 +23,16 @@ def write_config(data_dir: str | os.PathLike, kek_file: str | os.PathLike, token
     return path, tokens
 
 
-class KeyServiceProcess:
+class KeyServiceProcess(ChildProcess):
     """``python -m engine.cli keyservice`` in a child process; ``target`` / ``public_key`` once ready."""
+
+    what = "key service"
 
     def __init__(self, config_path: str | os.PathLike, timeout: float = 60.0) -> None:
         config_path = Path(config_path)
-        self.ready_file = config_path.with_suffix(".ready")
-        if self.ready_file.exists():
-            self.ready_file.unlink()
-        self.log_path = config_path.with_suffix(".log")
-        self._log = open(self.log_path, "ab")
-        env = {k: v for k, v in os.environ.items() if not k.startswith("VEILFACE_")}
-        self.proc = subprocess.Popen([sys.executable, "-m", "engine.cli", "keyservice", "--config", str(config_path),
-                                      "--ready-file", str(self.ready_file), "--quiet"],
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=env)
-        deadline = time.monotonic() + timeout
-        while not self.ready_file.exists():
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"key service exited with {self.proc.returncode}; log:\n{self.log()}")
-            if time.monotonic() > deadline:
-                self.stop()
-                raise RuntimeError(f"key service not ready after {timeout} s; log:\n{self.log()}")
-            time.sleep(0.02)
-        self.info = json.loads(self.ready_file.read_text())
-        self.target, self.port, self.public_key = self.info["target"], self.info["port"], self.info["public_key"]
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-4000:]
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 10.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self._log.close()
-        return self.proc.returncode
+        super().__init__(["keyservice"], config_path, config_path.with_suffix(".ready"),
+                         config_path.with_suffix(".log"), timeout)
+        self.public_key = self.info["public_key"]
 
 
 __all__ = ["write_config", "KeyServiceProcess"]

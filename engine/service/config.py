@@ -21,6 +21,9 @@ Environment variables (all optional)::
     VEILFACE_METRICS_PORT     Prometheus metrics on 127.0.0.1:<port> (default off)
     VEILFACE_TRACING          "otlp" or "console": OpenTelemetry tracing (needs veilface[tracing])
     VEILFACE_LOG_FORMAT       "text" (default) or "json"
+
+Over 400 lines: one declarative table of every setting with its parser and bound (the
+validation of each field is the point, and splitting it would scatter one schema).
 """
 from __future__ import annotations
 

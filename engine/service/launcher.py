@@ -25,31 +25,31 @@ def write_config(data_dir: str | os.PathLike, tokens: dict[str, str] | None = No
     return path, tokens
 
 
-class ServerProcess:
-    """``python -m engine.cli serve`` in a child process; ``target`` once ready."""
+class ChildProcess:
+    """``python -m engine.cli <command> --config ... --ready-file ... --quiet`` in a child process
+    (without the parent's ``VEILFACE_*`` environment), waited for until it writes its ready file
+    (``info``: what it wrote); ``log()`` is the tail of its output."""
 
-    def __init__(self, config_path: str | os.PathLike, log_path: str | os.PathLike | None = None,
-                 timeout: float = 60.0) -> None:
-        config_path = Path(config_path)
-        self.ready_file = config_path.parent / "server-ready.json"
+    what = "process"
+
+    def __init__(self, command: list[str], config_path: Path, ready_file: Path, log_path: Path,
+                 timeout: float) -> None:
+        self.ready_file, self.log_path = ready_file, log_path
         if self.ready_file.exists():
             self.ready_file.unlink()
-        self.log_path = Path(log_path) if log_path else config_path.parent / "server.log"
         self._log = open(self.log_path, "ab")
-        env = dict(os.environ)
-        for k in [k for k in env if k.startswith("VEILFACE_")]:
-            del env[k]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("VEILFACE_")}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "engine.cli", "serve", "--config", str(config_path),
+            [sys.executable, "-m", "engine.cli", *command, "--config", str(config_path),
              "--ready-file", str(self.ready_file), "--quiet"],
             stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while not self.ready_file.exists():
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}; log:\n{self.log()}")
+                raise RuntimeError(f"{self.what} exited with {self.proc.returncode}; log:\n{self.log()}")
             if time.monotonic() > deadline:
                 self.kill()
-                raise RuntimeError(f"server not ready after {timeout} s; log:\n{self.log()}")
+                raise RuntimeError(f"{self.what} not ready after {timeout} s; log:\n{self.log()}")
             time.sleep(0.02)
         self.info = json.loads(self.ready_file.read_text())
         self.target = self.info["target"]
@@ -79,8 +79,20 @@ class ServerProcess:
             self.proc.wait()
         self._log.close()
 
-    def __enter__(self) -> ServerProcess:
+    def __enter__(self):
         return self
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class ServerProcess(ChildProcess):
+    """``python -m engine.cli serve`` in a child process; ``target`` once ready."""
+
+    what = "server"
+
+    def __init__(self, config_path: str | os.PathLike, log_path: str | os.PathLike | None = None,
+                 timeout: float = 60.0) -> None:
+        config_path = Path(config_path)
+        super().__init__(["serve"], config_path, config_path.parent / "server-ready.json",
+                         Path(log_path) if log_path else config_path.parent / "server.log", timeout)

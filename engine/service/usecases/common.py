@@ -12,7 +12,7 @@ from ..audit import AuditEvent
 from ..config import ServiceConfig
 from ..matching import SchemeCache
 from ..ratelimit import Alert
-from ..status import BadRequest, PreconditionFailed
+from ..status import AlreadyExists, BadRequest, PreconditionFailed
 from ..store import Store
 from ..validation import check_wire_template
 
@@ -93,3 +93,18 @@ def report_intrusion(store: Store, alert: Alert, tenant: str, subject: str = "",
                                                             "locked_until": alert.locked_until}),
                   "ALERT", alert.kind)
     log.warning("intrusion alert %s (%d events in %.0f s)", alert.kind, alert.count, alert.window_s)
+
+
+def earlier_response(tx, tenant: str, method: str, req, ev) -> bytes | None:
+    """Idempotency: the stored response of an earlier ``method`` call with ``req.request_id``
+    (audited as a replay), or None. The same id with a different request is REQUEST_ID_CONFLICT."""
+    if not req.request_id:
+        return None
+    prior = tx.request(tenant, method, req.request_id)
+    if prior is None:
+        return None
+    if prior.request_hash != req.request_hash:
+        raise AlreadyExists("request_id was already used for a different request", reason="REQUEST_ID_CONFLICT")
+    ev.details["replayed"] = True
+    tx.audit(ev)
+    return prior.response

@@ -16,7 +16,7 @@ from ..scope import Scope
 from ..status import AlreadyExists, Decommissioned, KeyVersionRevoked
 from ..store import FilingAlert, RequestRow, Store, SubjectRow, TemplateRow, WriteTx
 from .assessments import check_assessment  # measures
-from .common import TemplateReader
+from .common import TemplateReader, earlier_response
 from .maintenance import Retention
 from .off_device import check_off_device_consent  # measures
 
@@ -103,15 +103,9 @@ class Enrolment:
             with self.store.transaction() as tx:
                 if tx.decommissioned():
                     raise Decommissioned("this matcher has been decommissioned")
-                if req.request_id:
-                    prior = tx.request(tenant, "Enroll", req.request_id)
-                    if prior is not None:
-                        if prior.request_hash != req.request_hash:
-                            raise AlreadyExists("request_id was already used for a different request",
-                                                reason="REQUEST_ID_CONFLICT")
-                        ev.details["replayed"] = True
-                        tx.audit(ev)
-                        return _replayed(prior.response)
+                prior = earlier_response(tx, tenant, "Enroll", req, ev)
+                if prior is not None:
+                    return _replayed(prior)
                 policy.check_enrol_consent(tx.consent(req.consent_id), req.consent_id, subject, tenant, purpose)
                 # measures: an impact assessment first; off the device only with its own consent
                 check_assessment(tx, tenant, purpose, self.clock.now())

@@ -22,10 +22,10 @@ from ..clock import Clock
 from ..config import ServiceConfig
 from ..matching import GalleryIndex, GalleryKey
 from ..scope import Scope
-from ..status import AlreadyExists, BadRequest, Decommissioned, KeyVersionRevoked, NotFound, Throttled
+from ..status import BadRequest, Decommissioned, KeyVersionRevoked, NotFound, Throttled
 from ..store import GalleryRow, RequestRow, SampleRow, Store, SubjectRow, TemplateRow
 from .assessments import check_assessment  # measures
-from .common import TemplateReader
+from .common import TemplateReader, earlier_response
 from .enrolment import FilingMonitor
 from .maintenance import Retention
 from .off_device import check_off_device_consent  # measures
@@ -114,15 +114,9 @@ class Samples:
             with self.store.transaction() as tx:
                 if tx.decommissioned():
                     raise Decommissioned("this matcher has been decommissioned")
-                if req.request_id:
-                    prior = tx.request(tenant, "AddSample", req.request_id)
-                    if prior is not None:
-                        if prior.request_hash != req.request_hash:
-                            raise AlreadyExists("request_id was already used for a different request",
-                                                reason="REQUEST_ID_CONFLICT")
-                        ev.details["replayed"] = True
-                        tx.audit(ev)
-                        return _replayed(prior.response)
+                prior = earlier_response(tx, tenant, "AddSample", req, ev)
+                if prior is not None:
+                    return _replayed(prior)
                 if tx.gallery(tenant, g.name) != g:           # deleted (or re-created) meanwhile
                     raise NotFound(f"no gallery {g.name!r}", reason="GALLERY_NOT_FOUND")
                 policy.check_enrol_consent(tx.consent(req.consent_id), req.consent_id, subject, tenant, g.purpose)
