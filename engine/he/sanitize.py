@@ -49,6 +49,7 @@ import tenseal.sealapi as seal
 
 from .errors import HEUnsupported
 from .params import HEParams
+from .raw import from_array
 from .sealio import raw_ciphertext, residues_of
 
 #: noise parameter covering SEAL's samplers (clipped normal sigma 3.2; centred binomial k=21)
@@ -201,14 +202,14 @@ class Sanitizer:
         a[0] = self._small(ternary(self.n))
         a[1] = 0
         a[1, :, 0] = 1
-        ua = raw_ciphertext(ctx, pid, a, 1.0, ntt_form=False)
+        ua = from_array(a, ctx, pid, 1.0, ntt_form=False, into=seal.Ciphertext())   # copied in, not parsed
         ev.transform_to_ntt_inplace(ua)
         z = seal.Ciphertext()
         ev.multiply(ua, self._pk, z)
         b = np.empty_like(a)
         b[0] = self.mask_coeffs(positions)
         b[1] = self._small(centred_binomial(self.n))
-        mb = raw_ciphertext(ctx, pid, b, self.scale, ntt_form=False)
+        mb = from_array(b, ctx, pid, self.scale, ntt_form=False, into=seal.Ciphertext())
         ev.transform_to_ntt_inplace(mb)
         ev.add_inplace(z, mb)
         return z
