@@ -1,4 +1,4 @@
-"""``veilface serve | demo | audit verify|show | report | purge | decommission | token | pia | filing | fleet``.
+"""``veilface serve | demo | audit verify|show | report | purge | decommission | token | pia | filing | fleet | export | import``.
 
 Registration is cheap: grpc, numpy and the store are imported inside the handlers.
 
@@ -10,6 +10,9 @@ server, while one runs. The read-only commands (``audit verify | show``, ``repor
 the lock and work beside a live server (SQLite WAL readers).
 
 Operator mistakes are one line on stderr (``veilface: error: ...``) and a non-zero exit.
+
+Over 400 lines: one thin handler per subcommand (argument parsing and output only; the work is
+in the use cases), registered together so ``veilface --help`` lists them in one place.
 """
 from __future__ import annotations
 
