@@ -171,3 +171,38 @@ def test_cli_says_which_extra_in_one_line(tmp_path, args, extra):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert lines[0].startswith("veilface: error:") and f"pip install 'veilface[{extra}]'" in lines[0], lines
+
+
+def test_the_shipped_eval_report_is_the_documented_one():
+    """engine/data/eval-report.json (in the wheel, for installs without [eval]) is docs/eval/report.json."""
+    from pathlib import Path
+
+    from engine.data import EVAL_REPORT
+    docs = Path(__file__).resolve().parents[1] / "docs" / "eval" / "report.json"
+    assert EVAL_REPORT.read_bytes() == docs.read_bytes()
+
+
+def test_key_service_serves_cancellable_keys_without_the_he_extra(tmp_path):
+    """A [server]-only install runs the key service for cancellable schemes (HE calls name [he])."""
+    r = _run_blocked("""
+        from engine.keyservice.client import KeyServiceClient
+        from engine.keyservice.config import KeyServiceConfig
+        from engine.keyservice.server import KeyServiceServer
+        from engine.schemes import make_scheme
+        cfg = KeyServiceConfig(port=0, data_dir="ks", workers=2)
+        cfg.add_token("device", "test-ks-token-device-bound", name="gate", device_id="gate-1")
+        srv = KeyServiceServer(cfg.validate(), kek=bytes(range(32))).start()
+        try:
+            c = KeyServiceClient(srv.target, "test-ks-token-device-bound", pinned_key=srv.public_key_hex)
+            spec = make_scheme("biohash:bits=256,dim=128").spec.key()
+            key = c.release_key("access_control", spec, "VERIFY", subject="alice", key_version=1).key
+            assert len(key) == 32, len(key)
+            c.close()
+        finally:
+            srv.stop(0)
+        loaded = sorted(m for m in sys.modules if m.split(".")[0] in _Blocker.blocked)
+        assert not loaded, loaded
+        print("KEY SERVICE OK")
+    """, tmp_path)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "KEY SERVICE OK" in r.stdout

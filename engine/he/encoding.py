@@ -98,7 +98,7 @@ class Core:
             c = np.zeros(n)
             c[k % n] = 1.0 if k < n else -1.0
             pt = self.codec.encode(c, 1.0)
-            if len(self._mono) < 64:
+            if len(self._mono) < 256:          # the verify path uses 128 (engine.he.verify)
                 self._mono[k] = pt
         return pt
 

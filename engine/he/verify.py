@@ -95,20 +95,29 @@ class VerifyGallery(EncryptedGallery):
         self.ctx.core.evaluator.multiply(probe_ct, template_ct, out)
         return out
 
-    def norm_product(self, probe_ct):
-        """``p x s(2^44 p)`` (size 3, scale of a product): coefficient 0 is the probe's squared norm."""
+    def norm_product(self, probe_ct, norm_pos: int = 0):
+        """``p x X^m s(2^44 p)`` (size 3, scale of a product): coefficient ``m = norm_pos`` is the
+        probe's squared norm. ``X^m`` is applied to the size-2 factor as ``X^(m mod 64) x
+        X^(64 (m div 64))``: two cached exact monomials (128 in all) instead of one of ~3,800
+        possible positions encoded per call."""
         ev = self.ctx.core.evaluator
         lifted = seal.Ciphertext()
-        ev.multiply_plain(probe_ct, self._lift, lifted)
+        ev.multiply_plain(probe_ct, self._lift, lifted)    # lifted first: the key switch's noise stays small
         lifted.scale = probe_ct.scale * float(2 ** self._lift_bits)
         ev.apply_galois_inplace(lifted, 2 * self.params.poly_degree - 1, self.ctx.galois_keys)
+        m = int(norm_pos)
+        core = self.ctx.core
+        if m % 64:
+            ev.multiply_plain_inplace(lifted, core.monomial(m % 64))        # X^k, exact (scale 1)
+        if m // 64:
+            ev.multiply_plain_inplace(lifted, core.monomial(64 * (m // 64)))
         out = seal.Ciphertext()
         ev.multiply(probe_ct, lifted, out)
         return out
 
     def verify_ct(self, probe_ct, template_ct, norm_pos: int | None = None):
         """The hot path of :meth:`verify` on loaded ciphertexts: score product, (with ``norm_pos``)
-        the probe-norm product moved to that coefficient, one relinearisation, mask and floods
+        the probe-norm product at that coefficient, one relinearisation, mask and floods
         (size-2 result; coefficient 0 is the score, ``norm_pos`` the probe's squared norm)."""
         if self._sanitizer is None:
             self._sanitizer = Sanitizer(self.ctx, 0)
@@ -119,11 +128,9 @@ class VerifyGallery(EncryptedGallery):
         p = self.params
         if not p.dim <= int(norm_pos) <= p.poly_degree - p.dim:
             raise HEFormatError("the norm position must lie in [dim, N - dim]")
-        ev = self.ctx.core.evaluator
-        nrm = self.norm_product(probe_ct)
-        ev.multiply_plain_inplace(nrm, self.ctx.core.monomial(int(norm_pos)))   # X^m, exact (scale 1)
+        nrm = self.norm_product(probe_ct, int(norm_pos))
         nrm.scale = ct.scale
-        ev.add_inplace(ct, nrm)
+        self.ctx.core.evaluator.add_inplace(ct, nrm)
         self._sanitizer.apply(ct, (0, int(norm_pos)))
         return ct
 

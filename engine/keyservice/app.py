@@ -150,9 +150,17 @@ class KeyServiceApp:
         self.limits = KeyServiceLimits(clock, cfg)
         self._grants: OrderedDict[str, Grant] = OrderedDict()
         self._lock = threading.Lock()
-        from ..he.decisions import DecisionPolicy
-        self.policy = DecisionPolicy(cfg.max_k, cfg.min_threshold, cfg.norm_tolerance)
+        self._policy = None
         store.prune_decisions(clock.now() - cfg.decision_record_ttl_s)
+
+    @property
+    def policy(self):
+        """The HE decision policy (made on first use: a key service without the ``[he]`` extra
+        serves cancellable-scheme keys; its HE calls say which extra is missing)."""
+        if self._policy is None:
+            from ..he.decisions import DecisionPolicy
+            self._policy = DecisionPolicy(self.cfg.max_k, self.cfg.min_threshold, self.cfg.norm_tolerance)
+        return self._policy
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod

@@ -13,6 +13,7 @@ import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..data import EVAL_REPORT
 from ..service.config import ROLES as MATCHER_ROLES
 from ..service.config import ServiceConfig
 from .config import ROLES as KS_ROLES
@@ -29,7 +30,7 @@ def _off_device():
 OFF_DEVICE = _off_device()
 #: the assessment's measured figures (the repository's evaluation report; a quick synthetic
 #: ``veilface eval`` run when it is not there)
-SHIPPED_EVAL_REPORT = Path(__file__).resolve().parents[2] / "docs" / "eval" / "report.json"
+SHIPPED_EVAL_REPORT = EVAL_REPORT
 ASSESSED_SCHEME = "biohash:bits=256,dim=128"
 
 
