@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..service.config import _bool, _int, _num, _text, hash_token, new_token, read_config_file
+from ..service.config import _bool, _int, _num, _text, hash_token, read_config_file
 from ..service.config import _strings as _string_list
+from ..service.config import ensure_tokens as _ensure_tokens
 from ..service.status import BadRequest
 
 ROLES = ("device", "matcher", "operator", "admin", "auditor")
@@ -196,24 +196,9 @@ def load_config(path: str | None = None, env: dict | None = None, **overrides: A
 
 
 def ensure_tokens(cfg: KeyServiceConfig) -> dict[str, str]:
-    """With no tokens configured, create one per role: hashes in ``<data_dir>/tokens.json``, the
-    tokens themselves (shown once) in ``<data_dir>/initial-tokens.json`` (0600). Returns the fresh
-    tokens ({} when tokens existed)."""
-    data = Path(cfg.data_dir)
-    hashes = data / "tokens.json"
-    if not cfg.tokens and hashes.exists():
-        cfg.tokens = [KSTokenEntry(**t) for t in json.loads(hashes.read_text())]
-    if cfg.tokens:
-        return {}
-    data.mkdir(parents=True, exist_ok=True)
-    fresh = {role: new_token(role) for role in ROLES}
-    for role, tok in fresh.items():
-        cfg.add_token(role, tok)
-    hashes.write_text(json.dumps([dataclasses.asdict(t) for t in cfg.tokens], indent=1))
-    fd = os.open(data / "initial-tokens.json", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(fresh, fh, indent=1)
-    return fresh
+    """With no tokens configured, create one per key-service role (as the matcher does:
+    :func:`engine.service.config.ensure_tokens`); returns the fresh tokens ({} when tokens existed)."""
+    return _ensure_tokens(cfg, ROLES, KSTokenEntry)
 
 
 __all__ = ["ROLES", "KSTokenEntry", "KeyServiceConfig", "load_config", "ensure_tokens"]

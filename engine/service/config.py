@@ -540,20 +540,21 @@ def _token_entry(t) -> TokenEntry:
     return TokenEntry(**t)
 
 
-def ensure_tokens(cfg: ServiceConfig) -> dict[str, str]:
+def ensure_tokens(cfg: ServiceConfig, roles: tuple = ROLES, entry: type = TokenEntry) -> dict[str, str]:
     """If no tokens are configured, create one per role: hashes go in ``<data_dir>/tokens.json``
-    and the plaintext in ``<data_dir>/initial-tokens.json`` (mode 0600, shown once).
+    and the plaintext in ``<data_dir>/initial-tokens.json`` (mode 0600, shown once). ``roles`` /
+    ``entry``: the key service passes its own.
 
     Returns ``{role: token}`` for freshly created tokens (empty if tokens already existed).
     """
     data = Path(cfg.data_dir)
     hashes = data / "tokens.json"
     if not cfg.tokens and hashes.exists():
-        cfg.tokens = [TokenEntry(**t) for t in json.loads(hashes.read_text())]
+        cfg.tokens = [entry(**t) for t in json.loads(hashes.read_text())]
     if cfg.tokens:
         return {}
     data.mkdir(parents=True, exist_ok=True)
-    fresh = {role: new_token(role) for role in ROLES}
+    fresh = {role: new_token(role) for role in roles}
     for role, tok in fresh.items():
         cfg.add_token(role, tok)
     hashes.write_text(json.dumps([dataclasses.asdict(t) for t in cfg.tokens], indent=1))
