@@ -126,11 +126,8 @@ class MeasuresSQLTx(MeasuresTx):
 
     def off_device_consents(self, consent_ids: list[str]) -> dict[str, OffDeviceConsentRow]:
         out: dict[str, OffDeviceConsentRow] = {}
-        ids = list(dict.fromkeys(consent_ids))
-        for i in range(0, len(ids), 500):
-            part = tuple(ids[i:i + 500])
-            for r in self._x(f"SELECT {_cols(_OFF_DEVICE_COLS)} FROM off_device_consents WHERE consent_id IN "
-                             f"({_marks(part)})", part).fetchall():
+        for cond, args in self.d.any_of("consent_id", consent_ids):
+            for r in self._x(f"SELECT {_cols(_OFF_DEVICE_COLS)} FROM off_device_consents WHERE {cond}", args).fetchall():
                 out[r[0]] = _off_device(r)
         return out
 

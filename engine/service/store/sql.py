@@ -72,6 +72,19 @@ class Dialect:
     for_update: str = ""            # row lock on the audit head: " FOR UPDATE" (SQLite locks the file)
     extra_ddl: tuple[str, ...] = ()  # e.g. the audit log's append-only triggers
     integrity_errors: tuple[type, ...] = ()   # the driver's unique-violation errors -> StoreConflict
+    array_params: bool = False      # "col = ANY(?)" with one array parameter (PostgreSQL)
+
+    def any_of(self, column: str, values: Sequence) -> Iterator[tuple[str, list]]:
+        """``(condition, args)`` pairs that together select ``column`` in ``values``: one
+        ``= ANY(?)`` with an array (PostgreSQL: one statement, one plan, however many values), or
+        ``IN (?, ...)`` lists of at most 500 (SQLite's parameter limit)."""
+        values = list(dict.fromkeys(values))
+        if self.array_params:
+            if values:
+                yield f"{column} = ANY(?)", [values]
+            return
+        for part in _chunks(values):
+            yield f"{column} IN {_in(len(part))}", list(part)
 
     def sql(self, text: str) -> str:
         """``text`` with ``?`` placeholders in this dialect's style (the queries hold no literal '?')."""
@@ -470,27 +483,25 @@ class SQLTx(MeasuresSQLTx, WriteTx):
 
     def consents(self, consent_ids: Sequence[str]) -> dict[str, ConsentRow]:
         out: dict[str, ConsentRow] = {}
-        for part in _chunks(list(dict.fromkeys(consent_ids))):
-            for r in self._x(f"SELECT {', '.join(_CONSENT_COLS)} FROM consents WHERE consent_id IN {_in(len(part))}",
-                             part).fetchall():
+        for cond, args in self.d.any_of("consent_id", consent_ids):
+            for r in self._x(f"SELECT {', '.join(_CONSENT_COLS)} FROM consents WHERE {cond}", args).fetchall():
                 out[r[0]] = _consent(r)
         return out
 
     def subject_states(self, tenant: str, subjects: Sequence[str]) -> dict[str, SubjectRow]:
         out: dict[str, SubjectRow] = {}
-        for part in _chunks(list(dict.fromkeys(subjects))):
+        for cond, args in self.d.any_of("subject", subjects):
             for r in self._x(f"SELECT subject, key_version, revoked_upto, updated_at FROM subjects WHERE tenant = ? "
-                             f"AND subject IN {_in(len(part))}", [tenant, *part]).fetchall():
+                             f"AND {cond}", [tenant, *args]).fetchall():
                 out[r[0]] = SubjectRow(tenant, r[0], int(r[1]), int(r[2]), float(r[3]))
         return out
 
     def existing_templates(self, tenant: str, subjects: Sequence[str]) -> set[tuple[str, str, str]]:
         out: set[tuple[str, str, str]] = set()
-        for part in _chunks(list(dict.fromkeys(subjects))):
+        for cond, args in self.d.any_of("subject", subjects):
             out.update((r[0], r[1], r[2]) for r in self._x(
                 f"SELECT subject, purpose, scheme FROM templates WHERE tenant = ? AND gallery = '' "   # api: default galleries
-                f"AND subject IN {_in(len(part))}",
-                [tenant, *part]).fetchall())
+                f"AND {cond}", [tenant, *args]).fetchall())
         return out
 
     def insert_templates(self, rows: Sequence[TemplateRow]) -> None:
@@ -509,9 +520,9 @@ class SQLTx(MeasuresSQLTx, WriteTx):
     # pg2: veilface import
     def stored_templates(self, tenant: str, subjects: Sequence[str]) -> dict[tuple[str, str, str], bytes]:
         out: dict[tuple[str, str, str], bytes] = {}
-        for part in _chunks(list(dict.fromkeys(subjects))):
+        for cond, args in self.d.any_of("subject", subjects):
             for r in self._x(f"SELECT subject, purpose, scheme, template FROM templates WHERE tenant = ? "
-                             f"AND subject IN {_in(len(part))}", [tenant, *part]).fetchall():
+                             f"AND {cond}", [tenant, *args]).fetchall():
                 out[(r[0], r[1], r[2])] = bytes(r[3])
         return out
 
