@@ -81,6 +81,14 @@ def lock_key(tenant: str, subject: str) -> int:
 _SCHEMA_LOCK = 0x5645494C46414345  # "VEILFACE"
 
 
+def _configure(conn) -> None:
+    """Every pooled connection plans each execution for its parameters: psycopg prepares a
+    statement after 5 runs, and PostgreSQL's generic plan for ``subject = ANY($2)`` (array size
+    unknown) scanned the whole templates table -- 6 s per bulk batch at 100k rows."""
+    conn.execute("SET plan_cache_mode = force_custom_plan")
+    conn.commit()
+
+
 class PostgresTx(SQLTx):
     """:class:`SQLTx` plus what PostgreSQL does better: COPY for bulk rows, advisory locks."""
 
@@ -133,7 +141,8 @@ class PostgresStore(SQLStore):
         self.name = "postgresql:" + (psycopg.conninfo.conninfo_to_dict(dsn).get("dbname") or "postgres")
         self._pool = psycopg_pool.ConnectionPool(
             dsn, min_size=min_size, max_size=max_size, timeout=timeout, open=False, name="veilface",
-            check=psycopg_pool.ConnectionPool.check_connection, kwargs={"autocommit": False})
+            check=psycopg_pool.ConnectionPool.check_connection, kwargs={"autocommit": False},
+            configure=_configure)
         try:
             self._pool.open(wait=True, timeout=timeout)
         except psycopg_pool.PoolTimeout as exc:
