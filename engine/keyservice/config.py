@@ -19,19 +19,17 @@ Environment variables (all optional)::
 from __future__ import annotations
 
 import dataclasses
-import ipaddress
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..service.config import _bool, _int, _num, _text, hash_token, read_config_file
+from ..service.config import _bool, _int, _num, _text, hash_token, is_loopback_host, read_config_file
 from ..service.config import _strings as _string_list
 from ..service.config import ensure_tokens as _ensure_tokens
 from ..service.status import BadRequest
 
 ROLES = ("device", "matcher", "operator", "admin", "auditor")
-LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]", "ip6-localhost"}
 
 
 @dataclass
@@ -110,13 +108,7 @@ class KeyServiceConfig:
         return d.with_name(d.name + ".kek")
 
     def is_loopback(self) -> bool:
-        host = self.host.strip()
-        if host in LOOPBACK_NAMES:
-            return True
-        try:
-            return ipaddress.ip_address(host.strip("[]")).is_loopback
-        except ValueError:
-            return False
+        return is_loopback_host(self.host)
 
     def fast_mode(self, tenant: str, purpose: str) -> bool:
         """Whether group keys (the cancellable fast 1:N mode) may be released for ``purpose``."""

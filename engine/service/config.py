@@ -46,6 +46,18 @@ ROLES = ("device", "operator", "auditor", "admin")
 _TOKEN_TENANT = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:\-]{0,127}$")
 LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]", "ip6-localhost"}
 
+
+def is_loopback_host(host: str) -> bool:
+    """Whether ``host`` (a name, an IPv4/IPv6 address, ``[::1]``) is this machine only."""
+    host = host.strip()
+    if host in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 DEFAULT_THRESHOLDS = {"biohash": 0.70, "iom": 0.20, "rotation": 0.50, "he": 0.50}
 DEFAULT_FALLBACK = ["staff_assisted_check", "identity_document", "pin_or_card"]
 DEPLOYMENTS = ("central", "edge")   # measures: see ServiceConfig.deployment
@@ -170,13 +182,7 @@ class ServiceConfig:
         return self.audit_key_file or str(Path(self.data_dir) / "audit.key")
 
     def is_loopback(self) -> bool:
-        host = self.host.strip()
-        if host in LOOPBACK_NAMES:
-            return True
-        try:
-            return ipaddress.ip_address(host.strip("[]")).is_loopback
-        except ValueError:
-            return False
+        return is_loopback_host(self.host)
 
     def validate(self) -> ServiceConfig:
         """Check every field (type and range, :data:`_CHECKS`) and the rules between fields.
