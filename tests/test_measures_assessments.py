@@ -4,7 +4,6 @@ the audit chain; the draft is prefilled from a `veilface eval` report; assessmen
 templates (>= 3 years); hostile documents get a typed error and store nothing."""
 from __future__ import annotations
 
-import copy
 import datetime as dt
 import hashlib
 import json
@@ -19,7 +18,7 @@ from engine.service import pia
 from engine.service.clock import ManualClock
 from engine.service.usecases.assessments import purge_records
 from tests.support import NOTICE, assessment, faces, running_server
-from tests.support.measures import EVAL_REPORT
+from tests.support.measures import EVAL_REPORT, set_at
 
 DAY = 86400.0
 MONDAY = dt.datetime(2025, 1, 6, 12, tzinfo=dt.timezone.utc).timestamp()
@@ -224,21 +223,6 @@ def _nested(depth: int) -> bytes:
     return ("[" * depth + "]" * depth).encode()
 
 
-def _set(path: str, value):
-    def change(d: dict) -> dict:
-        d = copy.deepcopy(d)
-        *parents, last = path.split(".")
-        node = d
-        for p in parents:
-            node = node[int(p)] if isinstance(node, list) else node[p]
-        if isinstance(node, list):
-            node[int(last)] = value
-        else:
-            node[last] = value
-        return d
-    return change
-
-
 def _drop(key: str):
     def change(d: dict) -> dict:
         d = dict(d)
@@ -262,31 +246,31 @@ HOSTILE = {
 }
 BAD_FIELDS = {
     "smuggled top-level field": lambda d: {**d, "template": "AAAA"},
-    "smuggled nested field": _set("scale.images", 3),
+    "smuggled nested field": set_at("scale.images", 3),
     "missing field": _drop("legal_basis"),
-    "wrong type": _set("version", "1"),
-    "unknown version": _set("version", 2),
-    "wrong document type": _set("type", "something-else"),
-    "boolean as integer": _set("scale.devices", True),
-    "negative scale": _set("scale.expected_persons", -5),
-    "scale beyond any deployment": _set("scale.expected_persons", 10**15),
-    "retention of zero days": _set("retention.days", 0),
-    "records kept less than 3 years": _set("retention.records_years", 2),
-    "name as purpose": _set("purpose", "Jane Doe"),
-    "tenant mismatch": _set("tenant", "other"),
-    "bad date": _set("review_by", "2026-13-40"),
-    "review before assessment": _set("review_by", "2024-12-31"),
-    "review decades away": _set("review_by", "2099-01-01"),
-    "assessed in the future": _set("assessed_on", "2025-03-01"),
-    "empty alternatives": _set("alternatives", []),
-    "a thousand measures": _set("security_measures", ["x"] * 1000),
-    "control characters": _set("assessor", "dpo\x00office"),
-    "figure above 1": _set("protection.measured.eer", 3.5),
-    "no figure at all": lambda d: _set("protection.measured", {**d["protection"]["measured"],
+    "wrong type": set_at("version", "1"),
+    "unknown version": set_at("version", 2),
+    "wrong document type": set_at("type", "something-else"),
+    "boolean as integer": set_at("scale.devices", True),
+    "negative scale": set_at("scale.expected_persons", -5),
+    "scale beyond any deployment": set_at("scale.expected_persons", 10**15),
+    "retention of zero days": set_at("retention.days", 0),
+    "records kept less than 3 years": set_at("retention.records_years", 2),
+    "name as purpose": set_at("purpose", "Jane Doe"),
+    "tenant mismatch": set_at("tenant", "other"),
+    "bad date": set_at("review_by", "2026-13-40"),
+    "review before assessment": set_at("review_by", "2024-12-31"),
+    "review decades away": set_at("review_by", "2099-01-01"),
+    "assessed in the future": set_at("assessed_on", "2025-03-01"),
+    "empty alternatives": set_at("alternatives", []),
+    "a thousand measures": set_at("security_measures", ["x"] * 1000),
+    "control characters": set_at("assessor", "dpo\x00office"),
+    "figure above 1": set_at("protection.measured.eer", 3.5),
+    "no figure at all": lambda d: set_at("protection.measured", {**d["protection"]["measured"],
                                                                **dict.fromkeys(pia.MEASURED_FIGURES)})(d),
-    "bad report hash": _set("protection.measured.source.report_sha256", "abc"),
-    "risk level": _set("risks.0.likelihood", "extreme"),
-    "central without off-device terms": _set("deployment.off_device", None),
+    "bad report hash": set_at("protection.measured.source.report_sha256", "abc"),
+    "risk level": set_at("risks.0.likelihood", "extreme"),
+    "central without off-device terms": set_at("deployment.off_device", None),
 }
 
 

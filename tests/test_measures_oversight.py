@@ -22,6 +22,7 @@ from engine.service.documents import canonical
 from engine.service.oversight import MAX_BUNDLE_BYTES, sign
 from engine.service.usecases.oversight import verify_history
 from tests.support import NOTICE, TOKENS, assessment, faces, running_server
+from tests.support.measures import set_at
 
 MONDAY = dt.datetime(2025, 1, 6, 12, tzinfo=dt.timezone.utc).timestamp()
 TODAY = dt.date(2025, 1, 6)
@@ -229,21 +230,6 @@ def _first(dev: EdgeDevice) -> tuple[dict, Ed25519PrivateKey, object]:
     return json.loads(row.bundle), keystore.signing_key(dev.data_dir), row
 
 
-def _with(path: str, value):
-    def change(b: dict) -> dict:
-        b = copy.deepcopy(b)
-        node = b
-        *parents, last = path.split(".")
-        for p in parents:
-            node = node[int(p)] if isinstance(node, list) else node[p]
-        if isinstance(node, list):
-            node[int(last)] = value
-        else:
-            node[last] = value
-        return b
-    return change
-
-
 def _edit_entry(field: str, value):
     def change(b: dict) -> dict:
         b = copy.deepcopy(b)
@@ -263,7 +249,7 @@ def _deep(b: dict) -> dict:
 
 RESIGNED = {   # a valid body changed, then signed with the device's real key: only the content is wrong
     "smuggled top-level field": (lambda b: {**b, "templates": ["AAAA"]}, "BAD_OVERSIGHT_BUNDLE"),
-    "smuggled nested field": (_with("counts.embeddings", 3), "BAD_OVERSIGHT_BUNDLE"),
+    "smuggled nested field": (set_at("counts.embeddings", 3), "BAD_OVERSIGHT_BUNDLE"),
     "smuggled entry field": (_edit_entry("template", "AAAA"), "BAD_OVERSIGHT_BUNDLE"),
     "face data in audit details": (_edit_entry("details", json.dumps({"template": "AAAA"})), "OVERSIGHT_FACE_DATA"),
     "scores in audit details": (_edit_entry("details", json.dumps({"scores": "0.9,0.8"})), "OVERSIGHT_FACE_DATA"),
@@ -271,27 +257,27 @@ RESIGNED = {   # a valid body changed, then signed with the device's real key: o
     "huge details": (_edit_entry("details", json.dumps({"a": "x" * 5000})), "BAD_OVERSIGHT_BUNDLE"),
     "entry with another hash": (_edit_entry("hash", "e" * 64), "OVERSIGHT_CHAIN_BROKEN"),
     "unlinked entry": (_edit_entry("prev_hash", "a" * 64), "OVERSIGHT_CHAIN_BROKEN"),
-    "wrong head": (_with("audit.head_hash", "b" * 64), "OVERSIGHT_CHAIN_BROKEN"),
-    "range mismatch": (_with("audit.to_seq", 10**6), "BAD_OVERSIGHT_BUNDLE"),
-    "huge count": (_with("persons.count", 10**12), "BAD_OVERSIGHT_BUNDLE"),
-    "count of 2^63": (_with("counts.templates_stored", 2**63), "BAD_OVERSIGHT_BUNDLE"),
-    "negative count": (_with("counts.consents_active", -1), "BAD_OVERSIGHT_BUNDLE"),
-    "wrong count": (_with("persons.count", 7), "OVERSIGHT_INCONSISTENT"),
-    "removes an unknown person": (_with("persons.removed", ["nobody"]), "OVERSIGHT_INCONSISTENT"),
-    "repeated person": (lambda b: _with("persons.added", b["persons"]["added"] * 2)(b), "BAD_OVERSIGHT_BUNDLE"),
-    "a name as subject id": (_with("persons.added", ["Jane Doe"]), "BAD_OVERSIGHT_BUNDLE"),
-    "a million persons": (_with("persons.added", [f"p{i}" for i in range(30_000)]), "BAD_OVERSIGHT_BUNDLE"),
-    "string as seq": (_with("seq", "1"), "BAD_OVERSIGHT_BUNDLE"),
-    "boolean as seq": (_with("seq", True), "BAD_OVERSIGHT_BUNDLE"),
-    "float timestamp out of range": (_with("created_at", 1e300), "BAD_OVERSIGHT_BUNDLE"),
-    "unknown version": (_with("version", 2), "BAD_OVERSIGHT_BUNDLE"),
-    "another type": (_with("type", "veilface-deletion-certificate"), "BAD_OVERSIGHT_BUNDLE"),
-    "bad hash text": (_with("prev_bundle", "zz"), "BAD_OVERSIGHT_BUNDLE"),
-    "bad review date": (_with("assessments.0.review_by", "2025-02-30"), "BAD_OVERSIGHT_BUNDLE"),
+    "wrong head": (set_at("audit.head_hash", "b" * 64), "OVERSIGHT_CHAIN_BROKEN"),
+    "range mismatch": (set_at("audit.to_seq", 10**6), "BAD_OVERSIGHT_BUNDLE"),
+    "huge count": (set_at("persons.count", 10**12), "BAD_OVERSIGHT_BUNDLE"),
+    "count of 2^63": (set_at("counts.templates_stored", 2**63), "BAD_OVERSIGHT_BUNDLE"),
+    "negative count": (set_at("counts.consents_active", -1), "BAD_OVERSIGHT_BUNDLE"),
+    "wrong count": (set_at("persons.count", 7), "OVERSIGHT_INCONSISTENT"),
+    "removes an unknown person": (set_at("persons.removed", ["nobody"]), "OVERSIGHT_INCONSISTENT"),
+    "repeated person": (lambda b: set_at("persons.added", b["persons"]["added"] * 2)(b), "BAD_OVERSIGHT_BUNDLE"),
+    "a name as subject id": (set_at("persons.added", ["Jane Doe"]), "BAD_OVERSIGHT_BUNDLE"),
+    "a million persons": (set_at("persons.added", [f"p{i}" for i in range(30_000)]), "BAD_OVERSIGHT_BUNDLE"),
+    "string as seq": (set_at("seq", "1"), "BAD_OVERSIGHT_BUNDLE"),
+    "boolean as seq": (set_at("seq", True), "BAD_OVERSIGHT_BUNDLE"),
+    "float timestamp out of range": (set_at("created_at", 1e300), "BAD_OVERSIGHT_BUNDLE"),
+    "unknown version": (set_at("version", 2), "BAD_OVERSIGHT_BUNDLE"),
+    "another type": (set_at("type", "veilface-deletion-certificate"), "BAD_OVERSIGHT_BUNDLE"),
+    "bad hash text": (set_at("prev_bundle", "zz"), "BAD_OVERSIGHT_BUNDLE"),
+    "bad review date": (set_at("assessments.0.review_by", "2025-02-30"), "BAD_OVERSIGHT_BUNDLE"),
     "deep nesting": (_deep, "BAD_OVERSIGHT_BUNDLE"),
-    "another device's bundle": (_with("device_id", "gate-2"), "OVERSIGHT_DEVICE_MISMATCH"),
-    "skips a bundle (gap)": (_with("seq", 2), "OVERSIGHT_GAP"),
-    "does not start the chain": (_with("prev_bundle", "c" * 64), "OVERSIGHT_FORK"),
+    "another device's bundle": (set_at("device_id", "gate-2"), "OVERSIGHT_DEVICE_MISMATCH"),
+    "skips a bundle (gap)": (set_at("seq", 2), "OVERSIGHT_GAP"),
+    "does not start the chain": (set_at("prev_bundle", "c" * 64), "OVERSIGHT_FORK"),
 }
 RAW = {        # bytes signed as they are
     "empty": (b"", "BAD_OVERSIGHT_BUNDLE"),

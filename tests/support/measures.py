@@ -5,6 +5,7 @@ off-device consent (:data:`OFF_DEVICE`) with every consent; tests that build the
 client call :func:`register_assessments` once and pass ``off_device=OFF_DEVICE``."""
 from __future__ import annotations
 
+import copy
 import datetime as dt
 import json
 from pathlib import Path
@@ -68,3 +69,20 @@ def device_client(*args, **kw):
     from engine.client import DeviceClient
     kw.setdefault("off_device", OFF_DEVICE)
     return DeviceClient(*args, **kw)
+
+
+def set_at(path: str, value):
+    """A function that returns a deep copy of a JSON document with the value at ``path``
+    (dot-separated keys, list indices as numbers) replaced: hostile-document cases."""
+    def change(d: dict) -> dict:
+        d = copy.deepcopy(d)
+        *parents, last = path.split(".")
+        node = d
+        for p in parents:
+            node = node[int(p)] if isinstance(node, list) else node[p]
+        if isinstance(node, list):
+            node[int(last)] = value
+        else:
+            node[last] = value
+        return d
+    return change
