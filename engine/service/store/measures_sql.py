@@ -172,11 +172,10 @@ class MeasuresSQLTx(MeasuresTx):
 
     def oversight_persons_known(self, tenant: str, device_id: str, subjects: list[str]) -> set[str]:
         known: set[str] = set()
-        for i in range(0, len(subjects), 500):
-            part = subjects[i:i + 500]
+        for cond, args in self.d.any_of("subject", subjects):
             known.update(r[0] for r in self._x(
-                f"SELECT subject FROM oversight_persons WHERE tenant = ? AND device_id = ? AND subject IN "
-                f"({_marks(tuple(part))})", (tenant, device_id, *part)).fetchall())
+                f"SELECT subject FROM oversight_persons WHERE tenant = ? AND device_id = ? AND {cond}",
+                (tenant, device_id, *args)).fetchall())
         return known
 
     def apply_oversight_persons(self, tenant: str, device_id: str, added: list[str], removed: list[str]) -> None:
@@ -229,10 +228,9 @@ class MeasuresSQLReads(MeasuresReads):
 
     def audit_details(self, seqs: list[int]) -> dict[int, tuple[str, str]]:
         out: dict[int, tuple[str, str]] = {}
-        for i in range(0, len(seqs), 500):
-            part = [int(s) for s in seqs[i:i + 500]]
+        for cond, args in self.dialect.any_of("seq", [int(s) for s in seqs]):
             out.update({int(r[0]): (r[1], r[2]) for r in self._all(
-                f"SELECT seq, action, details FROM audit WHERE seq IN ({_marks(tuple(part))})", part)})
+                f"SELECT seq, action, details FROM audit WHERE {cond}", args)})
         return out
 
     def off_device_summary(self) -> OffDeviceSummary:

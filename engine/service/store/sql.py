@@ -938,22 +938,21 @@ class SQLStore(MeasuresSQLReads, Store):
     def present_subjects(self, tenant: str, purpose: str, scheme: str, key_version: int,
                          subjects: Sequence[str]) -> set[str]:
         out: set[str] = set()
-        for part in _chunks(list(dict.fromkeys(subjects))):
+        for cond, args in self.dialect.any_of("subject", subjects):
             out.update(r[0] for r in self._all(
                 f"SELECT subject FROM templates WHERE tenant = ? AND purpose = ? AND scheme = ? AND key_version = ? "
-                f"AND gallery = '' AND subject IN {_in(len(part))}", [tenant, purpose, scheme, int(key_version), *part]))
+                f"AND gallery = '' AND {cond}", [tenant, purpose, scheme, int(key_version), *args]))
         return out
 
     # api: named-gallery entries (subject/sample) of a 1:N result that are stored (replicas check shards)
     def present_samples(self, tenant: str, gallery: str, key_version: int,
                         pairs: Sequence[tuple[str, str]]) -> set[tuple[str, str]]:
         out: set[tuple[str, str]] = set()
-        subjects = list(dict.fromkeys(s for s, _ in pairs))
         wanted = set(pairs)
-        for part in _chunks(subjects):
+        for cond, args in self.dialect.any_of("subject", [s for s, _ in pairs]):
             out.update(p for p in ((r[0], r[1]) for r in self._all(
                 f"SELECT subject, sample_id FROM templates WHERE tenant = ? AND gallery = ? AND key_version = ? "
-                f"AND subject IN {_in(len(part))}", [tenant, gallery, int(key_version), *part])) if p in wanted)
+                f"AND {cond}", [tenant, gallery, int(key_version), *args])) if p in wanted)
         return out
 
     def shard_templates(self, shards: int, shard: int, after_id: int, limit: int) -> list[TemplateIndexRow]:
